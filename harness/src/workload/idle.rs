@@ -1,0 +1,31 @@
+//! `idle`: a guest that dirties no memory after boot.
+//!
+//! The baseline for migration: after the prologue, the only thing running is
+//! a register-only countdown loop (no stores, no stack), so every page is
+//! clean after the first round of a pre-copy migration. It still prints
+//! [`PASS_MARK`] every [`IDLE_ITERATIONS_PER_PASS`] iterations so the harness
+//! can measure guest speed (≈ 2 instructions per iteration) before, during
+//! and after migration.
+
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+use super::asm::emit_mark;
+use super::PASS_MARK;
+
+/// Loop iterations between two [`PASS_MARK`]s of the idle workload.
+pub const IDLE_ITERATIONS_PER_PASS: u32 = 1 << 20;
+
+/// Emits the idle loop (never returns). Uses `ecx`, `dx`, `al`.
+pub(crate) fn emit(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut pass = a.create_label();
+    let mut spin = a.create_label();
+    a.set_label(&mut pass)?;
+    a.mov(ecx, IDLE_ITERATIONS_PER_PASS)?;
+    a.set_label(&mut spin)?;
+    a.dec(ecx)?;
+    a.jnz(spin)?;
+    emit_mark(a, PASS_MARK)?;
+    a.jmp(pass)?;
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! `verify`: a self-checking guest that detects lost or stale memory and
+//! lost registers.
+//!
+//! Pass `p` (a counter kept only in `r15`, starting at 1) writes, into every
+//! 4 KiB page `A` of `[start, end)`, four qwords: at offsets 0, 2048, 4088 and
+//! a per-pass offset `(p * 568) mod 4096` (which walks all 512 qword slots
+//! over 512 passes). The qword at address `X` gets
+//! `value(X, p) = (X ^ (p * K2)) * K1` with `K1`, `K2` odd: distinct for
+//! every address in a pass, and different from pass `p - 1`'s value at the
+//! same address, so a page left at the previous pass' content (or zeroed, or
+//! another page's content) is caught. Then the pass re-reads and checks all of
+//! them, recomputing `p * K2` from `r15` (so a corrupted `r15` between the two
+//! phases shows up too), and prints [`PASS_MARK`].
+//!
+//! From pass 2 on, before overwriting a page the write phase also checks that
+//! its first qword still holds the previous pass' value, which catches damage
+//! done between two passes (e.g. while the VM was paused for migration) and a
+//! pass counter that was reset.
+//!
+//! On the first mismatch it prints [`MISMATCH_MARK`], writes
+//! [`MISMATCH_EXIT_STATUS`] to the exit port and halts with interrupts off.
+
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+use super::asm::{emit_exit_and_halt, emit_mark};
+use super::{PAGE_SIZE, PASS_MARK};
+
+pub use super::{MISMATCH_EXIT_STATUS, MISMATCH_MARK};
+
+/// Multiplier applied to `address ^ (pass * K2)` (odd → bijective).
+const K1: u64 = 0x9E37_79B9_7F4A_7C15;
+/// Pass multiplier (odd, fits an imm32).
+const K2: i32 = 0x5851_F42D;
+/// Step of the per-pass qword offset (8 × an odd number: visits all 512).
+const ROVING_STEP: i32 = 568;
+
+/// A deliberate fault for testing the checker: in pass `pass`, the write
+/// phase skips page `page` (leaving the previous pass' values there).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyFault {
+    /// Pass (1-based) in which the page is not written.
+    pub pass: u64,
+    /// Guest-physical address of the page left unwritten (page-aligned, in
+    /// the verified range).
+    pub page: u64,
+}
+
+/// Fixed offsets checked in every page: first, middle and last qword.
+const FIXED_OFFSETS: [i32; 3] = [0, 2048, 4088];
+
+/// Emits the verify loop over `[start, end)` (never returns).
+/// Registers: r15 pass, r14 = pass * K2, r13 = K1, r12 = roving offset,
+/// r11 = (pass - 1) * K2, rbx = end, rdi = page, rcx/rax temps, dx/al marks.
+pub(crate) fn emit(
+    a: &mut CodeAssembler,
+    start: u64,
+    end: u64,
+    fault: Option<VerifyFault>,
+) -> Result<(), IcedError> {
+    let page_step = i32::try_from(PAGE_SIZE).map_err(|_| IcedError::new("page size"))?;
+    let mut pass = a.create_label();
+    let mut write_page = a.create_label();
+    let mut check_page = a.create_label();
+    let mut fail = a.create_label();
+
+    a.mov(rbx, end)?;
+    a.mov(r13, K1)?;
+    a.mov(r15d, 1)?;
+
+    // ---- write phase
+    a.set_label(&mut pass)?;
+    a.imul_3(r14, r15, K2)?;
+    a.lea(r11, ptr(r14 - K2))?;
+    a.imul_3(r12, r15, ROVING_STEP)?;
+    a.and(r12d, 0xFF8)?;
+    a.mov(rdi, start)?;
+    a.set_label(&mut write_page)?;
+    {
+        // Read-before-write of the first qword, from pass 2 on.
+        let mut fresh = a.create_label();
+        a.cmp(r15, 1)?;
+        a.je(fresh)?;
+        emit_value(a, rdi, r11)?;
+        a.cmp(qword_ptr(rdi), rax)?;
+        a.jne(fail)?;
+        a.set_label(&mut fresh)?;
+    }
+    let mut next_write = a.create_label();
+    if let Some(f) = fault {
+        let mut no_fault = a.create_label();
+        a.mov(rax, f.pass)?;
+        a.cmp(r15, rax)?;
+        a.jne(no_fault)?;
+        a.mov(rax, f.page)?;
+        a.cmp(rdi, rax)?;
+        a.je(next_write)?;
+        a.set_label(&mut no_fault)?;
+    }
+    for off in FIXED_OFFSETS {
+        a.lea(rcx, ptr(rdi + off))?;
+        emit_value(a, rcx, r14)?;
+        a.mov(qword_ptr(rcx), rax)?;
+    }
+    a.lea(rcx, ptr(rdi + r12))?;
+    emit_value(a, rcx, r14)?;
+    a.mov(qword_ptr(rcx), rax)?;
+    a.set_label(&mut next_write)?;
+    a.add(rdi, page_step)?;
+    a.cmp(rdi, rbx)?;
+    a.jb(write_page)?;
+
+    // ---- check phase (pass-dependent value recomputed from r15)
+    a.imul_3(r14, r15, K2)?;
+    a.mov(rdi, start)?;
+    a.set_label(&mut check_page)?;
+    for off in FIXED_OFFSETS {
+        a.lea(rcx, ptr(rdi + off))?;
+        emit_value(a, rcx, r14)?;
+        a.cmp(qword_ptr(rcx), rax)?;
+        a.jne(fail)?;
+    }
+    a.lea(rcx, ptr(rdi + r12))?;
+    emit_value(a, rcx, r14)?;
+    a.cmp(qword_ptr(rcx), rax)?;
+    a.jne(fail)?;
+    a.add(rdi, page_step)?;
+    a.cmp(rdi, rbx)?;
+    a.jb(check_page)?;
+    emit_mark(a, PASS_MARK)?;
+    a.inc(r15)?;
+    a.jmp(pass)?;
+
+    // ---- failure
+    a.set_label(&mut fail)?;
+    emit_mark(a, MISMATCH_MARK)?;
+    emit_exit_and_halt(a, MISMATCH_EXIT_STATUS)?;
+    Ok(())
+}
+
+/// `rax = (addr ^ pass_mul) * K1` (K1 in r13).
+fn emit_value(
+    a: &mut CodeAssembler,
+    addr: AsmRegister64,
+    pass_mul: AsmRegister64,
+) -> Result<(), IcedError> {
+    a.mov(rax, addr)?;
+    a.xor(rax, pass_mul)?;
+    a.imul_2(rax, r13)?;
+    Ok(())
+}
+
+/// Host-side model of the value the guest stores at `addr` in pass `pass`
+/// (for tests and for inspecting a verify guest's memory).
+#[must_use]
+pub fn expected_value(addr: u64, pass: u64) -> u64 {
+    let pass_mul = pass.wrapping_mul(u64::from(K2.unsigned_abs()));
+    (addr ^ pass_mul).wrapping_mul(K1)
+}

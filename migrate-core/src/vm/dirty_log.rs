@@ -1,0 +1,122 @@
+//! Harvesting KVM's dirty log into a [`DirtyBitmap`].
+//!
+//! Where the kernel offers `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, reading the
+//! log (`KVM_GET_DIRTY_LOG`) no longer re-arms write protection by itself;
+//! we clear (`KVM_CLEAR_DIRTY_LOG`) exactly the pages we are about to send.
+//! Without it, `KVM_GET_DIRTY_LOG` reads and re-protects in one step.
+
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iowr_nr;
+
+use super::memory::Slot;
+use crate::dirty::DirtyBitmap;
+use crate::PAGE_SIZE;
+
+const KVMIO: u32 = 0xAE;
+ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+
+/// Errors from reading or clearing the dirty log.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[error("KVM_GET_DIRTY_LOG failed on slot {slot}")]
+    Get {
+        /// Slot number.
+        slot: u32,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_CLEAR_DIRTY_LOG` failed.
+    #[error("KVM_CLEAR_DIRTY_LOG failed on slot {slot}")]
+    Clear {
+        /// Slot number.
+        slot: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the dirty log of a VM is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyLogMode {
+    /// `KVM_GET_DIRTY_LOG` reads and re-protects in one step.
+    GetClears,
+    /// `KVM_GET_DIRTY_LOG` then `KVM_CLEAR_DIRTY_LOG` on the pages read.
+    ManualProtect,
+}
+
+/// Turn on manual protection where the kernel offers it. Must be called
+/// before slots are registered.
+pub fn enable_manual_protect(vm: &VmFd) -> DirtyLogMode {
+    let offered = vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+    if offered & i32::try_from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE).unwrap_or(0) == 0 {
+        return DirtyLogMode::GetClears;
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+    match vm.enable_cap(&cap) {
+        Ok(()) => DirtyLogMode::ManualProtect,
+        Err(e) => {
+            tracing::warn!("manual dirty-log protection offered but refused: {e}");
+            DirtyLogMode::GetClears
+        }
+    }
+}
+
+/// Read (and reset) the dirty log of every slot into `into`, which must cover
+/// all of guest RAM. Pages already set in `into` stay set.
+pub fn harvest(
+    vm: &VmFd,
+    mode: DirtyLogMode,
+    slots: &[Slot],
+    into: &mut DirtyBitmap,
+) -> Result<(), DirtyLogError> {
+    for slot in slots {
+        let size = usize::try_from(slot.size).expect("slot size fits usize");
+        let words = vm
+            .get_dirty_log(slot.index, size)
+            .map_err(|source| DirtyLogError::Get {
+                slot: slot.index,
+                source,
+            })?;
+        let first_page = usize::try_from(slot.gpa / PAGE_SIZE).expect("page index fits usize");
+        into.merge_words(first_page, &words);
+        if mode == DirtyLogMode::ManualProtect && words.iter().any(|&w| w != 0) {
+            clear(vm, slot, &words)?;
+        }
+    }
+    Ok(())
+}
+
+/// Re-arm write protection for the pages set in `words` (one slot's log).
+fn clear(vm: &VmFd, slot: &Slot, words: &[u64]) -> Result<(), DirtyLogError> {
+    let mut arg = kvm_clear_dirty_log {
+        slot: slot.index,
+        num_pages: u32::try_from(slot.pages()).expect("slot is at most 1 GiB"),
+        first_page: 0,
+        ..Default::default()
+    };
+    arg.__bindgen_anon_1.dirty_bitmap = words.as_ptr().cast_mut().cast();
+    // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits from `dirty_bitmap`;
+    // `words` came from KVM_GET_DIRTY_LOG on this very slot and so holds one
+    // bit per page of it, rounded up to whole u64 words. The kernel only
+    // reads the buffer, and it outlives the call.
+    let ret = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
+    if ret < 0 {
+        return Err(DirtyLogError::Clear {
+            slot: slot.index,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}

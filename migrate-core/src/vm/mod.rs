@@ -1,0 +1,436 @@
+//! A KVM virtual machine: guest RAM, vCPU threads, port devices.
+//!
+//! The VM boots a raw boot-sector image the way a PC BIOS hands over (image at
+//! 0x7C00, 16-bit real mode at 0000:7C00, DL = 0x80) with no BIOS services,
+//! and exposes what a migration needs: the memory, the dirty log, pause and
+//! resume, and the vCPU state.
+
+pub mod dirty_log;
+pub mod memory;
+pub mod ports;
+pub mod state;
+pub mod vcpu;
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::dirty::DirtyBitmap;
+use dirty_log::{DirtyLogError, DirtyLogMode};
+use memory::{MemoryError, Slot};
+use ports::{PortBus, SerialSink};
+use state::{StateError, VcpuState};
+use vcpu::{VcpuCommand, VcpuHandle, VcpuThread};
+
+/// Where a boot image is loaded, as a PC BIOS does.
+pub const BOOT_LOAD_ADDR: u64 = 0x7C00;
+/// Largest boot image accepted.
+pub const MAX_BOOT_IMAGE: usize = 64 * 1024;
+/// Largest vCPU count accepted.
+pub const MAX_VCPUS: u32 = 64;
+/// TSS address for Intel's real-mode emulation: three pages just below 4 GiB,
+/// never inside guest RAM that reaches that high in practice, as QEMU does.
+const TSS_ADDR: usize = 0xfffb_d000;
+
+/// How the guest stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest wrote `status` to the exit port.
+    Exited {
+        /// Value written.
+        status: u32,
+    },
+    /// A vCPU executed HLT with interrupts disabled.
+    Halted {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// A vCPU could not go on.
+    Failed {
+        /// The vCPU.
+        vcpu: u32,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// Errors from building or driving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("{op} failed")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The dirty log could not be read.
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
+    /// vCPU state could not be saved or restored.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The vCPU count is out of range.
+    #[error("{vcpus} vCPUs requested; this host allows 1 to {max}")]
+    BadVcpuCount {
+        /// Requested count.
+        vcpus: u32,
+        /// Largest allowed.
+        max: u32,
+    },
+    /// The boot image does not fit.
+    #[error("boot image of {len} bytes is too large (at most {max})")]
+    BootImageTooLarge {
+        /// Image size.
+        len: usize,
+        /// Largest allowed.
+        max: usize,
+    },
+    /// A vCPU thread could not be started.
+    #[error("cannot start vCPU thread {vcpu}")]
+    SpawnVcpu {
+        /// The vCPU.
+        vcpu: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU thread is gone.
+    #[error("vCPU {vcpu} thread is gone")]
+    VcpuGone {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// The number of vCPU states does not match the VM.
+    #[error("{got} vCPU states for a VM with {want} vCPUs")]
+    VcpuCountMismatch {
+        /// States given.
+        got: usize,
+        /// vCPUs in the VM.
+        want: usize,
+    },
+}
+
+/// What a VM is made of.
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Where COM1 output goes.
+    pub serial: SerialSink,
+}
+
+/// A KVM VM with its memory and vCPU threads.
+pub struct Vm {
+    _kvm: Kvm,
+    fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    slots: Vec<Slot>,
+    dirty_mode: DirtyLogMode,
+    vcpus: Vec<VcpuHandle>,
+    ports: Arc<PortBus>,
+    cpu_model: String,
+}
+
+impl Vm {
+    /// Create a VM with paused vCPUs and zeroed RAM. Guest exits are sent to
+    /// `events`.
+    pub fn new(config: VmConfig, events: Sender<VmEvent>) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let max = u32::try_from(kvm.get_max_vcpus())
+            .unwrap_or(MAX_VCPUS)
+            .min(MAX_VCPUS);
+        if config.vcpus == 0 || config.vcpus > max {
+            return Err(VmError::BadVcpuCount {
+                vcpus: config.vcpus,
+                max,
+            });
+        }
+        let slots = memory::slot_layout(config.mem_size)?;
+        let fd = kvm.create_vm().map_err(|source| VmError::Kvm {
+            op: "KVM_CREATE_VM",
+            source,
+        })?;
+        fd.set_tss_address(TSS_ADDR)
+            .map_err(|source| VmError::Kvm {
+                op: "KVM_SET_TSS_ADDR",
+                source,
+            })?;
+        let dirty_mode = dirty_log::enable_manual_protect(&fd);
+        let memory = memory::map_memory(&slots)?;
+        memory::register_slots(&fd, &memory, &slots)?;
+
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Kvm {
+                op: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        let cpu_model = cpu_model_name(&cpuid);
+        let listed_msrs = kvm
+            .get_msr_index_list()
+            .map_err(|source| VmError::Kvm {
+                op: "KVM_GET_MSR_INDEX_LIST",
+                source,
+            })?
+            .as_slice()
+            .to_vec();
+        let use_xsave = kvm.check_extension(Cap::Xsave) && kvm.check_extension(Cap::Xcrs);
+        let ports = Arc::new(PortBus::new(config.serial));
+        vcpu::install_kick_handler().map_err(|e| VmError::SpawnVcpu {
+            vcpu: 0,
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+
+        let mut msrs = None;
+        let mut vcpus = Vec::new();
+        for index in 0..config.vcpus {
+            let vcpu_fd = fd
+                .create_vcpu(u64::from(index))
+                .map_err(|source| VmError::Kvm {
+                    op: "KVM_CREATE_VCPU",
+                    source,
+                })?;
+            vcpu_fd.set_cpuid2(&cpuid).map_err(|source| VmError::Kvm {
+                op: "KVM_SET_CPUID2",
+                source,
+            })?;
+            let msrs = msrs
+                .get_or_insert_with(|| Arc::new(state::probe_saveable_msrs(&vcpu_fd, &listed_msrs)))
+                .clone();
+            let handle = VcpuHandle::spawn(VcpuThread {
+                index,
+                fd: vcpu_fd,
+                ports: ports.clone(),
+                events: events.clone(),
+                msrs,
+                use_xsave,
+                parked: index != 0,
+            })
+            .map_err(|source| VmError::SpawnVcpu { vcpu: index, source })?;
+            vcpus.push(handle);
+        }
+        Ok(Self {
+            _kvm: kvm,
+            fd: Arc::new(fd),
+            memory,
+            slots,
+            dirty_mode,
+            vcpus,
+            ports,
+            cpu_model,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The KVM memory slots.
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.slots.iter().map(|s| s.size).sum()
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> u32 {
+        u32::try_from(self.vcpus.len()).expect("at most MAX_VCPUS")
+    }
+
+    /// A name for the CPU model the guest sees: vendor, brand and a hash of
+    /// the CPUID table, so both ends of a migration can compare them.
+    pub fn cpu_model(&self) -> &str {
+        &self.cpu_model
+    }
+
+    /// How the dirty log is read.
+    pub fn dirty_log_mode(&self) -> DirtyLogMode {
+        self.dirty_mode
+    }
+
+    /// The port devices (serial sink, counters).
+    pub fn ports(&self) -> &PortBus {
+        &self.ports
+    }
+
+    /// Exit counters per vCPU.
+    pub fn exit_counts(&self) -> Vec<Arc<vcpu::ExitCounts>> {
+        self.vcpus.iter().map(|v| v.counts.clone()).collect()
+    }
+
+    /// Load a boot image at 0x7C00 and point vCPU 0 at it in real mode, as
+    /// a PC BIOS hands over a boot sector (CS:IP = 0000:7C00, DL = 0x80).
+    pub fn load_boot_image(&self, image: &[u8]) -> Result<(), VmError> {
+        if image.len() > MAX_BOOT_IMAGE {
+            return Err(VmError::BootImageTooLarge {
+                len: image.len(),
+                max: MAX_BOOT_IMAGE,
+            });
+        }
+        self.memory
+            .write_slice(image, GuestAddress(BOOT_LOAD_ADDR))
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa: BOOT_LOAD_ADDR,
+                len: image.len(),
+            })?;
+        let mut state = self.save_vcpu(0)?;
+        let seg = |selector: u16, type_: u8| kvm_segment {
+            base: u64::from(selector) << 4,
+            limit: 0xffff,
+            selector,
+            type_,
+            present: 1,
+            s: 1,
+            ..Default::default()
+        };
+        state.sregs.cs = seg(0, 0xb);
+        for s in [
+            &mut state.sregs.ds,
+            &mut state.sregs.es,
+            &mut state.sregs.fs,
+            &mut state.sregs.gs,
+            &mut state.sregs.ss,
+        ] {
+            *s = seg(0, 0x3);
+        }
+        state.regs = kvm_bindings::kvm_regs {
+            rip: BOOT_LOAD_ADDR,
+            rdx: 0x80,
+            rsp: BOOT_LOAD_ADDR,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        state.halted = false;
+        self.restore_vcpu(0, state)
+    }
+
+    /// Start or restart every vCPU.
+    pub fn resume(&self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.request(VcpuCommand::Resume)
+                .ok_or(VmError::VcpuGone { vcpu: v.index })?;
+        }
+        Ok(())
+    }
+
+    /// Stop every vCPU outside KVM_RUN with its pending I/O completed.
+    pub fn pause(&self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.request(VcpuCommand::Pause)
+                .ok_or(VmError::VcpuGone { vcpu: v.index })?;
+        }
+        Ok(())
+    }
+
+    /// Save one vCPU's state (the VM must be paused).
+    pub fn save_vcpu(&self, index: u32) -> Result<VcpuState, VmError> {
+        let v = self.vcpu(index)?;
+        Ok(v.request(VcpuCommand::Save)
+            .ok_or(VmError::VcpuGone { vcpu: index })??)
+    }
+
+    /// Restore one vCPU's state (the VM must be paused).
+    pub fn restore_vcpu(&self, index: u32, state: VcpuState) -> Result<(), VmError> {
+        let v = self.vcpu(index)?;
+        Ok(v.request(|tx| VcpuCommand::Restore(Box::new(state), tx))
+            .ok_or(VmError::VcpuGone { vcpu: index })??)
+    }
+
+    /// Save every vCPU's state, in index order (the VM must be paused).
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmError> {
+        (0..self.vcpu_count()).map(|i| self.save_vcpu(i)).collect()
+    }
+
+    /// Restore every vCPU's state, in index order (the VM must be paused).
+    pub fn restore_vcpus(&self, states: Vec<VcpuState>) -> Result<(), VmError> {
+        if states.len() != self.vcpus.len() {
+            return Err(VmError::VcpuCountMismatch {
+                got: states.len(),
+                want: self.vcpus.len(),
+            });
+        }
+        for (i, s) in (0..self.vcpu_count()).zip(states) {
+            self.restore_vcpu(i, s)?;
+        }
+        Ok(())
+    }
+
+    /// OR the pages dirtied since the last harvest into `into` (which covers
+    /// all of guest RAM) and reset the log.
+    pub fn harvest_dirty_log(&self, into: &mut DirtyBitmap) -> Result<(), VmError> {
+        Ok(dirty_log::harvest(&self.fd, self.dirty_mode, &self.slots, into)?)
+    }
+
+    /// Stop the vCPU threads for good.
+    pub fn shutdown(&mut self) {
+        for v in &mut self.vcpus {
+            v.exit();
+        }
+    }
+
+    fn vcpu(&self, index: u32) -> Result<&VcpuHandle, VmError> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.vcpus.get(i))
+            .ok_or(VmError::VcpuGone { vcpu: index })
+    }
+}
+
+/// Total pages of guest RAM described by `memory`.
+pub fn ram_pages(memory: &GuestMemoryMmap) -> u64 {
+    memory.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum::<u64>() / crate::PAGE_SIZE
+}
+
+fn cpu_model_name(cpuid: &CpuId) -> String {
+    let entries = cpuid.as_slice();
+    let leaf = |f: u32| entries.iter().find(|e| e.function == f && e.index == 0);
+    let mut vendor = Vec::new();
+    if let Some(e) = leaf(0) {
+        for r in [e.ebx, e.edx, e.ecx] {
+            vendor.extend_from_slice(&r.to_le_bytes());
+        }
+    }
+    let mut brand = Vec::new();
+    for f in 0x8000_0002..=0x8000_0004 {
+        if let Some(e) = leaf(f) {
+            for r in [e.eax, e.ebx, e.ecx, e.edx] {
+                brand.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+    }
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for e in entries {
+        for v in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+            h.update(&v.to_le_bytes());
+        }
+    }
+    let text = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .trim_matches(char::from(0))
+            .trim()
+            .to_string()
+    };
+    format!(
+        "{} {} cpuid:{:016x}",
+        text(&vendor),
+        text(&brand),
+        h.digest()
+    )
+}

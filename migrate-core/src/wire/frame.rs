@@ -1,0 +1,282 @@
+//! Frame header, checksums, and reading/writing whole messages.
+
+use std::io::{self, Read, Write};
+
+use super::codec::invalid;
+use super::message::{decode_payload, encode_payload};
+use super::pages::{self, Compression};
+use super::{Limits, Message, MessageKind, WireError, HEADER_LEN, PAGE_SIZE};
+
+/// A decoded, validated frame header (`flags` is always zero and
+/// `header_crc` is computed, so neither is stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Message kind.
+    pub kind: MessageKind,
+    /// Payload length in bytes.
+    pub len: u32,
+    /// CRC-32 of the payload.
+    pub payload_crc: u32,
+}
+
+impl FrameHeader {
+    /// The 16 header bytes, `header_crc` included.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        out[0..2].copy_from_slice(&self.kind.as_u16().to_le_bytes());
+        // out[2..4]: flags, reserved, zero.
+        out[4..8].copy_from_slice(&self.len.to_le_bytes());
+        out[8..12].copy_from_slice(&self.payload_crc.to_le_bytes());
+        let crc = crc32fast::hash(&out[..12]);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Validates 16 received header bytes in protocol order: header
+    /// checksum, kind, flags, then `len` against `limits`.
+    pub fn decode(bytes: &[u8; HEADER_LEN], limits: &Limits) -> Result<Self, WireError> {
+        let field = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let expected = field(12);
+        let found = crc32fast::hash(&bytes[..12]);
+        if expected != found {
+            return Err(WireError::HeaderChecksum { expected, found });
+        }
+        let kind = MessageKind::try_from(u16::from_le_bytes([bytes[0], bytes[1]]))?;
+        let flags = u16::from_le_bytes([bytes[2], bytes[3]]);
+        if flags != 0 {
+            return Err(WireError::NonZeroFlags { kind, flags });
+        }
+        let len = field(4);
+        let max = limits.cap(kind);
+        if len > max {
+            return Err(WireError::PayloadTooLarge {
+                kind,
+                len: u64::from(len),
+                max: u64::from(max),
+            });
+        }
+        Ok(Self {
+            kind,
+            len,
+            payload_crc: field(8),
+        })
+    }
+}
+
+/// Reads into `buf` until it is full or the stream ends; returns the bytes
+/// read. Retries on `Interrupted`.
+fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Reads one payload from the stream, checksumming as it goes.
+pub(super) struct PayloadReader<'r, R> {
+    r: &'r mut R,
+    header: FrameHeader,
+    remaining: usize,
+    hasher: crc32fast::Hasher,
+}
+
+impl<'r, R: Read> PayloadReader<'r, R> {
+    fn new(r: &'r mut R, header: FrameHeader) -> Self {
+        Self {
+            r,
+            header,
+            remaining: usize::try_from(header.len).unwrap_or(usize::MAX),
+            hasher: crc32fast::Hasher::new(),
+        }
+    }
+
+    /// Payload bytes not yet read.
+    pub(super) fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn truncated(&self) -> WireError {
+        let expected = u64::from(self.header.len);
+        WireError::Truncated {
+            kind: Some(self.header.kind),
+            expected,
+            received: expected - self.remaining as u64,
+        }
+    }
+
+    /// Fills `buf` (at most [`PayloadReader::remaining`] bytes).
+    pub(super) fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), WireError> {
+        debug_assert!(buf.len() <= self.remaining);
+        let n = read_full(self.r, buf)?;
+        self.hasher.update(&buf[..n]);
+        self.remaining -= n;
+        if n < buf.len() {
+            return Err(self.truncated());
+        }
+        Ok(())
+    }
+
+    /// Reads the next `n` bytes (at most [`PayloadReader::remaining`]) into
+    /// a new vector without zero-filling it first.
+    pub(super) fn read_vec(&mut self, n: usize) -> Result<Vec<u8>, WireError> {
+        debug_assert!(n <= self.remaining);
+        let mut out = Vec::with_capacity(n);
+        let got = self.r.by_ref().take(n as u64).read_to_end(&mut out);
+        self.hasher.update(&out);
+        self.remaining -= out.len();
+        got?;
+        if out.len() < n {
+            return Err(self.truncated());
+        }
+        Ok(out)
+    }
+
+    /// Checks the payload checksum once everything was read.
+    pub(super) fn finish(&mut self) -> Result<(), WireError> {
+        debug_assert_eq!(self.remaining, 0);
+        let found = self.hasher.clone().finalize();
+        if found != self.header.payload_crc {
+            return Err(WireError::PayloadChecksum {
+                kind: self.header.kind,
+                expected: self.header.payload_crc,
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Turns a structural error found mid-payload into the error to report:
+    /// drains the rest of the payload (without allocating) and reports a
+    /// stream or checksum failure in preference to `err`.
+    pub(super) fn abandon(&mut self, err: WireError) -> WireError {
+        let mut scratch = [0u8; 8192];
+        while self.remaining > 0 {
+            let n = self.remaining.min(scratch.len());
+            if let Err(e) = self.read_exact(&mut scratch[..n]) {
+                return e;
+            }
+        }
+        match self.finish() {
+            Ok(()) => err,
+            Err(e) => e,
+        }
+    }
+}
+
+/// Reads one frame and decodes its message.
+///
+/// Validation follows the order in the [module docs](super); the payload
+/// buffer is allocated only after `len` passed [`Limits::cap`]. A clean end
+/// of stream before the first header byte gives
+/// [`WireError::ConnectionClosed`]; one inside a frame gives
+/// [`WireError::Truncated`]. Zstd page batches are checked but not
+/// decompressed (see [`PageBatch::decompress_into`](super::PageBatch::decompress_into)).
+pub fn read_message<R: Read>(r: &mut R, limits: &Limits) -> Result<Message, WireError> {
+    let mut bytes = [0u8; HEADER_LEN];
+    let n = read_full(r, &mut bytes)?;
+    if n == 0 {
+        return Err(WireError::ConnectionClosed);
+    }
+    if n < HEADER_LEN {
+        return Err(WireError::Truncated {
+            kind: None,
+            expected: HEADER_LEN as u64,
+            received: n as u64,
+        });
+    }
+    let header = FrameHeader::decode(&bytes, limits)?;
+    let mut pr = PayloadReader::new(r, header);
+    if header.kind == MessageKind::Pages {
+        return pages::read_batch(&mut pr).map(Message::Pages);
+    }
+    let payload = pr.read_vec(pr.remaining())?;
+    pr.finish()?;
+    decode_payload(header.kind, &payload)
+}
+
+/// Validates `msg` and writes it as one frame; returns the bytes written,
+/// header included.
+///
+/// Large data (page data, state blobs) is written straight from the message,
+/// not copied: the header and small fields go out in one `write_all`, the
+/// data in a second. Wrap unbuffered sockets in a `BufWriter` and flush it
+/// when the peer must see the message.
+pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> Result<u64, WireError> {
+    msg.validate()?;
+    let mut buf = Vec::with_capacity(HEADER_LEN + 64);
+    buf.resize(HEADER_LEN, 0);
+    let tail = encode_payload(msg, &mut buf)?;
+    write_frame(w, msg.kind(), buf, &[tail])
+}
+
+/// Writes a raw `Pages` batch whose pages are separate slices (for example
+/// straight from guest memory), without gathering them first. Each of
+/// `pages` must be exactly 4096 bytes and `gpas` must pass the usual batch
+/// rules. Returns the bytes written, header included. The receiver reads it
+/// back as an ordinary [`Message::Pages`] with [`Compression::None`].
+pub fn write_raw_pages<W: Write>(
+    w: &mut W,
+    iteration: u32,
+    gpas: &[u64],
+    pages: &[&[u8]],
+) -> Result<u64, WireError> {
+    let kind = MessageKind::Pages;
+    if pages.len() != gpas.len() {
+        return Err(invalid(
+            kind,
+            "data",
+            format!("{} pages for {} gpas", pages.len(), gpas.len()),
+        ));
+    }
+    if let Some(p) = pages.iter().find(|p| p.len() != PAGE_SIZE) {
+        return Err(invalid(kind, "data", format!("page slice of {} bytes", p.len())));
+    }
+    pages::validate_gpas(gpas)?;
+    let mut buf = Vec::with_capacity(HEADER_LEN + pages::PAGES_FIXED_LEN + 8 * gpas.len());
+    buf.resize(HEADER_LEN, 0);
+    pages::encode_batch_prefix(iteration, Compression::None, gpas, &mut buf)?;
+    write_frame(w, kind, buf, pages)
+}
+
+/// Fills in the header at the front of `buf` (whose tail is the start of
+/// the payload), then writes `buf` and every part of `rest`.
+fn write_frame<W: Write>(
+    w: &mut W,
+    kind: MessageKind,
+    mut buf: Vec<u8>,
+    rest: &[&[u8]],
+) -> Result<u64, WireError> {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&buf[HEADER_LEN..]);
+    let mut payload_len = buf.len() - HEADER_LEN;
+    for part in rest {
+        hasher.update(part);
+        payload_len += part.len();
+    }
+    let max = kind.max_payload_len();
+    let len = u32::try_from(payload_len)
+        .ok()
+        .filter(|&len| len <= max)
+        .ok_or(WireError::PayloadTooLarge {
+            kind,
+            len: payload_len as u64,
+            max: u64::from(max),
+        })?;
+    let header = FrameHeader {
+        kind,
+        len,
+        payload_crc: hasher.finalize(),
+    };
+    buf[..HEADER_LEN].copy_from_slice(&header.encode());
+    w.write_all(&buf)?;
+    for part in rest.iter().filter(|p| !p.is_empty()) {
+        w.write_all(part)?;
+    }
+    Ok((HEADER_LEN + payload_len) as u64)
+}

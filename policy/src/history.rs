@@ -1,0 +1,290 @@
+//! Per-iteration statistics and the history a policy decides from.
+//!
+//! Every derived quantity here is total: zero durations, zero page sizes and
+//! huge counters give a defined, non-NaN answer and never panic, because the
+//! values end up in reports and in policies that must not crash a migration.
+
+use std::time::Duration;
+
+/// What happened in one pre-copy iteration. Iteration 0 is the full copy.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IterationStats {
+    /// Iteration number, 0 for the full copy.
+    pub iteration: u32,
+    /// Pages found dirty at the sync that started this iteration (for
+    /// iteration 0: every page of guest RAM).
+    pub dirty_pages: u64,
+    /// Pages sent with their data (not zero ranges).
+    pub pages_sent: u64,
+    /// Pages sent as zero ranges, without data.
+    pub zero_pages: u64,
+    /// Bytes written to the stream in this iteration (headers included).
+    pub bytes_sent: u64,
+    /// Wall time of the iteration, from the dirty-log sync to the end marker.
+    pub duration: Duration,
+    /// Pages the guest dirtied while this iteration was sent: the dirty
+    /// count found at the next sync (what the next iteration must send).
+    pub dirtied_during: u64,
+    /// Of `dirty_pages`, how many were also dirty in the previous iteration
+    /// (the writable working set); 0 for iteration 0.
+    pub redirtied_pages: u64,
+    /// Total guest RAM in bytes.
+    pub ram_bytes: u64,
+    /// Page size in bytes.
+    pub page_size: u64,
+}
+
+impl IterationStats {
+    /// Bytes sent per second during this iteration.
+    ///
+    /// A zero-length iteration gives `0.0` if nothing was sent and
+    /// `f64::INFINITY` otherwise (never NaN); see
+    /// [`measures_bandwidth`](Self::measures_bandwidth) to tell whether the
+    /// value is a real measurement.
+    pub fn transfer_rate(&self) -> f64 {
+        rate(self.bytes_sent as f64, self.duration)
+    }
+
+    /// Bytes the guest dirtied per second during this iteration.
+    ///
+    /// Same zero-duration convention as [`transfer_rate`](Self::transfer_rate).
+    pub fn dirty_rate(&self) -> f64 {
+        rate(self.remaining_bytes() as f64, self.duration)
+    }
+
+    /// Bytes still dirty after this iteration: what the next one sends
+    /// (`dirtied_during * page_size`, saturating).
+    pub fn remaining_bytes(&self) -> u64 {
+        self.dirtied_during.saturating_mul(self.page_size)
+    }
+
+    /// Whether this iteration is a usable bandwidth sample: it took a
+    /// non-zero time and sent a non-zero number of bytes, so
+    /// [`transfer_rate`](Self::transfer_rate) is finite and positive.
+    pub fn measures_bandwidth(&self) -> bool {
+        self.bytes_sent > 0 && !self.duration.is_zero()
+    }
+
+    /// Time to send [`remaining_bytes`](Self::remaining_bytes) at
+    /// `bandwidth` bytes per second: the downtime a stop-and-copy started
+    /// now would cost.
+    ///
+    /// `Some(Duration::ZERO)` when nothing remains (whatever the bandwidth);
+    /// `None` when something remains but `bandwidth` is zero, negative, NaN
+    /// or the time would not fit a [`Duration`].
+    pub fn expected_downtime(&self, bandwidth: f64) -> Option<Duration> {
+        let remaining = self.remaining_bytes();
+        if remaining == 0 {
+            return Some(Duration::ZERO);
+        }
+        if bandwidth.is_nan() || bandwidth <= 0.0 {
+            return None;
+        }
+        Duration::try_from_secs_f64(remaining as f64 / bandwidth).ok()
+    }
+
+    /// Fraction of this iteration's `dirty_pages` that were already dirty in
+    /// the previous iteration (0.0 to 1.0): how much of what is sent is the
+    /// hot, rewritten working set. `0.0` when `dirty_pages` is 0.
+    pub fn redirty_ratio(&self) -> f64 {
+        if self.dirty_pages == 0 {
+            0.0
+        } else {
+            (self.redirtied_pages as f64 / self.dirty_pages as f64).min(1.0)
+        }
+    }
+}
+
+fn rate(amount: f64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 {
+        amount / s
+    } else if amount > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    }
+}
+
+/// Every iteration of a migration so far, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationHistory {
+    iterations: Vec<IterationStats>,
+}
+
+impl MigrationHistory {
+    /// An empty history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append the record of a finished iteration.
+    pub fn push(&mut self, stats: IterationStats) {
+        self.iterations.push(stats);
+    }
+
+    /// All iterations, oldest first.
+    pub fn iterations(&self) -> &[IterationStats] {
+        &self.iterations
+    }
+
+    /// The iteration that just finished.
+    pub fn last(&self) -> Option<&IterationStats> {
+        self.iterations.last()
+    }
+
+    /// Number of completed iterations, the full copy (iteration 0) included.
+    pub fn len(&self) -> usize {
+        self.iterations.len()
+    }
+
+    /// Whether no iteration has completed yet.
+    pub fn is_empty(&self) -> bool {
+        self.iterations.is_empty()
+    }
+
+    /// [`len`](Self::len) as a `u32` (saturating), the unit of
+    /// [`StopReason::IterationLimit`](crate::StopReason::IterationLimit).
+    pub fn completed(&self) -> u32 {
+        u32::try_from(self.iterations.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Total bytes sent so far.
+    pub fn total_bytes_sent(&self) -> u64 {
+        self.iterations.iter().map(|i| i.bytes_sent).sum()
+    }
+
+    /// The most recent iteration that is a usable bandwidth sample (see
+    /// [`IterationStats::measures_bandwidth`]), if any.
+    pub fn last_measured(&self) -> Option<&IterationStats> {
+        self.iterations
+            .iter()
+            .rev()
+            .find(|i| i.measures_bandwidth())
+    }
+}
+
+impl From<Vec<IterationStats>> for MigrationHistory {
+    fn from(iterations: Vec<IterationStats>) -> Self {
+        Self { iterations }
+    }
+}
+
+impl FromIterator<IterationStats> for MigrationHistory {
+    fn from_iter<I: IntoIterator<Item = IterationStats>>(iter: I) -> Self {
+        Self {
+            iterations: iter.into_iter().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(bytes_sent: u64, millis: u64, dirtied_during: u64) -> IterationStats {
+        IterationStats {
+            bytes_sent,
+            duration: Duration::from_millis(millis),
+            dirtied_during,
+            page_size: 4096,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rates() {
+        // (bytes_sent, ms, dirtied_during, transfer B/s, dirty B/s)
+        let cases: &[(u64, u64, u64, f64, f64)] = &[
+            (1_000_000, 1000, 0, 1e6, 0.0),
+            (1_000_000, 500, 10, 2e6, 81_920.0),
+            (0, 1000, 1, 0.0, 4096.0),
+            (4096, 1, 1, 4_096_000.0, 4_096_000.0),
+            // Zero duration: infinite if something happened, else 0, never NaN.
+            (0, 0, 0, 0.0, 0.0),
+            (1, 0, 0, f64::INFINITY, 0.0),
+            (0, 0, 1, 0.0, f64::INFINITY),
+        ];
+        for &(bytes, ms, dirtied, transfer, dirty) in cases {
+            let s = stats(bytes, ms, dirtied);
+            assert_eq!(s.transfer_rate(), transfer, "transfer rate of {s:?}");
+            assert_eq!(s.dirty_rate(), dirty, "dirty rate of {s:?}");
+            assert!(!s.transfer_rate().is_nan() && !s.dirty_rate().is_nan());
+        }
+    }
+
+    #[test]
+    fn measures_bandwidth_needs_bytes_and_time() {
+        let cases = [
+            ((1, 1), true),
+            ((0, 1), false),
+            ((1, 0), false),
+            ((0, 0), false),
+        ];
+        for ((bytes, ms), want) in cases {
+            assert_eq!(stats(bytes, ms, 0).measures_bandwidth(), want);
+        }
+    }
+
+    #[test]
+    fn remaining_bytes_saturates() {
+        assert_eq!(stats(0, 0, 3).remaining_bytes(), 3 * 4096);
+        assert_eq!(stats(0, 0, u64::MAX).remaining_bytes(), u64::MAX);
+    }
+
+    #[test]
+    fn expected_downtime() {
+        // (dirtied_during pages, bandwidth B/s, expected)
+        let cases: &[(u64, f64, Option<Duration>)] = &[
+            (0, 0.0, Some(Duration::ZERO)),
+            (0, f64::NAN, Some(Duration::ZERO)),
+            (250, 4096.0 * 1000.0, Some(Duration::from_millis(250))),
+            (1, f64::INFINITY, Some(Duration::ZERO)),
+            (1, 0.0, None),
+            (1, -1.0, None),
+            (1, f64::NAN, None),
+            (u64::MAX, f64::MIN_POSITIVE, None),
+        ];
+        for &(dirtied, bw, want) in cases {
+            assert_eq!(
+                stats(0, 0, dirtied).expected_downtime(bw),
+                want,
+                "{dirtied} pages at {bw} B/s"
+            );
+        }
+    }
+
+    #[test]
+    fn redirty_ratio() {
+        let cases = [
+            ((0, 0), 0.0),
+            ((100, 0), 0.0),
+            ((100, 25), 0.25),
+            ((100, 100), 1.0),
+        ];
+        for ((dirty, redirtied), want) in cases {
+            let s = IterationStats {
+                dirty_pages: dirty,
+                redirtied_pages: redirtied,
+                ..Default::default()
+            };
+            assert_eq!(s.redirty_ratio(), want);
+        }
+    }
+
+    #[test]
+    fn history_accessors() {
+        let mut h = MigrationHistory::new();
+        assert!(h.is_empty());
+        assert_eq!(h.completed(), 0);
+        assert!(h.last().is_none() && h.last_measured().is_none());
+        h.push(stats(100, 10, 5));
+        h.push(stats(0, 0, 5));
+        assert_eq!((h.len(), h.completed()), (2, 2));
+        assert_eq!(h.total_bytes_sent(), 100);
+        assert_eq!(h.last_measured(), Some(&h.iterations()[0]));
+        let collected: MigrationHistory = h.iterations().iter().cloned().collect();
+        assert_eq!(collected.iterations(), h.iterations());
+        assert_eq!(MigrationHistory::from(vec![stats(1, 1, 1)]).len(), 1);
+    }
+}
