@@ -8,6 +8,8 @@
 //! - [`engine`]: the source and destination sides of a migration.
 
 pub mod dirty;
+pub mod engine;
+pub mod transport;
 pub mod vm;
 pub mod wire;
 

@@ -24,7 +24,7 @@
 use std::ops::Range;
 
 use iced_x86::code_asm::*;
-use iced_x86::{BlockEncoderOptions, IcedError};
+use iced_x86::BlockEncoderOptions;
 
 use super::{WorkloadError, BOOT_LOAD_ADDR, BOOT_MARK, GIB};
 
@@ -62,6 +62,7 @@ const PDE_2M_FLAGS: u32 = PTE_PRESENT_RW_ACCESSED | 0x40 | 0x80;
 
 /// An assembled boot sector, with where each part lies (for tests).
 #[derive(Debug, Clone)]
+#[cfg_attr(not(test), allow(dead_code))] // the ranges are for tests
 pub(crate) struct Sector {
     /// Exactly 512 bytes, ending in 0x55 0xAA.
     pub bytes: Vec<u8>,
@@ -89,7 +90,7 @@ struct Layout {
 /// end.
 pub(crate) fn boot_sector<F>(mem_size: u64, body: F) -> Result<Sector, WorkloadError>
 where
-    F: Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+    F: Fn(&mut CodeAssembler) -> Result<(), WorkloadError>,
 {
     let base = BOOT_LOAD_ADDR;
     let mut layout = Layout { norm: base, gdt: base, pm32: base, lm64: base };
@@ -144,13 +145,18 @@ fn offset(addr: u64) -> usize {
 }
 
 /// Converts an address known to be below 4 GiB to an immediate.
-fn imm32(v: u64) -> Result<u32, IcedError> {
-    u32::try_from(v).map_err(|_| IcedError::new("address does not fit in 32 bits"))
+fn imm32(v: u64) -> Result<u32, WorkloadError> {
+    u32::try_from(v).map_err(|_| WorkloadError::Assemble(format!("{v:#x} does not fit in 32 bits")))
+}
+
+/// Converts a value to a sign-extended 32-bit immediate, or fails.
+pub(crate) fn imm_i32(v: u64) -> Result<i32, WorkloadError> {
+    i32::try_from(v).map_err(|_| WorkloadError::Assemble(format!("{v:#x} does not fit in an imm32")))
 }
 
 /// 16-bit code: normalize CS:IP, set segments and stack, load the GDT, enter
 /// protected mode. Returns the code and the address after the far jump.
-fn real_mode(l: &Layout) -> Result<(Vec<u8>, u64), IcedError> {
+fn real_mode(l: &Layout) -> Result<(Vec<u8>, u64), WorkloadError> {
     let mut a = CodeAssembler::new(16)?;
     let mut norm = a.create_label();
     a.cli()?;
@@ -160,7 +166,7 @@ fn real_mode(l: &Layout) -> Result<(Vec<u8>, u64), IcedError> {
     a.mov(ds, ax)?;
     a.mov(es, ax)?;
     a.mov(ss, ax)?;
-    a.mov(sp, i32::try_from(STACK_TOP).map_err(|_| IcedError::new("stack"))?)?;
+    a.mov(sp, imm_i32(STACK_TOP)?)?;
     a.lgdt(ptr(l.gdt))?;
     a.mov(eax, cr0)?;
     a.or(eax, 1)?; // CR0.PE
@@ -192,7 +198,7 @@ pub(crate) fn mapped_gib(mem_size: u64) -> u64 {
 
 /// 32-bit code: segments, page tables, PAE + EFER.LME + paging, far jump to
 /// 64-bit code.
-fn protected_mode(l: &Layout, mem_size: u64) -> Result<Vec<u8>, IcedError> {
+fn protected_mode(l: &Layout, mem_size: u64) -> Result<Vec<u8>, WorkloadError> {
     let gib = imm32(mapped_gib(mem_size))?;
     let mut a = CodeAssembler::new(32)?;
     a.mov(eax, u32::from(SEL_DATA))?;
@@ -249,24 +255,56 @@ fn protected_mode(l: &Layout, mem_size: u64) -> Result<Vec<u8>, IcedError> {
     a.or(eax, 0x8000_0000u32)?; // CR0.PG
     a.mov(cr0, eax)?;
     a.jmp_far(SEL_CODE64, imm32(l.lm64)?)?;
-    a.assemble(l.pm32)
+    Ok(a.assemble(l.pm32)?)
 }
 
 /// 64-bit code: stack, [`BOOT_MARK`], then the workload body.
-fn long_mode<F>(ip: u64, body: &F) -> Result<Vec<u8>, IcedError>
+fn long_mode<F>(ip: u64, body: &F) -> Result<Vec<u8>, WorkloadError>
 where
-    F: Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+    F: Fn(&mut CodeAssembler) -> Result<(), WorkloadError>,
 {
     let mut a = CodeAssembler::new(64)?;
     a.mov(esp, imm32(STACK_TOP)?)?; // zero-extends into rsp
     emit_mark(&mut a, BOOT_MARK)?;
     body(&mut a)?;
-    a.assemble(ip)
+    Ok(a.assemble(ip)?)
+}
+
+/// Emits `mov reg, value` in its shortest form: a zero-extending 32-bit
+/// move when `value` fits in 32 bits, else a 64-bit immediate.
+pub(crate) fn emit_mov_imm(
+    a: &mut CodeAssembler,
+    reg: AsmRegister64,
+    value: u64,
+) -> Result<(), WorkloadError> {
+    match u32::try_from(value) {
+        Ok(v) => {
+            let r32 = reg32(reg)?;
+            a.mov(r32, v)?;
+        }
+        Err(_) => a.mov(reg, value)?,
+    }
+    Ok(())
+}
+
+/// The 32-bit register whose writes zero-extend into `reg`.
+fn reg32(reg: AsmRegister64) -> Result<AsmRegister32, WorkloadError> {
+    const PAIRS: [(AsmRegister64, AsmRegister32); 16] = [
+        (rax, eax), (rcx, ecx), (rdx, edx), (rbx, ebx),
+        (rsp, esp), (rbp, ebp), (rsi, esi), (rdi, edi),
+        (r8, r8d), (r9, r9d), (r10, r10d), (r11, r11d),
+        (r12, r12d), (r13, r13d), (r14, r14d), (r15, r15d),
+    ];
+    PAIRS
+        .iter()
+        .find(|(r64, _)| *r64 == reg)
+        .map(|&(_, r32)| r32)
+        .ok_or_else(|| WorkloadError::Assemble("no 32-bit alias".into()))
 }
 
 /// Emits code that writes `mark` to COM1 after waiting for the transmitter
 /// to be empty. Clobbers `dx` and `al` only; touches no memory.
-pub(crate) fn emit_mark(a: &mut CodeAssembler, mark: u8) -> Result<(), IcedError> {
+pub(crate) fn emit_mark(a: &mut CodeAssembler, mark: u8) -> Result<(), WorkloadError> {
     let mut wait = a.create_label();
     a.mov(dx, i32::from(COM1_LSR))?;
     a.set_label(&mut wait)?;
@@ -282,7 +320,7 @@ pub(crate) fn emit_mark(a: &mut CodeAssembler, mark: u8) -> Result<(), IcedError
 /// Emits code that writes `status` to [`EXIT_PORT`] and then halts forever
 /// with interrupts disabled (for when the exit port does nothing, as on QEMU
 /// without `isa-debug-exit`).
-pub(crate) fn emit_exit_and_halt(a: &mut CodeAssembler, status: u8) -> Result<(), IcedError> {
+pub(crate) fn emit_exit_and_halt(a: &mut CodeAssembler, status: u8) -> Result<(), WorkloadError> {
     a.mov(dx, i32::from(EXIT_PORT))?;
     a.mov(al, i32::from(status))?;
     a.out(dx, al)?;

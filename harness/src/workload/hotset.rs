@@ -17,10 +17,8 @@
 //! [`HOTSET_MAX_CATCH_UP_MS`] ms worth of stores, so the guest does not burst.
 
 use iced_x86::code_asm::*;
-use iced_x86::IcedError;
-
-use super::asm::emit_mark;
-use super::{PAGE_SIZE, PASS_MARK};
+use super::asm::{emit_mark, imm_i32};
+use super::{WorkloadError, PAGE_SIZE, PASS_MARK};
 
 /// Seed of the pseudo-random content of the hotset working set.
 pub const HOTSET_FILL_SEED: u64 = 0x686F_7473_6574_0001;
@@ -49,11 +47,10 @@ pub(crate) fn emit(
     base: u64,
     pages: u64,
     pacing: Option<Pacing>,
-) -> Result<(), IcedError> {
-    let bad = |_| IcedError::new("hotset parameter out of range");
-    let pages32 = i32::try_from(pages).map_err(bad)?;
+) -> Result<(), WorkloadError> {
+    let pages32 = imm_i32(pages)?;
     let k = 64 - pages.saturating_sub(1).leading_zeros();
-    let mask = i32::try_from((1u64 << k) - 1).map_err(bad)?;
+    let mask = imm_i32((1u64 << k) - 1)?;
     let shift = PAGE_SIZE.trailing_zeros();
 
     let mut next = a.create_label();
@@ -101,7 +98,7 @@ pub(crate) fn emit(
 }
 
 /// `rax` = full 64-bit TSC (clobbers `rdx`).
-fn emit_rdtsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
+fn emit_rdtsc(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;

@@ -8,16 +8,14 @@
 //! and after migration.
 
 use iced_x86::code_asm::*;
-use iced_x86::IcedError;
-
 use super::asm::emit_mark;
-use super::PASS_MARK;
+use super::{WorkloadError, PASS_MARK};
 
 /// Loop iterations between two [`PASS_MARK`]s of the idle workload.
 pub const IDLE_ITERATIONS_PER_PASS: u32 = 1 << 20;
 
 /// Emits the idle loop (never returns). Uses `ecx`, `dx`, `al`.
-pub(crate) fn emit(a: &mut CodeAssembler) -> Result<(), IcedError> {
+pub(crate) fn emit(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
     let mut pass = a.create_label();
     let mut spin = a.create_label();
     a.set_label(&mut pass)?;

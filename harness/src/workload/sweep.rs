@@ -9,14 +9,12 @@
 //! as compressible as they were.
 
 use iced_x86::code_asm::*;
-use iced_x86::IcedError;
-
-use super::asm::emit_mark;
-use super::{PAGE_SIZE, PASS_MARK};
+use super::asm::{emit_mark, imm_i32};
+use super::{WorkloadError, PAGE_SIZE, PASS_MARK};
 
 /// Emits the sweep loop over `[start, end)` (page-aligned, `end > start`);
 /// never returns. Uses `rdi`, `rbx`, `dx`, `al`.
-pub(crate) fn emit(a: &mut CodeAssembler, start: u64, end: u64) -> Result<(), IcedError> {
+pub(crate) fn emit(a: &mut CodeAssembler, start: u64, end: u64) -> Result<(), WorkloadError> {
     let mut pass = a.create_label();
     let mut page = a.create_label();
     a.mov(rbx, end)?;
@@ -24,7 +22,7 @@ pub(crate) fn emit(a: &mut CodeAssembler, start: u64, end: u64) -> Result<(), Ic
     a.mov(rdi, start)?;
     a.set_label(&mut page)?;
     a.inc(byte_ptr(rdi))?;
-    a.add(rdi, i32::try_from(PAGE_SIZE).map_err(|_| IcedError::new("page size"))?)?;
+    a.add(rdi, imm_i32(PAGE_SIZE)?)?;
     a.cmp(rdi, rbx)?;
     a.jb(page)?;
     emit_mark(a, PASS_MARK)?;

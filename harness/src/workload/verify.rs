@@ -21,12 +21,8 @@
 //! [`MISMATCH_EXIT_STATUS`] to the exit port and halts with interrupts off.
 
 use iced_x86::code_asm::*;
-use iced_x86::IcedError;
-
-use super::asm::{emit_exit_and_halt, emit_mark};
-use super::{PAGE_SIZE, PASS_MARK};
-
-pub use super::{MISMATCH_EXIT_STATUS, MISMATCH_MARK};
+use super::asm::{emit_exit_and_halt, emit_mark, emit_mov_imm, imm_i32};
+use super::{WorkloadError, MISMATCH_EXIT_STATUS, MISMATCH_MARK, PAGE_SIZE, PASS_MARK};
 
 /// Multiplier applied to `address ^ (pass * K2)` (odd → bijective).
 const K1: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -47,25 +43,32 @@ pub struct VerifyFault {
     pub page: u64,
 }
 
-/// Fixed offsets checked in every page: first, middle and last qword.
-const FIXED_OFFSETS: [i32; 3] = [0, 2048, 4088];
+/// The fixed qword offsets (first, middle, last) packed as 16-bit fields
+/// 0..2 of the per-pass offset list; field 3 is the roving offset. The inner
+/// loop takes the low field and shifts right by 16 until nothing is left (a
+/// roving offset of 0 ends the list early, but offset 0 is field 0 anyway).
+const FIXED_OFFSETS_PACKED: u64 = (4088 << 32) | (2048 << 16);
 
 /// Emits the verify loop over `[start, end)` (never returns).
-/// Registers: r15 pass, r14 = pass * K2, r13 = K1, r12 = roving offset,
-/// r11 = (pass - 1) * K2, rbx = end, rdi = page, rcx/rax temps, dx/al marks.
+/// Registers: r15 pass, r14 = pass * K2, r13 = K1, r11 = (pass - 1) * K2,
+/// r10 = packed offsets, rbp = start, rbx = end, rdi = page, rdx = offsets
+/// being consumed, rcx = qword address, rax = value, dx/al for marks.
 pub(crate) fn emit(
     a: &mut CodeAssembler,
     start: u64,
     end: u64,
     fault: Option<VerifyFault>,
-) -> Result<(), IcedError> {
-    let page_step = i32::try_from(PAGE_SIZE).map_err(|_| IcedError::new("page size"))?;
+) -> Result<(), WorkloadError> {
+    let page_step = imm_i32(PAGE_SIZE)?;
     let mut pass = a.create_label();
     let mut write_page = a.create_label();
+    let mut write_qword = a.create_label();
     let mut check_page = a.create_label();
+    let mut check_qword = a.create_label();
     let mut fail = a.create_label();
 
-    a.mov(rbx, end)?;
+    emit_mov_imm(a, rbx, end)?;
+    emit_mov_imm(a, rbp, start)?;
     a.mov(r13, K1)?;
     a.mov(r15d, 1)?;
 
@@ -73,9 +76,12 @@ pub(crate) fn emit(
     a.set_label(&mut pass)?;
     a.imul_3(r14, r15, K2)?;
     a.lea(r11, ptr(r14 - K2))?;
-    a.imul_3(r12, r15, ROVING_STEP)?;
-    a.and(r12d, 0xFF8)?;
-    a.mov(rdi, start)?;
+    a.imul_3(r10d, r15d, ROVING_STEP)?;
+    a.and(r10d, 0xFF8)?;
+    a.shl(r10, 48)?;
+    a.mov(rax, FIXED_OFFSETS_PACKED)?;
+    a.or(r10, rax)?;
+    a.mov(rdi, rbp)?;
     a.set_label(&mut write_page)?;
     {
         // Read-before-write of the first qword, from pass 2 on.
@@ -98,14 +104,14 @@ pub(crate) fn emit(
         a.je(next_write)?;
         a.set_label(&mut no_fault)?;
     }
-    for off in FIXED_OFFSETS {
-        a.lea(rcx, ptr(rdi + off))?;
-        emit_value(a, rcx, r14)?;
-        a.mov(qword_ptr(rcx), rax)?;
-    }
-    a.lea(rcx, ptr(rdi + r12))?;
+    a.mov(rdx, r10)?;
+    a.set_label(&mut write_qword)?;
+    a.movzx(ecx, dx)?;
+    a.add(rcx, rdi)?;
     emit_value(a, rcx, r14)?;
     a.mov(qword_ptr(rcx), rax)?;
+    a.shr(rdx, 16)?;
+    a.jnz(write_qword)?;
     a.set_label(&mut next_write)?;
     a.add(rdi, page_step)?;
     a.cmp(rdi, rbx)?;
@@ -113,18 +119,17 @@ pub(crate) fn emit(
 
     // ---- check phase (pass-dependent value recomputed from r15)
     a.imul_3(r14, r15, K2)?;
-    a.mov(rdi, start)?;
+    a.mov(rdi, rbp)?;
     a.set_label(&mut check_page)?;
-    for off in FIXED_OFFSETS {
-        a.lea(rcx, ptr(rdi + off))?;
-        emit_value(a, rcx, r14)?;
-        a.cmp(qword_ptr(rcx), rax)?;
-        a.jne(fail)?;
-    }
-    a.lea(rcx, ptr(rdi + r12))?;
+    a.mov(rdx, r10)?;
+    a.set_label(&mut check_qword)?;
+    a.movzx(ecx, dx)?;
+    a.add(rcx, rdi)?;
     emit_value(a, rcx, r14)?;
     a.cmp(qword_ptr(rcx), rax)?;
     a.jne(fail)?;
+    a.shr(rdx, 16)?;
+    a.jnz(check_qword)?;
     a.add(rdi, page_step)?;
     a.cmp(rdi, rbx)?;
     a.jb(check_page)?;
@@ -144,7 +149,7 @@ fn emit_value(
     a: &mut CodeAssembler,
     addr: AsmRegister64,
     pass_mul: AsmRegister64,
-) -> Result<(), IcedError> {
+) -> Result<(), WorkloadError> {
     a.mov(rax, addr)?;
     a.xor(rax, pass_mul)?;
     a.imul_2(rax, r13)?;

@@ -26,7 +26,11 @@ impl Put for Vec<u8> {
 }
 
 /// Builds an [`WireError::InvalidField`].
-pub(super) fn invalid(kind: MessageKind, field: &'static str, reason: impl Into<String>) -> WireError {
+pub(super) fn invalid(
+    kind: MessageKind,
+    field: &'static str,
+    reason: impl Into<String>,
+) -> WireError {
     WireError::InvalidField {
         kind,
         field,
@@ -59,10 +63,6 @@ impl<'a> Decoder<'a> {
         Self { buf, kind }
     }
 
-    pub(super) fn kind(&self) -> MessageKind {
-        self.kind
-    }
-
     pub(super) fn remaining(&self) -> usize {
         self.buf.len()
     }
@@ -73,7 +73,10 @@ impl<'a> Decoder<'a> {
             return Err(invalid(
                 self.kind,
                 field,
-                format!("payload ends early: need {n} bytes, {} left", self.buf.len()),
+                format!(
+                    "payload ends early: need {n} bytes, {} left",
+                    self.buf.len()
+                ),
             ));
         }
         let (head, tail) = self.buf.split_at(n);
@@ -81,7 +84,10 @@ impl<'a> Decoder<'a> {
         Ok(head)
     }
 
-    pub(super) fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], WireError> {
+    pub(super) fn array<const N: usize>(
+        &mut self,
+        field: &'static str,
+    ) -> Result<[u8; N], WireError> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N, field)?);
         Ok(out)
@@ -115,7 +121,11 @@ impl<'a> Decoder<'a> {
         let raw = self.u32(field)?;
         let count = usize::try_from(raw).unwrap_or(usize::MAX);
         if count > max {
-            return Err(invalid(self.kind, field, format!("count {raw} exceeds {max}")));
+            return Err(invalid(
+                self.kind,
+                field,
+                format!("count {raw} exceeds {max}"),
+            ));
         }
         if count.saturating_mul(elem_size) > self.buf.len() {
             return Err(invalid(
@@ -132,7 +142,11 @@ impl<'a> Decoder<'a> {
     }
 
     /// A `u32`-length-prefixed byte blob of at most `max` bytes.
-    pub(super) fn blob32(&mut self, field: &'static str, max: usize) -> Result<&'a [u8], WireError> {
+    pub(super) fn blob32(
+        &mut self,
+        field: &'static str,
+        max: usize,
+    ) -> Result<&'a [u8], WireError> {
         let len = self.count(field, max, 1)?;
         self.take(len, field)
     }
@@ -141,7 +155,11 @@ impl<'a> Decoder<'a> {
     pub(super) fn str16(&mut self, field: &'static str, max: usize) -> Result<String, WireError> {
         let len = usize::from(self.u16(field)?);
         if len > max {
-            return Err(invalid(self.kind, field, format!("length {len} exceeds {max}")));
+            return Err(invalid(
+                self.kind,
+                field,
+                format!("length {len} exceeds {max}"),
+            ));
         }
         let bytes = self.take(len, field)?;
         String::from_utf8(bytes.to_vec())
@@ -154,9 +172,17 @@ impl<'a> Decoder<'a> {
         let value = self.u64(field)?;
         match flag {
             0 if value == 0 => Ok(None),
-            0 => Err(invalid(self.kind, field, "absent value must be encoded as 0")),
+            0 => Err(invalid(
+                self.kind,
+                field,
+                "absent value must be encoded as 0",
+            )),
             1 => Ok(Some(value)),
-            other => Err(invalid(self.kind, field, format!("presence flag {other} is not 0 or 1"))),
+            other => Err(invalid(
+                self.kind,
+                field,
+                format!("presence flag {other} is not 0 or 1"),
+            )),
         }
     }
 

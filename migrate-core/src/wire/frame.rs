@@ -35,7 +35,9 @@ impl FrameHeader {
     /// Validates 16 received header bytes in protocol order: header
     /// checksum, kind, flags, then `len` against `limits`.
     pub fn decode(bytes: &[u8; HEADER_LEN], limits: &Limits) -> Result<Self, WireError> {
-        let field = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let field = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
         let expected = field(12);
         let found = crc32fast::hash(&bytes[..12]);
         if expected != found {
@@ -235,7 +237,11 @@ pub fn write_raw_pages<W: Write>(
         ));
     }
     if let Some(p) = pages.iter().find(|p| p.len() != PAGE_SIZE) {
-        return Err(invalid(kind, "data", format!("page slice of {} bytes", p.len())));
+        return Err(invalid(
+            kind,
+            "data",
+            format!("page slice of {} bytes", p.len()),
+        ));
     }
     pages::validate_gpas(gpas)?;
     let mut buf = Vec::with_capacity(HEADER_LEN + pages::PAGES_FIXED_LEN + 8 * gpas.len());

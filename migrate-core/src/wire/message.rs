@@ -1,205 +1,12 @@
-//! Message kinds, message structs and their (non-page) payload codecs.
-
-use std::fmt;
+//! Message structs and their (non-page) payload codecs.
 
 use super::codec::{invalid, len_u32, put_opt64, Decoder, Put};
 use super::pages::{self, PageBatch, ZeroPages};
 use super::{
-    WireError, FEATURES_KNOWN, MAGIC, MAX_BLOB_LEN, MAX_CPU_MODEL_LEN, MAX_ERROR_MESSAGE_LEN,
-    MAX_REGIONS, MAX_SUPPORTED_VERSION, MIN_SUPPORTED_VERSION, PAGE_SIZE, PAGE_SIZE_U64,
-    PROTOCOL_VERSION,
+    ErrorCode, MessageKind, WireError, FEATURES_KNOWN, MAGIC, MAX_BLOB_LEN, MAX_CPU_MODEL_LEN,
+    MAX_ERROR_MESSAGE_LEN, MAX_REGIONS, MAX_SUPPORTED_VERSION, MIN_SUPPORTED_VERSION,
+    PAGE_SIZE_U64, PROTOCOL_VERSION,
 };
-
-/// The `kind` field of a frame header. `0` is reserved and never valid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u16)]
-pub enum MessageKind {
-    /// [`Hello`]: source opens the migration.
-    Hello = 1,
-    /// [`HelloAck`]: destination accepts the Hello.
-    HelloAck = 2,
-    /// [`ErrorMessage`]: refusal or abort, either direction.
-    Error = 3,
-    /// [`PageBatch`]: whole pages of guest memory.
-    Pages = 4,
-    /// [`ZeroPages`]: runs of all-zero pages.
-    ZeroPages = 5,
-    /// [`IterationEnd`]: end of one pre-copy iteration.
-    IterationEnd = 6,
-    /// [`VcpuState`]: one vCPU's saved state.
-    VcpuState = 7,
-    /// [`VmState`]: VM-wide state.
-    VmState = 8,
-    /// [`Complete`]: the source sent everything.
-    Complete = 9,
-    /// [`Accepted`]: the destination verified everything.
-    Accepted = 10,
-    /// Source gives up the guest; destination may resume.
-    Commit = 11,
-    /// Keep-alive, either direction.
-    Heartbeat = 12,
-}
-
-impl MessageKind {
-    /// Every kind, in wire-value order.
-    pub const ALL: [MessageKind; 12] = [
-        Self::Hello,
-        Self::HelloAck,
-        Self::Error,
-        Self::Pages,
-        Self::ZeroPages,
-        Self::IterationEnd,
-        Self::VcpuState,
-        Self::VmState,
-        Self::Complete,
-        Self::Accepted,
-        Self::Commit,
-        Self::Heartbeat,
-    ];
-
-    /// Decodes a wire value; `None` for `0` and unknown values.
-    pub fn from_u16(value: u16) -> Option<Self> {
-        Self::ALL.iter().copied().find(|k| k.as_u16() == value)
-    }
-
-    /// The wire value.
-    pub fn as_u16(self) -> u16 {
-        self as u16
-    }
-
-    /// The name used in logs and errors, e.g. `"IterationEnd"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Hello => "Hello",
-            Self::HelloAck => "HelloAck",
-            Self::Error => "Error",
-            Self::Pages => "Pages",
-            Self::ZeroPages => "ZeroPages",
-            Self::IterationEnd => "IterationEnd",
-            Self::VcpuState => "VcpuState",
-            Self::VmState => "VmState",
-            Self::Complete => "Complete",
-            Self::Accepted => "Accepted",
-            Self::Commit => "Commit",
-            Self::Heartbeat => "Heartbeat",
-        }
-    }
-
-    /// The protocol's largest legal payload for this kind (see the table in
-    /// the [module docs](super)).
-    pub fn max_payload_len(self) -> u32 {
-        match self {
-            Self::Hello => 65_536,
-            Self::HelloAck => 10,
-            Self::Error => 4_100,
-            Self::Pages => 4_202_505,
-            Self::ZeroPages => 1_048_584,
-            Self::IterationEnd => 12,
-            Self::VcpuState => 1_048_584,
-            Self::VmState => 1_048_580,
-            Self::Complete => 17,
-            Self::Accepted => 9,
-            Self::Commit | Self::Heartbeat => 0,
-        }
-    }
-}
-
-// The caps above follow from the field bounds.
-const _: () = {
-    assert!(4 + 4 + MAX_ERROR_MESSAGE_LEN == 4_100);
-    assert!(pages::PAGES_FIXED_LEN + super::MAX_BATCH_PAGES * (8 + PAGE_SIZE) == 4_202_505);
-    assert!(8 + 16 * super::MAX_ZERO_RANGES == 1_048_584);
-    assert!(8 + MAX_BLOB_LEN == 1_048_584);
-    assert!(32 + 2 + MAX_CPU_MODEL_LEN + 16 * MAX_REGIONS <= 65_536);
-};
-
-impl fmt::Display for MessageKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl TryFrom<u16> for MessageKind {
-    type Error = WireError;
-
-    fn try_from(value: u16) -> Result<Self, WireError> {
-        Self::from_u16(value).ok_or(WireError::UnknownKind(value))
-    }
-}
-
-/// Why a peer refuses or aborts, carried by [`ErrorMessage`]. `0` is
-/// reserved and never valid on the wire; unknown values are refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u16)]
-pub enum ErrorCode {
-    /// Memory regions differ from the destination's.
-    LayoutMismatch = 1,
-    /// vCPU count differs.
-    VcpuMismatch = 2,
-    /// CPU model differs.
-    CpuModelMismatch = 3,
-    /// No common protocol version.
-    UnsupportedVersion = 4,
-    /// The peer broke the protocol (bad frame, unexpected message, ...).
-    ProtocolViolation = 5,
-    /// The operator cancelled the migration.
-    Cancelled = 6,
-    /// An internal failure on the sending side.
-    Internal = 7,
-    /// A resource limit (memory, time budget, ...) was hit.
-    ResourceLimit = 8,
-    /// Guest page size differs.
-    PageSizeMismatch = 9,
-    /// Memory digests or page counts did not match.
-    DigestMismatch = 10,
-    /// The peer took too long.
-    Timeout = 11,
-}
-
-impl ErrorCode {
-    /// Every code, in wire-value order.
-    pub const ALL: [ErrorCode; 11] = [
-        Self::LayoutMismatch,
-        Self::VcpuMismatch,
-        Self::CpuModelMismatch,
-        Self::UnsupportedVersion,
-        Self::ProtocolViolation,
-        Self::Cancelled,
-        Self::Internal,
-        Self::ResourceLimit,
-        Self::PageSizeMismatch,
-        Self::DigestMismatch,
-        Self::Timeout,
-    ];
-
-    /// Decodes a wire value; `None` for `0` and unknown values.
-    pub fn from_u16(value: u16) -> Option<Self> {
-        Self::ALL.iter().copied().find(|c| c.as_u16() == value)
-    }
-
-    /// The wire value.
-    pub fn as_u16(self) -> u16 {
-        self as u16
-    }
-}
-
-impl fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::LayoutMismatch => "memory layout mismatch",
-            Self::VcpuMismatch => "vCPU count mismatch",
-            Self::CpuModelMismatch => "CPU model mismatch",
-            Self::UnsupportedVersion => "unsupported protocol version",
-            Self::ProtocolViolation => "protocol violation",
-            Self::Cancelled => "cancelled",
-            Self::Internal => "internal error",
-            Self::ResourceLimit => "resource limit",
-            Self::PageSizeMismatch => "page size mismatch",
-            Self::DigestMismatch => "digest mismatch",
-            Self::Timeout => "timeout",
-        })
-    }
-}
 
 /// One guest-physical memory region announced in [`Hello`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -251,23 +58,46 @@ impl Hello {
         let kind = MessageKind::Hello;
         check_version(self.version)?;
         if !self.page_size.is_power_of_two() {
-            return Err(invalid(kind, "page_size", format!("{} is not a power of two", self.page_size)));
+            return Err(invalid(
+                kind,
+                "page_size",
+                format!("{} is not a power of two", self.page_size),
+            ));
         }
         if self.vcpu_count == 0 {
             return Err(invalid(kind, "vcpu_count", "must be at least 1"));
         }
         if self.cpu_model.len() > MAX_CPU_MODEL_LEN {
-            return Err(invalid(kind, "cpu_model", format!("{} bytes exceeds {MAX_CPU_MODEL_LEN}", self.cpu_model.len())));
+            return Err(invalid(
+                kind,
+                "cpu_model",
+                format!("{} bytes exceeds {MAX_CPU_MODEL_LEN}", self.cpu_model.len()),
+            ));
         }
         if self.regions.len() > MAX_REGIONS {
-            return Err(invalid(kind, "regions", format!("{} regions exceeds {MAX_REGIONS}", self.regions.len())));
+            return Err(invalid(
+                kind,
+                "regions",
+                format!("{} regions exceeds {MAX_REGIONS}", self.regions.len()),
+            ));
         }
         for r in &self.regions {
             if r.gpa % PAGE_SIZE_U64 != 0 || r.size % PAGE_SIZE_U64 != 0 || r.size == 0 {
-                return Err(invalid(kind, "regions", format!("region {:#x}+{:#x} is empty or not page-aligned", r.gpa, r.size)));
+                return Err(invalid(
+                    kind,
+                    "regions",
+                    format!(
+                        "region {:#x}+{:#x} is empty or not page-aligned",
+                        r.gpa, r.size
+                    ),
+                ));
             }
             if r.gpa.checked_add(r.size).is_none() {
-                return Err(invalid(kind, "regions", format!("region {:#x}+{:#x} wraps", r.gpa, r.size)));
+                return Err(invalid(
+                    kind,
+                    "regions",
+                    format!("region {:#x}+{:#x} wraps", r.gpa, r.size),
+                ));
             }
         }
         Ok(())
@@ -311,7 +141,11 @@ impl HelloAck {
         check_version(self.version)?;
         let unknown = self.features & !FEATURES_KNOWN;
         if unknown != 0 {
-            return Err(invalid(MessageKind::HelloAck, "features", format!("unknown feature bits {unknown:#x}")));
+            return Err(invalid(
+                MessageKind::HelloAck,
+                "features",
+                format!("unknown feature bits {unknown:#x}"),
+            ));
         }
         Ok(())
     }
@@ -442,7 +276,11 @@ impl Message {
             Self::HelloAck(a) => a.validate(),
             Self::Error(e) => {
                 if e.message.len() > MAX_ERROR_MESSAGE_LEN {
-                    return Err(invalid(MessageKind::Error, "message", format!("{} bytes exceeds {MAX_ERROR_MESSAGE_LEN}", e.message.len())));
+                    return Err(invalid(
+                        MessageKind::Error,
+                        "message",
+                        format!("{} bytes exceeds {MAX_ERROR_MESSAGE_LEN}", e.message.len()),
+                    ));
                 }
                 Ok(())
             }
@@ -450,7 +288,11 @@ impl Message {
             Self::ZeroPages(z) => z.validate(),
             Self::VcpuState(VcpuState { blob, .. }) | Self::VmState(VmState { blob }) => {
                 if blob.len() > MAX_BLOB_LEN {
-                    return Err(invalid(self.kind(), "blob", format!("{} bytes exceeds {MAX_BLOB_LEN}", blob.len())));
+                    return Err(invalid(
+                        self.kind(),
+                        "blob",
+                        format!("{} bytes exceeds {MAX_BLOB_LEN}", blob.len()),
+                    ));
                 }
                 Ok(())
             }
@@ -466,7 +308,10 @@ impl Message {
 /// Appends the payload of `msg` to `out`, except for a large trailing byte
 /// slice (page data, state blobs) that is returned instead so the caller can
 /// write it without copying. `msg` must have been validated.
-pub(super) fn encode_payload<'m>(msg: &'m Message, out: &mut Vec<u8>) -> Result<&'m [u8], WireError> {
+pub(super) fn encode_payload<'m>(
+    msg: &'m Message,
+    out: &mut Vec<u8>,
+) -> Result<&'m [u8], WireError> {
     let kind = msg.kind();
     match msg {
         Message::Hello(h) => {

@@ -108,17 +108,17 @@
 
 mod codec;
 mod frame;
+mod kind;
 mod message;
 mod pages;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod tests_fuzz;
 
 pub use frame::{read_message, write_message, write_raw_pages, FrameHeader};
+pub use kind::{ErrorCode, MessageKind};
 pub use message::{
-    Accepted, Complete, ErrorCode, ErrorMessage, Hello, HelloAck, IterationEnd, MemoryRegion,
-    Message, MessageKind, VcpuState, VmState,
+    Accepted, Complete, ErrorMessage, Hello, HelloAck, IterationEnd, MemoryRegion, Message,
+    VcpuState, VmState,
 };
 pub use pages::{Compression, PageBatch, ZeroPages, ZeroRange};
 
@@ -189,7 +189,9 @@ impl Default for Limits {
 #[non_exhaustive]
 pub enum WireError {
     /// The header's own checksum does not match its first 12 bytes.
-    #[error("frame header checksum mismatch: header says {expected:#010x}, computed {found:#010x}")]
+    #[error(
+        "frame header checksum mismatch: header says {expected:#010x}, computed {found:#010x}"
+    )]
     HeaderChecksum {
         /// `header_crc` as received.
         expected: u32,
@@ -197,7 +199,9 @@ pub enum WireError {
         found: u32,
     },
     /// The payload checksum does not match the payload.
-    #[error("{kind} payload checksum mismatch: header says {expected:#010x}, computed {found:#010x}")]
+    #[error(
+        "{kind} payload checksum mismatch: header says {expected:#010x}, computed {found:#010x}"
+    )]
     PayloadChecksum {
         /// Kind of the frame.
         kind: MessageKind,

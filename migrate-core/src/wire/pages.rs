@@ -79,7 +79,11 @@ impl PageBatch {
             Compression::None if self.data.len() != raw_len => Err(invalid(
                 KIND,
                 "data",
-                format!("{} bytes for {} raw pages (expected {raw_len})", self.data.len(), self.gpas.len()),
+                format!(
+                    "{} bytes for {} raw pages (expected {raw_len})",
+                    self.data.len(),
+                    self.gpas.len()
+                ),
             )),
             Compression::None => Ok(()),
             Compression::Zstd => validate_zstd(&self.data, raw_len),
@@ -93,12 +97,16 @@ impl PageBatch {
         if self.compression == Compression::Zstd {
             return Ok(self);
         }
-        let mut c = zstd::bulk::Compressor::new(level).map_err(|source| WireError::Compress { source })?;
+        let mut c =
+            zstd::bulk::Compressor::new(level).map_err(|source| WireError::Compress { source })?;
         self.compress_with(&mut c)
     }
 
     /// Like [`PageBatch::compress`], reusing a compressor (and its level).
-    pub fn compress_with(self, compressor: &mut zstd::bulk::Compressor<'_>) -> Result<Self, WireError> {
+    pub fn compress_with(
+        self,
+        compressor: &mut zstd::bulk::Compressor<'_>,
+    ) -> Result<Self, WireError> {
         if self.compression == Compression::Zstd {
             return Ok(self);
         }
@@ -118,8 +126,10 @@ impl PageBatch {
     }
 
     /// Writes the raw pages to `out` (replacing its contents): a copy for a
-    /// raw batch, a bounded decompression for a zstd one. `out` ends up
-    /// exactly [`PageBatch::raw_len`] bytes long.
+    /// raw batch, a bounded decompression for a zstd one. On success `out`
+    /// is exactly [`PageBatch::raw_len`] bytes long. zstd writes at most
+    /// `max(out.capacity(), raw_len)` bytes whatever the frame claims, so a
+    /// hostile frame cannot make this allocate; any other size is an error.
     pub fn decompress_into(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
         match self.compression {
             Compression::None => {
@@ -128,10 +138,11 @@ impl PageBatch {
                 Ok(())
             }
             Compression::Zstd => {
-                let mut d = zstd::bulk::Decompressor::new().map_err(|source| WireError::Decompress {
-                    expected: self.raw_len(),
-                    source,
-                })?;
+                let mut d =
+                    zstd::bulk::Decompressor::new().map_err(|source| WireError::Decompress {
+                        expected: self.raw_len(),
+                        source,
+                    })?;
                 self.decompress_into_with(&mut d, out)
             }
         }
@@ -149,7 +160,7 @@ impl PageBatch {
         }
         out.clear();
         // zstd writes at most `out.capacity()` bytes: the output is bounded
-        // by what we reserve here, whatever the frame claims.
+        // by memory already reserved, whatever the frame claims.
         out.reserve_exact(expected);
         let found = decompressor
             .decompress_to_buffer(&self.data, out)
@@ -190,7 +201,11 @@ pub(super) fn validate_gpas(gpas: &[u64]) -> Result<(), WireError> {
         ));
     }
     if let Some(gpa) = gpas.iter().find(|&&gpa| gpa % PAGE_SIZE_U64 != 0) {
-        return Err(invalid(KIND, "gpas", format!("gpa {gpa:#x} is not page-aligned")));
+        return Err(invalid(
+            KIND,
+            "gpas",
+            format!("gpa {gpa:#x} is not page-aligned"),
+        ));
     }
     Ok(())
 }
@@ -200,13 +215,20 @@ fn validate_zstd(data: &[u8], raw_len: usize) -> Result<(), WireError> {
         return Err(invalid(
             KIND,
             "data",
-            format!("{} zstd bytes do not shrink {raw_len} raw bytes; send raw", data.len()),
+            format!(
+                "{} zstd bytes do not shrink {raw_len} raw bytes; send raw",
+                data.len()
+            ),
         ));
     }
     match zstd::zstd_safe::find_frame_compressed_size(data) {
         Ok(n) if n == data.len() => {}
         Ok(n) => {
-            return Err(invalid(KIND, "data", format!("zstd frame is {n} bytes, data is {}", data.len())));
+            return Err(invalid(
+                KIND,
+                "data",
+                format!("zstd frame is {n} bytes, data is {}", data.len()),
+            ));
         }
         Err(_) => return Err(invalid(KIND, "data", "not a zstd frame")),
     }
@@ -238,9 +260,19 @@ pub(super) fn encode_batch_prefix(
     Ok(())
 }
 
-fn build_batch(iteration: u32, compression: u8, gpas: &[u8], data: Vec<u8>) -> Result<PageBatch, WireError> {
-    let compression = Compression::from_u8(compression)
-        .ok_or_else(|| invalid(KIND, "compression", format!("unknown compression {compression}")))?;
+fn build_batch(
+    iteration: u32,
+    compression: u8,
+    gpas: &[u8],
+    data: Vec<u8>,
+) -> Result<PageBatch, WireError> {
+    let compression = Compression::from_u8(compression).ok_or_else(|| {
+        invalid(
+            KIND,
+            "compression",
+            format!("unknown compression {compression}"),
+        )
+    })?;
     let gpas = gpas
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
@@ -278,7 +310,12 @@ pub(super) fn read_batch<R: Read>(pr: &mut PayloadReader<'_, R>) -> Result<PageB
     pr.read_exact(&mut prefix[PAGES_FIXED_LEN..gpa_end])?;
     let data = pr.read_vec(pr.remaining())?;
     pr.finish()?;
-    build_batch(iteration, compression, &prefix[PAGES_FIXED_LEN..gpa_end], data)
+    build_batch(
+        iteration,
+        compression,
+        &prefix[PAGES_FIXED_LEN..gpa_end],
+        data,
+    )
 }
 
 /// Parses iteration, compression and gpa count; the count must fit in what
@@ -330,7 +367,12 @@ impl ZeroPages {
     /// follows it. Does not check alignment or the range count.
     pub fn push_page(&mut self, gpa: u64) {
         if let Some(last) = self.ranges.last_mut() {
-            if last.pages.checked_mul(PAGE_SIZE_U64).and_then(|len| last.gpa.checked_add(len)) == Some(gpa) {
+            if last
+                .pages
+                .checked_mul(PAGE_SIZE_U64)
+                .and_then(|len| last.gpa.checked_add(len))
+                == Some(gpa)
+            {
                 last.pages += 1;
                 return;
             }
@@ -340,24 +382,46 @@ impl ZeroPages {
 
     /// Total pages over all ranges (saturating).
     pub fn page_count(&self) -> u64 {
-        self.ranges.iter().fold(0u64, |acc, r| acc.saturating_add(r.pages))
+        self.ranges
+            .iter()
+            .fold(0u64, |acc, r| acc.saturating_add(r.pages))
     }
 
     /// Checks the `ZeroPages` rules of the module docs.
     pub fn validate(&self) -> Result<(), WireError> {
         let kind = MessageKind::ZeroPages;
         if self.ranges.len() > MAX_ZERO_RANGES {
-            return Err(invalid(kind, "ranges", format!("{} ranges exceeds {MAX_ZERO_RANGES}", self.ranges.len())));
+            return Err(invalid(
+                kind,
+                "ranges",
+                format!("{} ranges exceeds {MAX_ZERO_RANGES}", self.ranges.len()),
+            ));
         }
         for r in &self.ranges {
             if r.gpa % PAGE_SIZE_U64 != 0 {
-                return Err(invalid(kind, "ranges", format!("gpa {:#x} is not page-aligned", r.gpa)));
+                return Err(invalid(
+                    kind,
+                    "ranges",
+                    format!("gpa {:#x} is not page-aligned", r.gpa),
+                ));
             }
             if r.pages == 0 {
-                return Err(invalid(kind, "ranges", format!("empty range at {:#x}", r.gpa)));
+                return Err(invalid(
+                    kind,
+                    "ranges",
+                    format!("empty range at {:#x}", r.gpa),
+                ));
             }
-            if r.pages.checked_mul(PAGE_SIZE_U64).and_then(|len| r.gpa.checked_add(len)).is_none() {
-                return Err(invalid(kind, "ranges", format!("range {:#x} + {} pages overflows", r.gpa, r.pages)));
+            if r.pages
+                .checked_mul(PAGE_SIZE_U64)
+                .and_then(|len| r.gpa.checked_add(len))
+                .is_none()
+            {
+                return Err(invalid(
+                    kind,
+                    "ranges",
+                    format!("range {:#x} + {} pages overflows", r.gpa, r.pages),
+                ));
             }
         }
         Ok(())
@@ -367,7 +431,12 @@ impl ZeroPages {
 pub(super) fn encode_zero_pages(z: &ZeroPages, out: &mut Vec<u8>) -> Result<(), WireError> {
     out.reserve(8 + 16 * z.ranges.len());
     out.put_u32(z.iteration);
-    out.put_u32(len_u32(MessageKind::ZeroPages, "ranges", z.ranges.len(), MAX_ZERO_RANGES)?);
+    out.put_u32(len_u32(
+        MessageKind::ZeroPages,
+        "ranges",
+        z.ranges.len(),
+        MAX_ZERO_RANGES,
+    )?);
     for r in &z.ranges {
         out.put_u64(r.gpa);
         out.put_u64(r.pages);

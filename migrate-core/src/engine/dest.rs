@@ -1,0 +1,350 @@
+//! The destination side: a state machine over incoming messages.
+//!
+//! ```text
+//!  AwaitHello --Hello ok--> Memory --Pages/ZeroPages/IterationEnd--> Memory
+//!  Memory --VcpuState--> State --VcpuState--> State
+//!  State --Complete (all vCPUs)--> Committing (vCPUs restored, Accepted sent)
+//!  Committing --Commit--> Done (guest resumed)
+//!  any --Error--> failed (peer aborted);  any --other--> failed (protocol)
+//! ```
+//! The guest is resumed only on `Commit`; every failure before that drops
+//! the VM without having run it.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::time::Duration;
+
+use super::pages::PageApplier;
+use super::source::peer_message;
+use super::{memory_digest, MigratableVm, MigrationError, VmOpError};
+use crate::transport::Stream;
+use crate::vm::memory::slot_layout;
+use crate::wire::{
+    read_message, write_message, Accepted, ErrorCode, ErrorMessage, Hello, HelloAck, Limits,
+    Message, MessageKind, FEATURES_KNOWN, FEATURE_MEMORY_DIGEST,
+};
+
+/// Limits and expectations of the receiving side.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// Read/write timeout on the stream.
+    pub io_timeout: Duration,
+    /// Refuse a guest whose RAM differs from this size.
+    pub expect_mem: Option<u64>,
+    /// Refuse a guest whose vCPU count differs.
+    pub expect_vcpus: Option<u32>,
+    /// Refuse a guest larger than this.
+    pub max_mem: u64,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        Self {
+            io_timeout: Duration::from_secs(60),
+            expect_mem: None,
+            expect_vcpus: None,
+            max_mem: crate::vm::memory::MAX_MEM_SIZE,
+        }
+    }
+}
+
+/// A received, running guest.
+pub struct ReceiveOutcome<V> {
+    /// The VM, resumed.
+    pub vm: V,
+    /// Iterations received (the final pass included).
+    pub iterations: u32,
+    /// Pages received (data and zero).
+    pub pages: u64,
+    /// The destination's memory digest before resuming, if asked for.
+    pub digest: Option<u64>,
+}
+
+enum Phase<V> {
+    Memory,
+    State,
+    Committing,
+    #[allow(dead_code)]
+    Phantom(std::marker::PhantomData<V>),
+}
+
+impl<V> Phase<V> {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Memory => "memory transfer",
+            Phase::State => "vCPU state transfer",
+            Phase::Committing => "completion",
+            Phase::Phantom(_) => "",
+        }
+    }
+}
+
+/// Receive one migration on `stream`. `make_vm` builds the VM the `Hello`
+/// describes (after the checks here passed). On success the guest runs.
+pub fn receive_migration<V: MigratableVm>(
+    stream: Stream,
+    opts: &ReceiveOptions,
+    make_vm: impl FnOnce(&Hello) -> Result<V, VmOpError>,
+) -> Result<ReceiveOutcome<V>, MigrationError> {
+    let wire = |phase: &str| {
+        let phase = phase.to_string();
+        move |source| MigrationError::Wire { phase, source }
+    };
+    stream
+        .set_timeouts(Some(opts.io_timeout))
+        .map_err(|e| wire("setup")(e.into()))?;
+    let writer = stream.try_clone().map_err(|e| wire("setup")(e.into()))?;
+    let mut w = BufWriter::new(writer);
+    let mut r = BufReader::with_capacity(1 << 20, stream);
+    let limits = Limits::default();
+
+    let hello = match read_message(&mut r, &limits).map_err(wire("handshake"))? {
+        Message::Hello(h) => h,
+        other => return Err(peer_message("handshake", other)),
+    };
+    let vm = match check_hello(&hello, opts).and_then(|()| {
+        make_vm(&hello).map_err(|source| MigrationError::Vm {
+            op: "create VM",
+            source,
+        })
+    }) {
+        Ok(vm) => vm,
+        Err(e) => {
+            refuse(&mut w, &e);
+            return Err(e);
+        }
+    };
+    if vm.cpu_model() != hello.cpu_model {
+        let e = MigrationError::Incompatible(format!(
+            "CPU model differs: source {:?}, destination {:?}",
+            hello.cpu_model,
+            vm.cpu_model()
+        ));
+        refuse(&mut w, &e);
+        return Err(e);
+    }
+    let ack = HelloAck::negotiate(&hello, FEATURES_KNOWN);
+    write_message(&mut w, &Message::HelloAck(ack)).map_err(wire("handshake"))?;
+    w.flush().map_err(|e| wire("handshake")(e.into()))?;
+
+    let mut rx = Receiver::<V> {
+        applier: PageApplier::new(
+            usize::try_from(crate::vm::ram_pages(vm.memory())).expect("page count fits usize"),
+        )?,
+        phase: Phase::Memory,
+        iteration: 0,
+        iteration_pages: 0,
+        total_pages: 0,
+        iterations: 0,
+        vcpus: vec![None; usize::try_from(hello.vcpu_count).expect("vCPU count fits usize")],
+        digest_wanted: hello.features & FEATURE_MEMORY_DIGEST != 0,
+        digest: None,
+    };
+    loop {
+        let phase = rx.phase.name();
+        let msg = match read_message(&mut r, &limits) {
+            Ok(m) => m,
+            Err(e) => {
+                let e = wire(phase)(e);
+                refuse(&mut w, &e);
+                return Err(e);
+            }
+        };
+        match rx.step(&vm, msg) {
+            Ok(Step::Continue) => {}
+            Ok(Step::Reply(m)) => {
+                write_message(&mut w, &m).map_err(wire(phase))?;
+                w.flush().map_err(|e| wire(phase)(e.into()))?;
+            }
+            Ok(Step::Resume) => {
+                vm.resume().map_err(|source| MigrationError::Vm {
+                    op: "resume",
+                    source,
+                })?;
+                return Ok(ReceiveOutcome {
+                    vm,
+                    iterations: rx.iterations,
+                    pages: rx.total_pages,
+                    digest: rx.digest,
+                });
+            }
+            Err(e) => {
+                if !matches!(e, MigrationError::PeerError { .. }) {
+                    refuse(&mut w, &e);
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Tell the source why we stop (best effort: it may be gone already).
+fn refuse<W: Write>(w: &mut W, e: &MigrationError) {
+    let code = match e {
+        MigrationError::Incompatible(_) => ErrorCode::LayoutMismatch,
+        MigrationError::Vm { .. } => ErrorCode::Internal,
+        _ => ErrorCode::ProtocolViolation,
+    };
+    let text = super::source::error_chain(e);
+    let text: String = text.chars().take(1000).collect();
+    let _ = write_message(w, &Message::Error(ErrorMessage::new(code, text)));
+    let _ = w.flush();
+}
+
+fn check_hello(hello: &Hello, opts: &ReceiveOptions) -> Result<(), MigrationError> {
+    let total: u64 = hello.regions.iter().map(|r| r.size).sum();
+    let bad = |s: String| Err(MigrationError::Incompatible(s));
+    if total > opts.max_mem {
+        return bad(format!(
+            "guest of {total} bytes is larger than this destination allows ({})",
+            opts.max_mem
+        ));
+    }
+    let expected = slot_layout(total).map_err(|e| MigrationError::Incompatible(e.to_string()))?;
+    let same = expected.len() == hello.regions.len()
+        && expected
+            .iter()
+            .zip(&hello.regions)
+            .all(|(s, r)| s.gpa == r.gpa && s.size == r.size);
+    if !same {
+        return bad(format!("memory layout {:?} is not one this VMM builds", hello.regions));
+    }
+    if let Some(m) = opts.expect_mem.filter(|&m| m != total) {
+        return bad(format!("guest has {total} bytes of RAM, this destination expects {m}"));
+    }
+    if let Some(n) = opts.expect_vcpus.filter(|&n| n != hello.vcpu_count) {
+        return bad(format!(
+            "guest has {} vCPUs, this destination expects {n}",
+            hello.vcpu_count
+        ));
+    }
+    if hello.page_size != 4096 {
+        return bad(format!("page size {} is not 4096", hello.page_size));
+    }
+    Ok(())
+}
+
+enum Step {
+    Continue,
+    Reply(Message),
+    Resume,
+}
+
+struct Receiver<V> {
+    applier: PageApplier,
+    phase: Phase<V>,
+    iteration: u32,
+    iteration_pages: u64,
+    total_pages: u64,
+    iterations: u32,
+    vcpus: Vec<Option<Vec<u8>>>,
+    digest_wanted: bool,
+    digest: Option<u64>,
+}
+
+impl<V: MigratableVm> Receiver<V> {
+    fn step(&mut self, vm: &V, msg: Message) -> Result<Step, MigrationError> {
+        let phase = self.phase.name();
+        let unexpected = |got: MessageKind| MigrationError::Unexpected {
+            phase: phase.to_string(),
+            got,
+        };
+        match (&self.phase, msg) {
+            (_, Message::Error(e)) => Err(MigrationError::PeerError {
+                phase: phase.to_string(),
+                code: e.code,
+                message: e.message,
+            }),
+            (Phase::Memory, Message::Pages(b)) => {
+                self.check_iteration(b.iteration)?;
+                self.iteration_pages += self.applier.apply_batch(vm.memory(), &b)?;
+                Ok(Step::Continue)
+            }
+            (Phase::Memory, Message::ZeroPages(z)) => {
+                self.check_iteration(z.iteration)?;
+                self.iteration_pages += self.applier.apply_zeros(vm.memory(), &z)?;
+                Ok(Step::Continue)
+            }
+            (Phase::Memory, Message::IterationEnd(end)) => {
+                self.check_iteration(end.iteration)?;
+                if end.pages != self.iteration_pages {
+                    return Err(MigrationError::InvalidData(format!(
+                        "iteration {} announced {} pages but {} arrived",
+                        end.iteration, end.pages, self.iteration_pages
+                    )));
+                }
+                self.total_pages += self.iteration_pages;
+                self.iteration_pages = 0;
+                self.iterations += 1;
+                self.iteration = end.iteration + 1;
+                Ok(Step::Continue)
+            }
+            (Phase::Memory | Phase::State, Message::VcpuState(s)) => {
+                if self.iteration_pages != 0 {
+                    return Err(MigrationError::InvalidData(
+                        "vCPU state before the last iteration ended".into(),
+                    ));
+                }
+                self.phase = Phase::State;
+                let slot = usize::try_from(s.index)
+                    .ok()
+                    .and_then(|i| self.vcpus.get_mut(i))
+                    .ok_or_else(|| {
+                        MigrationError::InvalidData(format!("state for unknown vCPU {}", s.index))
+                    })?;
+                if slot.replace(s.blob).is_some() {
+                    return Err(MigrationError::InvalidData(format!(
+                        "state for vCPU {} sent twice",
+                        s.index
+                    )));
+                }
+                Ok(Step::Continue)
+            }
+            (Phase::State, Message::VmState(_)) => Ok(Step::Continue),
+            (Phase::State, Message::Complete(c)) => {
+                let blobs: Option<Vec<Vec<u8>>> = self.vcpus.iter_mut().map(Option::take).collect();
+                let blobs = blobs.ok_or_else(|| {
+                    MigrationError::InvalidData("Complete before every vCPU's state".into())
+                })?;
+                let pages = crate::vm::ram_pages(vm.memory());
+                if c.total_pages != pages {
+                    return Err(MigrationError::InvalidData(format!(
+                        "source counts {} pages, destination has {pages}",
+                        c.total_pages
+                    )));
+                }
+                vm.restore_vcpus(blobs)
+                    .map_err(|source| MigrationError::Vm {
+                        op: "restore vCPU state",
+                        source,
+                    })?;
+                if self.digest_wanted != c.digest.is_some() {
+                    return Err(MigrationError::InvalidData(
+                        "digest presence differs from the negotiated features".into(),
+                    ));
+                }
+                self.digest = if self.digest_wanted {
+                    Some(memory_digest(vm.memory())?)
+                } else {
+                    None
+                };
+                self.phase = Phase::Committing;
+                Ok(Step::Reply(Message::Accepted(Accepted {
+                    digest: self.digest,
+                })))
+            }
+            (Phase::Committing, Message::Commit) => Ok(Step::Resume),
+            (_, Message::Heartbeat) => Ok(Step::Continue),
+            (_, other) => Err(unexpected(other.kind())),
+        }
+    }
+
+    fn check_iteration(&self, iteration: u32) -> Result<(), MigrationError> {
+        if iteration != self.iteration {
+            return Err(MigrationError::InvalidData(format!(
+                "data for iteration {iteration} while receiving iteration {}",
+                self.iteration
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,189 @@
+//! The pre-copy migration engine: the source and destination sides.
+//!
+//! The engine sees a VM only through [`MigratableVm`] (memory, dirty log,
+//! pause/resume, opaque vCPU-state blobs), so it runs the same against a KVM
+//! [`crate::vm::Vm`] and against the memory-only fake of its unit tests.
+//!
+//! One migration, as the source sees it:
+//! ```text
+//!  source                                  destination
+//!  Hello(layout, vCPUs, CPU model) ----->  checks, creates the VM
+//!                                  <-----  HelloAck(features)   (or Error)
+//!  iteration 0: every page (zero pages as ranges), IterationEnd
+//!  iteration n: pages dirtied during n-1, IterationEnd
+//!   ... policy says stop ...
+//!  pause vCPUs; last dirty pages, IterationEnd; VcpuState x N
+//!  Complete(digest)                ----->  restores vCPUs, digests memory
+//!                                  <-----  Accepted(digest)     (or Error)
+//!  digests equal? Commit           ----->  resumes the guest
+//!  (source stays paused for good: "postmigrate")
+//! ```
+//! Anything that fails before `Commit` is sent resumes the source guest; the
+//! destination resumes only on `Commit`, so the guest never runs twice.
+
+mod dest;
+mod pages;
+mod report;
+mod source;
+
+pub use dest::{receive_migration, ReceiveOptions, ReceiveOutcome};
+pub use report::{IterationRecord, MigrationReport, MigrationStatus, RamReport};
+pub use source::{send_migration, CompressMode, SendOptions};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::dirty::DirtyBitmap;
+use crate::wire::{ErrorCode, MessageKind, WireError};
+
+/// A boxed error from the VM behind [`MigratableVm`].
+pub type VmOpError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the engine needs of a VM.
+pub trait MigratableVm: Sync {
+    /// Guest RAM.
+    fn memory(&self) -> &GuestMemoryMmap;
+    /// Number of vCPUs.
+    fn vcpu_count(&self) -> u32;
+    /// CPU model name; both ends must agree.
+    fn cpu_model(&self) -> String;
+    /// OR the pages dirtied since the last call into `into` and reset the log.
+    fn harvest_dirty_log(&self, into: &mut DirtyBitmap) -> Result<(), VmOpError>;
+    /// Stop the vCPUs.
+    fn pause(&self) -> Result<(), VmOpError>;
+    /// Start the vCPUs.
+    fn resume(&self) -> Result<(), VmOpError>;
+    /// Save every vCPU's state as an opaque blob, in index order (paused).
+    fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError>;
+    /// Restore every vCPU from blobs, in index order (paused).
+    fn restore_vcpus(&self, blobs: Vec<Vec<u8>>) -> Result<(), VmOpError>;
+}
+
+impl MigratableVm for crate::vm::Vm {
+    fn memory(&self) -> &GuestMemoryMmap {
+        crate::vm::Vm::memory(self)
+    }
+    fn vcpu_count(&self) -> u32 {
+        crate::vm::Vm::vcpu_count(self)
+    }
+    fn cpu_model(&self) -> String {
+        crate::vm::Vm::cpu_model(self).to_string()
+    }
+    fn harvest_dirty_log(&self, into: &mut DirtyBitmap) -> Result<(), VmOpError> {
+        Ok(crate::vm::Vm::harvest_dirty_log(self, into)?)
+    }
+    fn pause(&self) -> Result<(), VmOpError> {
+        Ok(crate::vm::Vm::pause(self)?)
+    }
+    fn resume(&self) -> Result<(), VmOpError> {
+        Ok(crate::vm::Vm::resume(self)?)
+    }
+    fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError> {
+        Ok(crate::vm::Vm::save_vcpus(self)?
+            .iter()
+            .map(|s| s.encode())
+            .collect())
+    }
+    fn restore_vcpus(&self, blobs: Vec<Vec<u8>>) -> Result<(), VmOpError> {
+        let states = blobs
+            .iter()
+            .map(|b| crate::vm::state::VcpuState::decode(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::vm::Vm::restore_vcpus(self, states)?)
+    }
+}
+
+/// Errors of a migration, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The stream broke or carried something malformed.
+    #[error("migration stream failed during {phase}")]
+    Wire {
+        /// What the engine was doing.
+        phase: String,
+        /// The protocol or I/O error.
+        #[source]
+        source: WireError,
+    },
+    /// The peer refused or aborted with an error message.
+    #[error("peer refused during {phase}: {code:?}: {message}")]
+    PeerError {
+        /// What the engine was doing.
+        phase: String,
+        /// The peer's error code.
+        code: ErrorCode,
+        /// The peer's explanation.
+        message: String,
+    },
+    /// The peer sent a message that is not valid at this point.
+    #[error("unexpected {got} during {phase}")]
+    Unexpected {
+        /// What the engine was doing.
+        phase: String,
+        /// What arrived.
+        got: MessageKind,
+    },
+    /// The two ends cannot migrate this VM (layout, vCPUs, CPU model).
+    #[error("incompatible peers: {0}")]
+    Incompatible(String),
+    /// The stream is well formed but its content is wrong (a page outside
+    /// guest memory, a page count that does not add up, a bad state blob).
+    #[error("invalid migration data: {0}")]
+    InvalidData(String),
+    /// An operation on the VM failed.
+    #[error("VM operation {op} failed")]
+    Vm {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: VmOpError,
+    },
+    /// The memory digests of the two ends differ.
+    #[error("memory digest mismatch: source {source_digest:016x}, destination {dest_digest:016x}")]
+    DigestMismatch {
+        /// Source digest.
+        source_digest: u64,
+        /// Destination digest.
+        dest_digest: u64,
+    },
+    /// The migration ran past its time limit.
+    #[error("migration timed out after {secs:.1} s without converging")]
+    Timeout {
+        /// Seconds elapsed.
+        secs: f64,
+    },
+    /// The policy gave up.
+    #[error("policy aborted the migration: {0}")]
+    PolicyAbort(String),
+    /// The migration was cancelled.
+    #[error("migration cancelled")]
+    Cancelled,
+    /// `Commit` could not be confirmed sent: the destination may or may not
+    /// run the guest. The source stays paused; the operator decides.
+    #[error("outcome unknown: the final Commit could not be sent ({0}); the source stays paused")]
+    OutcomeUnknown(String),
+}
+
+/// xxh3-64 digest of all guest memory, region by region in address order.
+pub fn memory_digest(memory: &GuestMemoryMmap) -> Result<u64, MigrationError> {
+    const CHUNK: usize = 1 << 20;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; CHUNK];
+    for region in memory.iter() {
+        let start = region.start_addr().0;
+        let len = region.len();
+        let mut off = 0u64;
+        while off < len {
+            let n = usize::try_from((len - off).min(CHUNK as u64)).expect("chunk fits usize");
+            memory
+                .read_slice(&mut buf[..n], GuestAddress(start + off))
+                .map_err(|e| MigrationError::InvalidData(format!("digest read: {e}")))?;
+            hasher.update(&buf[..n]);
+            off += n as u64;
+        }
+    }
+    Ok(hasher.digest())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+//! Moving pages: the sender reads dirty pages from guest memory into batches
+//! (zero pages become ranges without data), the receiver writes them back.
+
+use std::io::Write;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::MigrationError;
+use crate::dirty::DirtyBitmap;
+use crate::wire::{
+    write_message, Message, PageBatch, WireError, ZeroPages, MAX_BATCH_PAGES, MAX_ZERO_RANGES,
+    PAGE_SIZE,
+};
+
+/// Pages per `Pages` frame: 1 MiB of data, large enough that per-frame costs
+/// vanish, small enough to keep zstd's working set in cache.
+pub const BATCH_PAGES: usize = 256;
+const _: () = assert!(BATCH_PAGES <= MAX_BATCH_PAGES);
+
+/// Counts of one `send` call.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SentCounts {
+    /// Pages sent with data.
+    pub data_pages: u64,
+    /// Pages sent as zero ranges.
+    pub zero_pages: u64,
+    /// Bytes written, frame headers included.
+    pub bytes: u64,
+    /// Page bytes before compression.
+    pub raw_bytes: u64,
+}
+
+/// Reads dirty pages and writes them as `Pages`/`ZeroPages` frames.
+pub struct PageSender {
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    data: Vec<u8>,
+    gpas: Vec<u64>,
+}
+
+fn wire_err(phase: &str) -> impl Fn(WireError) -> MigrationError + '_ {
+    move |source| MigrationError::Wire {
+        phase: phase.to_string(),
+        source,
+    }
+}
+
+impl PageSender {
+    /// A sender; `zstd_level` turns on compression of page batches.
+    pub fn new(zstd_level: Option<i32>) -> Result<Self, MigrationError> {
+        let compressor = zstd_level
+            .map(zstd::bulk::Compressor::new)
+            .transpose()
+            .map_err(|source| MigrationError::Wire {
+                phase: "setting up zstd".into(),
+                source: WireError::Compress { source },
+            })?;
+        Ok(Self {
+            compressor,
+            data: Vec::with_capacity(BATCH_PAGES * PAGE_SIZE),
+            gpas: Vec::with_capacity(BATCH_PAGES),
+        })
+    }
+
+    /// Send every page set in `dirty`, reading it from `memory` now.
+    pub fn send<W: Write>(
+        &mut self,
+        w: &mut W,
+        memory: &GuestMemoryMmap,
+        iteration: u32,
+        dirty: &DirtyBitmap,
+        phase: &str,
+    ) -> Result<SentCounts, MigrationError> {
+        let mut counts = SentCounts::default();
+        let mut zeros = ZeroPages::new(iteration);
+        for page in dirty.iter_ones() {
+            let gpa = page as u64 * PAGE_SIZE as u64;
+            let at = self.data.len();
+            self.data.resize(at + PAGE_SIZE, 0);
+            memory
+                .read_slice(&mut self.data[at..], GuestAddress(gpa))
+                .map_err(|e| MigrationError::InvalidData(format!("reading page {gpa:#x}: {e}")))?;
+            if is_zero(&self.data[at..]) {
+                self.data.truncate(at);
+                zeros.push_page(gpa);
+                counts.zero_pages += 1;
+                if zeros.ranges.len() >= MAX_ZERO_RANGES {
+                    counts.bytes += self.flush_zeros(w, &mut zeros, phase)?;
+                }
+                continue;
+            }
+            self.gpas.push(gpa);
+            counts.data_pages += 1;
+            if self.gpas.len() == BATCH_PAGES {
+                counts.bytes += self.flush_batch(w, iteration, phase)?;
+            }
+        }
+        counts.bytes += self.flush_batch(w, iteration, phase)?;
+        counts.bytes += self.flush_zeros(w, &mut zeros, phase)?;
+        counts.raw_bytes = counts.data_pages * PAGE_SIZE as u64;
+        Ok(counts)
+    }
+
+    fn flush_batch<W: Write>(
+        &mut self,
+        w: &mut W,
+        iteration: u32,
+        phase: &str,
+    ) -> Result<u64, MigrationError> {
+        if self.gpas.is_empty() {
+            return Ok(0);
+        }
+        let data = std::mem::take(&mut self.data);
+        let gpas = std::mem::take(&mut self.gpas);
+        let mut batch = PageBatch::raw(iteration, gpas, data).map_err(wire_err(phase))?;
+        if let Some(c) = &mut self.compressor {
+            batch = batch.compress_with(c).map_err(wire_err(phase))?;
+        }
+        let msg = Message::Pages(batch);
+        let n = write_message(w, &msg).map_err(wire_err(phase))?;
+        // Take the buffers back to reuse their capacity.
+        if let Message::Pages(b) = msg {
+            self.gpas = b.gpas;
+            self.gpas.clear();
+            if b.compression == crate::wire::Compression::None {
+                self.data = b.data;
+            }
+            self.data.clear();
+            self.data.reserve(BATCH_PAGES * PAGE_SIZE);
+        }
+        Ok(n)
+    }
+
+    fn flush_zeros<W: Write>(
+        &mut self,
+        w: &mut W,
+        zeros: &mut ZeroPages,
+        phase: &str,
+    ) -> Result<u64, MigrationError> {
+        if zeros.ranges.is_empty() {
+            return Ok(0);
+        }
+        let iteration = zeros.iteration;
+        let msg = Message::ZeroPages(std::mem::replace(zeros, ZeroPages::new(iteration)));
+        write_message(w, &msg).map_err(wire_err(phase))
+    }
+}
+
+/// True when a page holds only zero bytes.
+pub fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16-byte chunk")) == 0)
+}
+
+/// Writes received pages into guest memory.
+pub struct PageApplier {
+    /// Pages written so far; a zero page for a page never written needs no
+    /// write (fresh guest memory is zero), which keeps it unallocated.
+    written: DirtyBitmap,
+    scratch: Vec<u8>,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    zero_page: Vec<u8>,
+}
+
+impl PageApplier {
+    /// An applier for a guest of `pages` pages.
+    pub fn new(pages: usize) -> Result<Self, MigrationError> {
+        Ok(Self {
+            written: DirtyBitmap::new(pages),
+            scratch: Vec::new(),
+            decompressor: zstd::bulk::Decompressor::new().map_err(|e| {
+                MigrationError::InvalidData(format!("cannot set up zstd decompression: {e}"))
+            })?,
+            zero_page: vec![0; PAGE_SIZE],
+        })
+    }
+
+    fn page_index(&self, gpa: u64) -> Result<usize, MigrationError> {
+        usize::try_from(gpa / PAGE_SIZE as u64)
+            .ok()
+            .filter(|&p| p < self.written.len())
+            .ok_or_else(|| MigrationError::InvalidData(format!("page {gpa:#x} is outside guest memory")))
+    }
+
+    /// Write one batch; returns its page count.
+    pub fn apply_batch(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        batch: &PageBatch,
+    ) -> Result<u64, MigrationError> {
+        for gpa in &batch.gpas {
+            self.page_index(*gpa)?;
+        }
+        batch
+            .decompress_into_with(&mut self.decompressor, &mut self.scratch)
+            .map_err(wire_err("decompressing pages"))?;
+        for (gpa, page) in batch.gpas.iter().zip(self.scratch.chunks_exact(PAGE_SIZE)) {
+            let index = self.page_index(*gpa)?;
+            memory
+                .write_slice(page, GuestAddress(*gpa))
+                .map_err(|e| MigrationError::InvalidData(format!("writing page {gpa:#x}: {e}")))?;
+            self.written.set(index);
+        }
+        Ok(batch.gpas.len() as u64)
+    }
+
+    /// Apply zero ranges; returns their page count.
+    pub fn apply_zeros(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        zeros: &ZeroPages,
+    ) -> Result<u64, MigrationError> {
+        let mut total = 0u64;
+        for r in &zeros.ranges {
+            let first = self.page_index(r.gpa)?;
+            let last_gpa = r
+                .pages
+                .checked_sub(1)
+                .and_then(|n| n.checked_mul(PAGE_SIZE as u64))
+                .and_then(|len| r.gpa.checked_add(len))
+                .ok_or_else(|| MigrationError::InvalidData(format!("bad zero range at {:#x}", r.gpa)))?;
+            self.page_index(last_gpa)?;
+            let count = usize::try_from(r.pages).expect("checked against guest size");
+            for index in first..first + count {
+                if self.written.get(index) {
+                    let gpa = index as u64 * PAGE_SIZE as u64;
+                    memory
+                        .write_slice(&self.zero_page, GuestAddress(gpa))
+                        .map_err(|e| {
+                            MigrationError::InvalidData(format!("zeroing page {gpa:#x}: {e}"))
+                        })?;
+                }
+            }
+            total += r.pages;
+        }
+        Ok(total)
+    }
+}

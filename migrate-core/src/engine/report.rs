@@ -1,0 +1,151 @@
+//! The migration report, with QEMU `query-migrate` field names where the
+//! meaning is the same, so scripts written for QEMU read it unchanged.
+//!
+//! Times are milliseconds. Instants, all on the source:
+//! - `setup-time`: from the start of `send` to the destination's `HelloAck`.
+//! - `total-time`: from the start of `send` to `Commit` written (or failure).
+//! - `downtime`: from the moment the vCPUs are paused to `Commit` written;
+//!   the destination resumes as soon as it reads `Commit`, so on loopback
+//!   the gap after that is the one-way latency of one small frame.
+
+use serde::{Deserialize, Serialize};
+
+/// Final or current state of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationStatus {
+    /// Connecting and handshaking.
+    Setup,
+    /// Pre-copy iterations.
+    Active,
+    /// Paused, sending the rest.
+    Device,
+    /// The destination runs the guest; the source is paused for good.
+    Completed,
+    /// Failed; the source guest runs on.
+    Failed,
+    /// Cancelled; the source guest runs on.
+    Cancelled,
+}
+
+/// One pre-copy iteration (the final stop-and-copy pass included).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct IterationRecord {
+    /// 0 for the full copy.
+    pub iteration: u32,
+    /// Pages this iteration had to send.
+    pub dirty_pages: u64,
+    /// Pages sent with data.
+    pub pages_sent: u64,
+    /// Pages sent as zero ranges.
+    pub zero_pages: u64,
+    /// Bytes written (frame headers included).
+    pub bytes_sent: u64,
+    /// Milliseconds from the dirty-log sync to the end marker.
+    pub duration_ms: f64,
+    /// Pages the guest dirtied while this iteration was sent.
+    pub dirtied_during: u64,
+    /// Of `dirty-pages`, how many were dirty in the previous iteration too.
+    pub redirtied_pages: u64,
+    /// Pages per second the guest dirtied during this iteration.
+    pub dirty_rate_pps: f64,
+    /// Megabits per second sent during this iteration.
+    pub mbps: f64,
+    /// True for the stop-and-copy pass (sent with the guest paused).
+    pub final_pass: bool,
+}
+
+/// RAM figures, as QEMU's `ram` object.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamReport {
+    /// Bytes written to the stream for memory (headers included).
+    pub transferred: u64,
+    /// Guest RAM size.
+    pub total: u64,
+    /// Bytes still dirty (0 once completed).
+    pub remaining: u64,
+    /// Pages sent as zero ranges (QEMU: "duplicate").
+    pub duplicate: u64,
+    /// Pages sent with data.
+    pub normal: u64,
+    /// Bytes of page data sent (before compression).
+    pub normal_bytes: u64,
+    /// Dirty-log syncs.
+    pub dirty_sync_count: u64,
+    /// Pages per second dirtied in the last iteration.
+    pub dirty_pages_rate: f64,
+    /// Megabits per second of stream bytes while iterating (pre-copy only).
+    pub mbps: f64,
+    /// Megabits per second of page data (before compression) while iterating.
+    pub page_mbps: f64,
+}
+
+/// The report of one migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationReport {
+    /// Outcome.
+    pub status: MigrationStatus,
+    /// Milliseconds, start of `send` to `Commit` written (or failure).
+    pub total_time: f64,
+    /// Milliseconds the guest was paused (`None` if it never was).
+    pub downtime: Option<f64>,
+    /// Milliseconds of connection and handshake.
+    pub setup_time: f64,
+    /// Predicted downtime at the last decision, in milliseconds.
+    pub expected_downtime: Option<f64>,
+    /// Memory figures.
+    pub ram: RamReport,
+    /// Convergence policy name.
+    pub policy: String,
+    /// Why the policy stopped iterating (or why the migration failed).
+    pub stop_reason: Option<String>,
+    /// Destination address.
+    pub destination: String,
+    /// Page compression used.
+    pub compression: String,
+    /// Memory digests (source, destination) when checked.
+    pub digest: Option<DigestReport>,
+    /// Error text when failed.
+    pub error: Option<String>,
+    /// One record per iteration, the final pass last.
+    pub iterations: Vec<IterationRecord>,
+}
+
+/// Both ends' memory digests at the pause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DigestReport {
+    /// xxh3-64 of the source's memory after the pause.
+    pub source: String,
+    /// xxh3-64 of the destination's memory before it resumes.
+    pub destination: String,
+    /// Whether they are equal.
+    pub equal: bool,
+}
+
+impl MigrationReport {
+    /// An empty report for a migration about to start.
+    pub fn new(policy: &str, destination: &str, compression: &str, ram_total: u64) -> Self {
+        Self {
+            status: MigrationStatus::Setup,
+            total_time: 0.0,
+            downtime: None,
+            setup_time: 0.0,
+            expected_downtime: None,
+            ram: RamReport {
+                total: ram_total,
+                ..Default::default()
+            },
+            policy: policy.to_string(),
+            stop_reason: None,
+            destination: destination.to_string(),
+            compression: compression.to_string(),
+            digest: None,
+            error: None,
+            iterations: Vec::new(),
+        }
+    }
+}

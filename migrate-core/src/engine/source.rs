@@ -1,0 +1,422 @@
+//! The source side: pre-copy iterations, stop-and-copy, completion.
+
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use policy::{ConvergencePolicy, Decision, IterationStats, MigrationHistory};
+
+use super::pages::{PageSender, SentCounts};
+use super::report::{DigestReport, IterationRecord, MigrationReport, MigrationStatus};
+use super::{memory_digest, MigratableVm, MigrationError};
+use crate::dirty::DirtyBitmap;
+use crate::transport::{RateLimited, Stream};
+use crate::vm::ram_pages;
+use crate::wire::{
+    read_message, write_message, Complete, ErrorCode, ErrorMessage, Hello, IterationEnd, Limits,
+    MemoryRegion, Message, VcpuState, FEATURE_MEMORY_DIGEST, FEATURE_ZSTD, PAGE_SIZE_U64,
+};
+
+/// Page compression on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressMode {
+    /// Raw pages.
+    None,
+    /// zstd at this level.
+    Zstd(i32),
+}
+
+/// How to run one outgoing migration.
+pub struct SendOptions {
+    /// Convergence policy.
+    pub policy: Box<dyn ConvergencePolicy>,
+    /// Page compression.
+    pub compress: CompressMode,
+    /// Cap on bytes per second written (`None`: unlimited).
+    pub max_bandwidth: Option<u64>,
+    /// Give up (leaving the source running) after this long.
+    pub timeout: Option<Duration>,
+    /// Compare memory digests of both ends before committing.
+    pub verify_digest: bool,
+    /// Read/write timeout on the stream.
+    pub io_timeout: Duration,
+    /// Set to cancel the migration at the next iteration boundary.
+    pub cancel: Arc<AtomicBool>,
+    /// Called with the report after every iteration.
+    pub progress: Option<Box<dyn FnMut(&MigrationReport) + Send>>,
+    /// Destination address, for the report.
+    pub destination: String,
+}
+
+/// Migrate `vm` over `stream`. Returns the report whatever the outcome; the
+/// report's status says whether the destination took over. On any failure
+/// before the final `Commit` the source guest is running when this returns.
+pub fn send_migration<V: MigratableVm>(
+    vm: &V,
+    stream: Stream,
+    mut opts: SendOptions,
+) -> MigrationReport {
+    let compression = match opts.compress {
+        CompressMode::None => "none".to_string(),
+        CompressMode::Zstd(l) => format!("zstd:{l}"),
+    };
+    let ram_total = ram_pages(vm.memory()) * PAGE_SIZE_U64;
+    let mut report = MigrationReport::new(
+        opts.policy.name(),
+        &opts.destination,
+        &compression,
+        ram_total,
+    );
+    let start = Instant::now();
+    let mut paused = false;
+    let result = run(vm, stream, &mut opts, &mut report, start, &mut paused);
+    report.total_time = ms(start.elapsed());
+    match result {
+        Ok(()) => report.status = MigrationStatus::Completed,
+        Err(e) => {
+            report.status = match e {
+                MigrationError::Cancelled => MigrationStatus::Cancelled,
+                _ => MigrationStatus::Failed,
+            };
+            report.error = Some(error_chain(&e));
+            if paused && !matches!(e, MigrationError::OutcomeUnknown(_)) {
+                if let Err(re) = vm.resume() {
+                    report.error = Some(format!(
+                        "{}; and resuming the source failed too: {re}",
+                        error_chain(&e)
+                    ));
+                }
+            }
+        }
+    }
+    report
+}
+
+/// The error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn run<V: MigratableVm>(
+    vm: &V,
+    stream: Stream,
+    opts: &mut SendOptions,
+    report: &mut MigrationReport,
+    start: Instant,
+    paused: &mut bool,
+) -> Result<(), MigrationError> {
+    let memory = vm.memory();
+    let pages = usize::try_from(ram_pages(memory)).expect("page count fits usize");
+    stream
+        .set_timeouts(Some(opts.io_timeout))
+        .map_err(|e| MigrationError::Wire {
+            phase: "setup".into(),
+            source: e.into(),
+        })?;
+    let mut reader = stream.try_clone().map_err(|e| MigrationError::Wire {
+        phase: "setup".into(),
+        source: e.into(),
+    })?;
+    let mut w = BufWriter::with_capacity(
+        1 << 20,
+        RateLimited::new(stream, opts.max_bandwidth),
+    );
+    let limits = Limits::default();
+    let wire = |phase: &str| {
+        let phase = phase.to_string();
+        move |source| MigrationError::Wire { phase, source }
+    };
+
+    // Handshake.
+    let mut features = 0;
+    if let CompressMode::Zstd(_) = opts.compress {
+        features |= FEATURE_ZSTD;
+    }
+    if opts.verify_digest {
+        features |= FEATURE_MEMORY_DIGEST;
+    }
+    let regions = vm_regions(memory);
+    let hello = Hello::new(features, vm.vcpu_count(), vm.cpu_model(), regions);
+    write_message(&mut w, &Message::Hello(hello)).map_err(wire("handshake"))?;
+    w.flush().map_err(|e| wire("handshake")(e.into()))?;
+    match read_message(&mut reader, &limits).map_err(wire("handshake"))? {
+        Message::HelloAck(ack) => {
+            if opts.verify_digest && ack.features & FEATURE_MEMORY_DIGEST == 0 {
+                return Err(MigrationError::Incompatible(
+                    "destination does not support memory digests".into(),
+                ));
+            }
+        }
+        other => return Err(peer_message("handshake", other)),
+    }
+    report.setup_time = ms(start.elapsed());
+    report.status = MigrationStatus::Active;
+
+    // Dirty tracking starts now: drop what the log held so far, since
+    // iteration 0 sends everything anyway.
+    let mut next = DirtyBitmap::new(pages);
+    vm.harvest_dirty_log(&mut next).map_err(vm_err("dirty log sync"))?;
+    next.clear();
+    let mut to_send = DirtyBitmap::all(pages);
+    let mut history = MigrationHistory::new();
+    let mut sender = PageSender::new(match opts.compress {
+        CompressMode::None => None,
+        CompressMode::Zstd(l) => Some(l),
+    })?;
+    let mut iteration = 0u32;
+    let mut syncs = 1u64;
+    let mut precopy_bytes = 0u64;
+    let mut precopy_raw = 0u64;
+    let mut precopy_time = Duration::ZERO;
+    let mut previous: Option<DirtyBitmap> = None;
+
+    loop {
+        let phase = format!("iteration {iteration}");
+        let t0 = Instant::now();
+        let sent = send_iteration(&mut sender, &mut w, vm, iteration, &to_send, &phase)?;
+        vm.harvest_dirty_log(&mut next).map_err(vm_err("dirty log sync"))?;
+        syncs += 1;
+        let duration = t0.elapsed();
+        precopy_bytes += sent.bytes;
+        precopy_raw += sent.raw_bytes;
+        precopy_time += duration;
+        let redirtied = previous.as_ref().map_or(0, |p| to_send.overlap_count(p));
+        let stats = IterationStats {
+            iteration,
+            dirty_pages: to_send.count(),
+            pages_sent: sent.data_pages,
+            zero_pages: sent.zero_pages,
+            bytes_sent: sent.bytes,
+            duration,
+            dirtied_during: next.count(),
+            redirtied_pages: redirtied,
+            ram_bytes: report.ram.total,
+            page_size: PAGE_SIZE_U64,
+        };
+        record(report, &stats, false);
+        report.ram.dirty_sync_count = syncs;
+        report.ram.mbps = mbps(precopy_bytes, precopy_time);
+        report.ram.page_mbps = mbps(precopy_raw, precopy_time);
+        history.push(stats);
+        let decision = opts.policy.decide(&history);
+        let bw = history.last().map_or(0.0, |s| s.transfer_rate());
+        report.expected_downtime =
+            (bw > 0.0).then(|| report.ram.remaining as f64 / bw * 1000.0);
+        if let Some(p) = opts.progress.as_mut() {
+            p(report);
+        }
+        if opts.cancel.load(Ordering::Relaxed) {
+            return Err(MigrationError::Cancelled);
+        }
+        match decision {
+            Decision::StopAndCopy(reason) => {
+                report.stop_reason = Some(reason.to_string());
+                break;
+            }
+            Decision::Abort(why) => return Err(MigrationError::PolicyAbort(why)),
+            // Throttling needs vCPU duty-cycling, which this engine does not
+            // do yet: iterate on unthrottled.
+            Decision::Continue | Decision::Throttle(_) => {}
+        }
+        if let Some(limit) = opts.timeout {
+            if start.elapsed() >= limit {
+                return Err(MigrationError::Timeout {
+                    secs: start.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        previous = Some(std::mem::replace(&mut to_send, next.clone()));
+        next.clear();
+        iteration += 1;
+    }
+
+    // Stop and copy.
+    report.status = MigrationStatus::Device;
+    let pause_start = Instant::now();
+    vm.pause().map_err(vm_err("pause"))?;
+    *paused = true;
+    iteration += 1;
+    let phase = "stop-and-copy".to_string();
+    let t0 = Instant::now();
+    vm.harvest_dirty_log(&mut next).map_err(vm_err("dirty log sync"))?;
+    syncs += 1;
+    let final_set = next;
+    let sent = send_iteration(&mut sender, &mut w, vm, iteration, &final_set, &phase)?;
+    let blobs = vm.save_vcpus().map_err(vm_err("save vCPU state"))?;
+    for (index, blob) in (0u32..).zip(blobs) {
+        write_message(&mut w, &Message::VcpuState(VcpuState { index, blob }))
+            .map_err(wire(&phase))?;
+    }
+    let digest = if opts.verify_digest {
+        Some(memory_digest(memory)?)
+    } else {
+        None
+    };
+    let total_pages = ram_pages(memory);
+    write_message(
+        &mut w,
+        &Message::Complete(Complete {
+            digest,
+            total_pages,
+        }),
+    )
+    .map_err(wire(&phase))?;
+    w.flush().map_err(|e| wire(&phase)(e.into()))?;
+    let stats = IterationStats {
+        iteration,
+        dirty_pages: final_set.count(),
+        pages_sent: sent.data_pages,
+        zero_pages: sent.zero_pages,
+        bytes_sent: sent.bytes,
+        duration: t0.elapsed(),
+        dirtied_during: 0,
+        redirtied_pages: to_send.overlap_count(&final_set),
+        ram_bytes: report.ram.total,
+        page_size: PAGE_SIZE_U64,
+    };
+    record(report, &stats, true);
+    report.ram.dirty_sync_count = syncs;
+
+    // Completion.
+    let phase = "completion";
+    match read_message(&mut reader, &limits).map_err(wire(phase))? {
+        Message::Accepted(acc) => {
+            if let (Some(s), Some(d)) = (digest, acc.digest) {
+                report.digest = Some(DigestReport {
+                    source: format!("{s:016x}"),
+                    destination: format!("{d:016x}"),
+                    equal: s == d,
+                });
+                if s != d {
+                    let _ = write_message(
+                        &mut w,
+                        &Message::Error(ErrorMessage::new(
+                            ErrorCode::ProtocolViolation,
+                            "memory digest mismatch; the source resumes",
+                        )),
+                    );
+                    let _ = w.flush();
+                    return Err(MigrationError::DigestMismatch {
+                        source_digest: s,
+                        dest_digest: d,
+                    });
+                }
+            } else if digest.is_some() {
+                return Err(MigrationError::InvalidData(
+                    "destination accepted without a digest".into(),
+                ));
+            }
+        }
+        other => return Err(peer_message(phase, other)),
+    }
+    // Point of no return: once Commit may have reached the destination, the
+    // source must never run the guest again.
+    let committed = write_message(&mut w, &Message::Commit)
+        .map_err(|e| e.to_string())
+        .and_then(|_| w.flush().map_err(|e| e.to_string()));
+    report.downtime = Some(ms(pause_start.elapsed()));
+    report.ram.remaining = 0;
+    committed.map_err(MigrationError::OutcomeUnknown)?;
+    Ok(())
+}
+
+fn send_iteration<V: MigratableVm, W: Write>(
+    sender: &mut PageSender,
+    w: &mut W,
+    vm: &V,
+    iteration: u32,
+    set: &DirtyBitmap,
+    phase: &str,
+) -> Result<SentCounts, MigrationError> {
+    let mut sent = sender.send(w, vm.memory(), iteration, set, phase)?;
+    let end = Message::IterationEnd(IterationEnd {
+        iteration,
+        pages: sent.data_pages + sent.zero_pages,
+    });
+    sent.bytes += write_message(w, &end).map_err(|source| MigrationError::Wire {
+        phase: phase.to_string(),
+        source,
+    })?;
+    Ok(sent)
+}
+
+fn record(report: &mut MigrationReport, s: &IterationStats, final_pass: bool) {
+    report.ram.transferred += s.bytes_sent;
+    report.ram.normal += s.pages_sent;
+    report.ram.normal_bytes += s.pages_sent * s.page_size;
+    report.ram.duplicate += s.zero_pages;
+    report.ram.remaining = s.remaining_bytes();
+    let secs = s.duration.as_secs_f64();
+    let dirty_rate = if secs > 0.0 {
+        s.dirtied_during as f64 / secs
+    } else {
+        0.0
+    };
+    if !final_pass {
+        report.ram.dirty_pages_rate = dirty_rate;
+    }
+    report.iterations.push(IterationRecord {
+        iteration: s.iteration,
+        dirty_pages: s.dirty_pages,
+        pages_sent: s.pages_sent,
+        zero_pages: s.zero_pages,
+        bytes_sent: s.bytes_sent,
+        duration_ms: ms(s.duration),
+        dirtied_during: s.dirtied_during,
+        redirtied_pages: s.redirtied_pages,
+        dirty_rate_pps: dirty_rate,
+        mbps: mbps(s.bytes_sent, s.duration),
+        final_pass,
+    });
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 {
+        bytes as f64 * 8.0 / s / 1e6
+    } else {
+        0.0
+    }
+}
+
+fn vm_regions(memory: &vm_memory::GuestMemoryMmap) -> Vec<MemoryRegion> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    memory
+        .iter()
+        .map(|r| MemoryRegion {
+            gpa: r.start_addr().0,
+            size: r.len(),
+        })
+        .collect()
+}
+
+fn vm_err(op: &'static str) -> impl Fn(super::VmOpError) -> MigrationError {
+    move |source| MigrationError::Vm { op, source }
+}
+
+/// Turn a message that is not the expected answer into an error.
+pub(super) fn peer_message(phase: &str, msg: Message) -> MigrationError {
+    match msg {
+        Message::Error(e) => MigrationError::PeerError {
+            phase: phase.to_string(),
+            code: e.code,
+            message: e.message,
+        },
+        other => MigrationError::Unexpected {
+            phase: phase.to_string(),
+            got: other.kind(),
+        },
+    }
+}

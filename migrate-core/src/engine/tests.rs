@@ -1,0 +1,204 @@
+//! Engine tests on a memory-only fake VM over a Unix socket pair: the
+//! protocol and bookkeeping without KVM. (The same engine on real KVM guests
+//! is tested end to end in `tests/`.)
+
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::transport::Stream;
+use crate::vm::memory::{map_memory, slot_layout};
+
+struct FakeVm {
+    memory: GuestMemoryMmap,
+    dirty: Mutex<DirtyBitmap>,
+    running: AtomicBool,
+    vcpus: Mutex<Vec<Vec<u8>>>,
+    fail_resume: bool,
+}
+
+impl FakeVm {
+    fn new(size: u64) -> Self {
+        let memory = map_memory(&slot_layout(size).unwrap()).unwrap();
+        let pages = usize::try_from(size / 4096).unwrap();
+        Self {
+            memory,
+            dirty: Mutex::new(DirtyBitmap::new(pages)),
+            running: AtomicBool::new(false),
+            vcpus: Mutex::new(vec![b"vcpu0-state".to_vec(), b"vcpu1".to_vec()]),
+            fail_resume: false,
+        }
+    }
+
+    /// A "guest" write: changes memory and marks the page dirty, as KVM would.
+    fn guest_write(&self, page: usize, value: u64) {
+        self.memory
+            .write_obj(value, GuestAddress(page as u64 * 4096 + 8))
+            .unwrap();
+        self.dirty.lock().unwrap().set(page);
+    }
+}
+
+impl MigratableVm for FakeVm {
+    fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+    fn vcpu_count(&self) -> u32 {
+        2
+    }
+    fn cpu_model(&self) -> String {
+        "fake".into()
+    }
+    fn harvest_dirty_log(&self, into: &mut DirtyBitmap) -> Result<(), VmOpError> {
+        let mut d = self.dirty.lock().unwrap();
+        into.union_with(&d);
+        d.clear();
+        Ok(())
+    }
+    fn pause(&self) -> Result<(), VmOpError> {
+        self.running.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), VmOpError> {
+        if self.fail_resume {
+            return Err("cannot resume".into());
+        }
+        self.running.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError> {
+        Ok(self.vcpus.lock().unwrap().clone())
+    }
+    fn restore_vcpus(&self, blobs: Vec<Vec<u8>>) -> Result<(), VmOpError> {
+        *self.vcpus.lock().unwrap() = blobs;
+        Ok(())
+    }
+}
+
+fn options(compress: CompressMode) -> SendOptions {
+    SendOptions {
+        policy: policy::by_name("xen", &policy::PolicyParams::default()).unwrap(),
+        compress,
+        max_bandwidth: None,
+        timeout: None,
+        verify_digest: true,
+        io_timeout: Duration::from_secs(10),
+        cancel: Arc::new(AtomicBool::new(false)),
+        progress: None,
+        destination: "test".into(),
+    }
+}
+
+const SIZE: u64 = 8 << 20;
+
+/// Source with content, a guest thread dirtying pages while it runs.
+fn migrate_with_guest(compress: CompressMode) -> (Arc<FakeVm>, MigrationReport, FakeVm) {
+    let src = Arc::new(FakeVm::new(SIZE));
+    for page in (0..2048).step_by(3) {
+        src.guest_write(page, page as u64 * 7 + 1);
+    }
+    src.running.store(true, Ordering::SeqCst);
+    let guest_vm = src.clone();
+    let guest = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while guest_vm.running.load(Ordering::SeqCst) {
+            n += 1;
+            guest_vm.guest_write(usize::try_from(n * 13 % 2048).unwrap(), n);
+        }
+    });
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        receive_migration(Stream::Unix(b), &ReceiveOptions::default(), |_| {
+            Ok(FakeVm::new(SIZE))
+        })
+    });
+    let report = send_migration(&*src, Stream::Unix(a), options(compress));
+    guest.join().unwrap();
+    let outcome = dest.join().unwrap().unwrap();
+    (src, report, outcome.vm)
+}
+
+fn assert_same_memory(a: &FakeVm, b: &FakeVm) {
+    let mut x = vec![0u8; SIZE as usize];
+    let mut y = vec![0u8; SIZE as usize];
+    a.memory.read_slice(&mut x, GuestAddress(0)).unwrap();
+    b.memory.read_slice(&mut y, GuestAddress(0)).unwrap();
+    assert!(x == y, "guest memory differs after migration");
+}
+
+#[test]
+fn migrates_a_running_guest_byte_identical() {
+    for compress in [CompressMode::None, CompressMode::Zstd(1)] {
+        let (src, report, dst) = migrate_with_guest(compress);
+        assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
+        assert!(!src.running.load(Ordering::SeqCst), "source must stay paused");
+        assert!(dst.running.load(Ordering::SeqCst), "destination must run");
+        assert_same_memory(&src, &dst);
+        assert_eq!(*dst.vcpus.lock().unwrap(), *src.vcpus.lock().unwrap());
+        let digest = report.digest.clone().unwrap();
+        assert!(digest.equal);
+        assert!(report.iterations.len() >= 2);
+        assert!(report.iterations.last().unwrap().final_pass);
+        assert_eq!(
+            report.ram.duplicate + report.ram.normal,
+            report.iterations.iter().map(|i| i.pages_sent + i.zero_pages).sum::<u64>()
+        );
+    }
+}
+
+#[test]
+fn vanished_destination_leaves_source_running() {
+    let src = FakeVm::new(SIZE);
+    src.running.store(true, Ordering::SeqCst);
+    let (a, b) = UnixStream::pair().unwrap();
+    // The destination reads the Hello and a little more, then disappears.
+    let dest = std::thread::spawn(move || {
+        let mut s = Stream::Unix(b);
+        let _ = crate::wire::read_message(&mut s, &crate::wire::Limits::default());
+    });
+    let report = send_migration(&src, Stream::Unix(a), options(CompressMode::None));
+    dest.join().unwrap();
+    assert_eq!(report.status, MigrationStatus::Failed);
+    assert!(report.error.as_deref().unwrap().contains("handshake"), "{report:?}");
+    assert!(src.running.load(Ordering::SeqCst));
+}
+
+#[test]
+fn destination_refuses_garbage_and_never_resumes() {
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        receive_migration(Stream::Unix(b), &ReceiveOptions::default(), |_| {
+            Ok(FakeVm::new(SIZE))
+        })
+    });
+    use std::io::Write;
+    a.write_all(&[0x55; 64]).unwrap();
+    let err = dest.join().unwrap().err().expect("garbage must fail");
+    assert!(matches!(err, MigrationError::Wire { .. }), "{err}");
+}
+
+#[test]
+fn destination_refuses_a_layout_it_does_not_build() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let opts = ReceiveOptions {
+        expect_mem: Some(SIZE * 2),
+        ..Default::default()
+    };
+    let dest = std::thread::spawn(move || {
+        receive_migration(Stream::Unix(b), &opts, |_| Ok(FakeVm::new(SIZE)))
+    });
+    let src = FakeVm::new(SIZE);
+    src.running.store(true, Ordering::SeqCst);
+    let report = send_migration(&src, Stream::Unix(a), options(CompressMode::None));
+    assert!(matches!(
+        dest.join().unwrap(),
+        Err(MigrationError::Incompatible(_))
+    ));
+    assert_eq!(report.status, MigrationStatus::Failed);
+    assert!(report.error.unwrap().contains("expects"));
+    assert!(src.running.load(Ordering::SeqCst));
+}

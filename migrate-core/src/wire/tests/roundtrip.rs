@@ -1,0 +1,205 @@
+//! Round trips of every message kind, edge sizes and helpers.
+
+use super::*;
+
+#[test]
+fn every_kind_round_trips() {
+    let samples = samples();
+    for msg in &samples {
+        roundtrip(msg);
+    }
+    for kind in MessageKind::ALL {
+        assert!(
+            samples.iter().any(|m| m.kind() == kind),
+            "no sample of {kind}"
+        );
+        assert_eq!(MessageKind::from_u16(kind.as_u16()), Some(kind));
+        assert!(kind.max_payload_len() <= Limits::default().max_payload);
+    }
+    // A whole stream reads back in order.
+    let mut buf = Vec::new();
+    for msg in &samples {
+        write_message(&mut buf, msg).unwrap();
+    }
+    let mut cur = Cursor::new(&buf);
+    for msg in &samples {
+        assert_eq!(&read_message(&mut cur, &Limits::default()).unwrap(), msg);
+    }
+    assert!(matches!(
+        read_message(&mut cur, &Limits::default()),
+        Err(WireError::ConnectionClosed)
+    ));
+}
+
+#[test]
+fn edge_sizes_round_trip() {
+    roundtrip(&Message::Pages(raw_batch(0, 1)));
+    let full = raw_batch(9, MAX_BATCH_PAGES);
+    let mut buf = Vec::new();
+    let n = write_message(&mut buf, &Message::Pages(full.clone())).unwrap();
+    assert_eq!(
+        n,
+        HEADER_LEN as u64 + u64::from(MessageKind::Pages.max_payload_len())
+    );
+    roundtrip(&Message::Pages(full.clone()));
+    let z = full.compress(1).unwrap();
+    assert_eq!(z.compression, Compression::Zstd);
+    roundtrip(&Message::Pages(z));
+
+    roundtrip(&Message::ZeroPages(ZeroPages::new(4)));
+    let ranges = (0..MAX_ZERO_RANGES as u64)
+        .map(|i| ZeroRange {
+            gpa: i * 2 * PAGE_SIZE_U64,
+            pages: 1,
+        })
+        .collect();
+    roundtrip(&Message::ZeroPages(ZeroPages {
+        iteration: 1,
+        ranges,
+    }));
+    let last = ZeroRange {
+        gpa: u64::MAX - 3 * PAGE_SIZE_U64 + 1,
+        pages: 2,
+    }; // ends at 2^64 - 4096
+    roundtrip(&Message::ZeroPages(ZeroPages {
+        iteration: 1,
+        ranges: vec![last],
+    }));
+
+    roundtrip(&Message::VcpuState(VcpuState {
+        index: u32::MAX,
+        blob: vec![],
+    }));
+    roundtrip(&Message::VcpuState(VcpuState {
+        index: 0,
+        blob: vec![7; MAX_BLOB_LEN],
+    }));
+    roundtrip(&Message::VmState(VmState { blob: vec![] }));
+    roundtrip(&Message::VmState(VmState {
+        blob: vec![1; MAX_BLOB_LEN],
+    }));
+
+    let mut h = hello();
+    h.cpu_model = "é".repeat(MAX_CPU_MODEL_LEN / 2);
+    h.regions = (0..MAX_REGIONS as u64)
+        .map(|i| MemoryRegion {
+            gpa: i << 32,
+            size: PAGE_SIZE_U64,
+        })
+        .collect();
+    h.features = u64::MAX;
+    roundtrip(&Message::Hello(h));
+    let mut h = hello();
+    h.cpu_model.clear();
+    h.regions.clear();
+    roundtrip(&Message::Hello(h));
+
+    let e = ErrorMessage::new(ErrorCode::Timeout, "ü".repeat(MAX_ERROR_MESSAGE_LEN));
+    assert_eq!(e.message.len(), MAX_ERROR_MESSAGE_LEN);
+    roundtrip(&Message::Error(e));
+    let e = ErrorMessage::new(
+        ErrorCode::Internal,
+        "x".repeat(MAX_ERROR_MESSAGE_LEN - 1) + "ü",
+    );
+    assert_eq!(e.message.len(), MAX_ERROR_MESSAGE_LEN - 1);
+    for code in ErrorCode::ALL {
+        roundtrip(&Message::Error(ErrorMessage::new(code, code.to_string())));
+    }
+    roundtrip(&Message::Complete(Complete {
+        digest: None,
+        total_pages: 0,
+    }));
+    roundtrip(&Message::Accepted(Accepted { digest: Some(0) }));
+}
+
+#[test]
+fn compression_and_page_access() {
+    let raw = raw_batch(2, 16);
+    let z = raw.clone().compress(3).unwrap();
+    assert_eq!(z.compression, Compression::Zstd);
+    assert!(z.data.len() < raw.data.len());
+    let mut out = vec![1, 2, 3];
+    z.decompress_into(&mut out).unwrap();
+    assert_eq!(out, raw.data);
+    let mut scratch = Vec::new();
+    let pages: Vec<_> = z
+        .pages(&mut scratch)
+        .unwrap()
+        .map(|(g, p)| (g, p.to_vec()))
+        .collect();
+    assert_eq!(pages.len(), 16);
+    for (i, (gpa, page)) in pages.iter().enumerate() {
+        assert_eq!(*gpa, raw.gpas[i]);
+        assert_eq!(
+            page.as_slice(),
+            &raw.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+        );
+    }
+    // Compressing twice is a no-op; raw access works without scratch use.
+    assert_eq!(z.clone().compress(3).unwrap(), z);
+    assert_eq!(raw.pages(&mut Vec::new()).unwrap().count(), 16);
+
+    // Incompressible data stays raw.
+    let mut x = 0x1234_5678_9abc_def0_u64;
+    let noise: Vec<u8> = (0..2 * PAGE_SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect();
+    let b = PageBatch::raw(0, vec![0, 4096], noise).unwrap();
+    assert_eq!(b.clone().compress(19).unwrap(), b);
+}
+
+#[test]
+fn raw_pages_from_slices_match_write_message() {
+    let batch = raw_batch(5, 3);
+    let slices: Vec<&[u8]> = batch.data.chunks(PAGE_SIZE).collect();
+    let mut a = Vec::new();
+    let n = write_raw_pages(&mut a, 5, &batch.gpas, &slices).unwrap();
+    assert_eq!(n, a.len() as u64);
+    assert_eq!(a, {
+        let mut b = Vec::new();
+        write_message(&mut b, &Message::Pages(batch.clone())).unwrap();
+        b
+    });
+    let bad = [&batch.data[..100]];
+    assert!(matches!(
+        write_raw_pages(&mut a, 0, &[0], &bad),
+        Err(WireError::InvalidField { .. })
+    ));
+    assert!(matches!(
+        write_raw_pages(&mut a, 0, &[0, 4096], &slices[..1]),
+        Err(WireError::InvalidField { .. })
+    ));
+    assert!(matches!(
+        write_raw_pages(&mut a, 0, &[], &[]),
+        Err(WireError::InvalidField { .. })
+    ));
+    assert!(matches!(
+        write_raw_pages(&mut a, 0, &[1], &slices[..1]),
+        Err(WireError::InvalidField { .. })
+    ));
+}
+
+#[test]
+fn zero_pages_coalesce() {
+    let mut z = ZeroPages::new(0);
+    for gpa in [0, 4096, 8192, 20480, 24576, 0] {
+        z.push_page(gpa);
+    }
+    assert_eq!(
+        z.ranges,
+        vec![
+            ZeroRange { gpa: 0, pages: 3 },
+            ZeroRange {
+                gpa: 20480,
+                pages: 2
+            },
+            ZeroRange { gpa: 0, pages: 1 }
+        ]
+    );
+    assert_eq!(z.page_count(), 6);
+}
