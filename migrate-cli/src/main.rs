@@ -1,1 +1,111 @@
-fn main() {}
+//! `vmigrate`: run KVM guests and live-migrate them between processes.
+//!
+//! Exit status: 0 success; 1 failure (the message says what failed); 2 bad
+//! command line; for `run`, the guest's own exit status when it writes one
+//! to port 0x501.
+
+mod client;
+mod demo;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Live migration of KVM guests between vmigrate processes.
+#[derive(Parser)]
+#[command(name = "vmigrate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest, or wait for one to arrive (--incoming).
+    Run(run::RunArgs),
+    /// Migrate the guest of a running `vmigrate run` to another one.
+    Send(client::SendArgs),
+    /// Show the state of a running VM.
+    Status(client::StatusArgs),
+    /// Stop a running VM; its process exits 0.
+    Shutdown(client::ShutdownArgs),
+    /// Built-in guest workloads.
+    Workload {
+        #[command(subcommand)]
+        command: WorkloadCommand,
+    },
+    /// Start a destination and a source locally, migrate a self-checking
+    /// guest over TCP while it runs, and print the report.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum WorkloadCommand {
+    /// Write a workload's boot sector to a file (it also boots under QEMU).
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Workload spec, e.g. `sweep`, `hotset:wss=256M,rate=50000`.
+    spec: String,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Guest RAM size the image is built for.
+    #[arg(long, default_value = "1G")]
+    mem: String,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMIGRATE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Send(a) => client::send(a),
+        Command::Status(a) => client::status(a),
+        Command::Shutdown(a) => client::shutdown(a),
+        Command::Workload {
+            command: WorkloadCommand::Export(a),
+        } => export(a),
+        Command::Demo(a) => demo::demo(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmigrate: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let spec: harness::WorkloadSpec = a.spec.parse()?;
+    let mem_size = harness::parse_size(&a.mem)?;
+    let tsc_hz = run::tsc_hz_for(&spec);
+    let image = harness::build(&spec, &harness::BuildParams { mem_size, tsc_hz })?;
+    std::fs::write(&a.out, &image.boot)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", a.out.display()))?;
+    println!(
+        "wrote {} ({} bytes, boot sector for a {} guest)",
+        a.out.display(),
+        image.boot.len(),
+        harness::format_size(mem_size)
+    );
+    if image.needs_vmm_content {
+        println!(
+            "note: `{spec}` expects the VMM to fill guest RAM before boot ({} range(s)); \
+             QEMU will boot it, but without that content",
+            image.fills.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -7,6 +7,7 @@
 //! - [`transport`]: `tcp:` and `unix:` migration addresses.
 //! - [`engine`]: the source and destination sides of a migration.
 
+pub mod api;
 pub mod dirty;
 pub mod engine;
 pub mod transport;

@@ -169,7 +169,7 @@ fn real_mode(l: &Layout) -> Result<(Vec<u8>, u64), WorkloadError> {
     a.mov(sp, imm_i32(STACK_TOP)?)?;
     a.lgdt(ptr(l.gdt))?;
     a.mov(eax, cr0)?;
-    a.or(eax, 1)?; // CR0.PE
+    a.or(al, 1)?; // CR0.PE
     a.mov(cr0, eax)?;
     a.jmp_far(SEL_CODE32, imm32(l.pm32)?)?;
     let res = a.assemble_options(BOOT_LOAD_ADDR, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
@@ -202,57 +202,53 @@ fn protected_mode(l: &Layout, mem_size: u64) -> Result<Vec<u8>, WorkloadError> {
     let gib = imm32(mapped_gib(mem_size))?;
     let mut a = CodeAssembler::new(32)?;
     a.mov(eax, u32::from(SEL_DATA))?;
-    a.mov(ds, ax)?;
-    a.mov(es, ax)?;
-    a.mov(ss, ax)?;
-    a.mov(fs, ax)?;
-    a.mov(gs, ax)?;
-    a.mov(esp, imm32(STACK_TOP)?)?;
+    a.mov(ds, eax)?;
+    a.mov(es, eax)?;
+    a.mov(ss, eax)?;
     a.cld()?;
-    // Zero PML4 and PDPT (2 × 4 KiB = 2048 dwords).
+    // Zero PML4 and PDPT (2 × 4 KiB = 2048 dwords); edi ends at PD_GPA.
     a.mov(edi, imm32(PML4_GPA)?)?;
     a.xor(eax, eax)?;
     a.mov(ecx, 2048u32)?;
     a.rep().stosd()?;
     a.mov(dword_ptr(PML4_GPA), imm32(PDPT_GPA)? | PTE_PRESENT_RW_ACCESSED)?;
-    // PDPT[i] = PD_GPA + i * 4 KiB, for each mapped GiB.
-    a.mov(edi, imm32(PDPT_GPA)?)?;
-    a.mov(eax, imm32(PD_GPA)? | PTE_PRESENT_RW_ACCESSED)?;
-    a.mov(ecx, gib)?;
-    let mut pdpt_loop = a.create_label();
-    a.set_label(&mut pdpt_loop)?;
-    a.mov(dword_ptr(edi), eax)?;
-    a.add(eax, 0x1000)?;
-    a.add(edi, 8)?;
-    a.dec(ecx)?;
-    a.jnz(pdpt_loop)?;
-    // PDE[j] = j * 2 MiB | flags, both dwords (page directories are not
-    // zeroed: every entry of every one is written here).
-    a.mov(edi, imm32(PD_GPA)?)?;
+    // PDE[j] = j * 2 MiB | flags, low and high dwords, for every entry of
+    // every page directory (they are not zeroed first).
     a.mov(eax, PDE_2M_FLAGS)?;
     a.xor(edx, edx)?;
     a.mov(ecx, gib * 512)?;
     let mut pd_loop = a.create_label();
     a.set_label(&mut pd_loop)?;
-    a.mov(dword_ptr(edi), eax)?;
-    a.mov(dword_ptr(edi + 4), edx)?;
+    a.stosd()?;
+    a.xchg(eax, edx)?;
+    a.stosd()?;
+    a.xchg(eax, edx)?;
     a.add(eax, 0x20_0000)?;
     a.adc(edx, 0)?;
-    a.add(edi, 8)?;
-    a.dec(ecx)?;
-    a.jnz(pd_loop)?;
+    a.loop_(pd_loop)?;
+    // PDPT[i] = PD_GPA + i * 4 KiB, for each mapped GiB (high dwords are
+    // already zero).
+    a.mov(edi, imm32(PDPT_GPA)?)?;
+    a.mov(eax, imm32(PD_GPA)? | PTE_PRESENT_RW_ACCESSED)?;
+    a.mov(ecx, gib)?;
+    let mut pdpt_loop = a.create_label();
+    a.set_label(&mut pdpt_loop)?;
+    a.stosd()?;
+    a.add(edi, 4)?;
+    a.add(eax, 0x1000)?;
+    a.loop_(pdpt_loop)?;
     // Enable long mode.
     a.mov(eax, imm32(PML4_GPA)?)?;
     a.mov(cr3, eax)?;
     a.mov(eax, cr4)?;
-    a.or(eax, 0x20)?; // CR4.PAE
+    a.or(al, 0x20)?; // CR4.PAE
     a.mov(cr4, eax)?;
     a.mov(ecx, 0xC000_0080u32)?; // IA32_EFER
     a.rdmsr()?;
-    a.or(eax, 0x100)?; // EFER.LME
+    a.or(ah, 1)?; // EFER.LME (bit 8)
     a.wrmsr()?;
     a.mov(eax, cr0)?;
-    a.or(eax, 0x8000_0000u32)?; // CR0.PG
+    a.bts(eax, 31)?; // CR0.PG
     a.mov(cr0, eax)?;
     a.jmp_far(SEL_CODE64, imm32(l.lm64)?)?;
     Ok(a.assemble(l.pm32)?)
@@ -311,7 +307,7 @@ pub(crate) fn emit_mark(a: &mut CodeAssembler, mark: u8) -> Result<(), WorkloadE
     a.in_(al, dx)?;
     a.test(al, 0x20)?;
     a.jz(wait)?;
-    a.mov(dx, i32::from(COM1_DATA))?;
+    a.mov(dl, i32::from(COM1_DATA & 0xFF))?; // dh is already COM1's 0x03
     a.mov(al, i32::from(mark))?;
     a.out(dx, al)?;
     Ok(())

@@ -44,15 +44,16 @@ pub struct VerifyFault {
 }
 
 /// The fixed qword offsets (first, middle, last) packed as 16-bit fields
-/// 0..2 of the per-pass offset list; field 3 is the roving offset. The inner
-/// loop takes the low field and shifts right by 16 until nothing is left (a
-/// roving offset of 0 ends the list early, but offset 0 is field 0 anyway).
-const FIXED_OFFSETS_PACKED: u64 = (4088 << 32) | (2048 << 16);
+/// 1..3 of the per-pass offset list; field 0 gets the roving offset. The
+/// inner loop takes the low field and shifts right by 16 until nothing is
+/// left; the top field (4088) is nonzero, so all four are always visited.
+const FIXED_OFFSETS_PACKED: u64 = (4088 << 48) | (2048 << 32);
 
 /// Emits the verify loop over `[start, end)` (never returns).
 /// Registers: r15 pass, r14 = pass * K2, r13 = K1, r11 = (pass - 1) * K2,
-/// r10 = packed offsets, rbp = start, rbx = end, rdi = page, rdx = offsets
-/// being consumed, rcx = qword address, rax = value, dx/al for marks.
+/// r10 = packed offsets, rbp = start, rbx = end, rsi = page size, rdi =
+/// page, rdx = offsets being consumed, rcx = qword offset, rax = value,
+/// dx/al for marks.
 pub(crate) fn emit(
     a: &mut CodeAssembler,
     start: u64,
@@ -70,16 +71,16 @@ pub(crate) fn emit(
     emit_mov_imm(a, rbx, end)?;
     emit_mov_imm(a, rbp, start)?;
     a.mov(r13, K1)?;
+    a.mov(esi, page_step)?;
     a.mov(r15d, 1)?;
 
     // ---- write phase
     a.set_label(&mut pass)?;
     a.imul_3(r14, r15, K2)?;
     a.lea(r11, ptr(r14 - K2))?;
-    a.imul_3(r10d, r15d, ROVING_STEP)?;
-    a.and(r10d, 0xFF8)?;
-    a.shl(r10, 48)?;
-    a.mov(rax, FIXED_OFFSETS_PACKED)?;
+    a.imul_3(eax, r15d, ROVING_STEP)?;
+    a.and(eax, 0xFF8)?;
+    a.mov(r10, FIXED_OFFSETS_PACKED)?;
     a.or(r10, rax)?;
     a.mov(rdi, rbp)?;
     a.set_label(&mut write_page)?;
@@ -96,10 +97,10 @@ pub(crate) fn emit(
     let mut next_write = a.create_label();
     if let Some(f) = fault {
         let mut no_fault = a.create_label();
-        a.mov(rax, f.pass)?;
+        emit_mov_imm(a, rax, f.pass)?;
         a.cmp(r15, rax)?;
         a.jne(no_fault)?;
-        a.mov(rax, f.page)?;
+        emit_mov_imm(a, rax, f.page)?;
         a.cmp(rdi, rax)?;
         a.je(next_write)?;
         a.set_label(&mut no_fault)?;
@@ -107,13 +108,13 @@ pub(crate) fn emit(
     a.mov(rdx, r10)?;
     a.set_label(&mut write_qword)?;
     a.movzx(ecx, dx)?;
-    a.add(rcx, rdi)?;
-    emit_value(a, rcx, r14)?;
-    a.mov(qword_ptr(rcx), rax)?;
+    a.lea(rax, ptr(rdi + rcx))?;
+    emit_mix(a, r14)?;
+    a.mov(qword_ptr(rdi + rcx), rax)?;
     a.shr(rdx, 16)?;
     a.jnz(write_qword)?;
     a.set_label(&mut next_write)?;
-    a.add(rdi, page_step)?;
+    a.add(rdi, rsi)?;
     a.cmp(rdi, rbx)?;
     a.jb(write_page)?;
 
@@ -124,13 +125,13 @@ pub(crate) fn emit(
     a.mov(rdx, r10)?;
     a.set_label(&mut check_qword)?;
     a.movzx(ecx, dx)?;
-    a.add(rcx, rdi)?;
-    emit_value(a, rcx, r14)?;
-    a.cmp(qword_ptr(rcx), rax)?;
+    a.lea(rax, ptr(rdi + rcx))?;
+    emit_mix(a, r14)?;
+    a.cmp(qword_ptr(rdi + rcx), rax)?;
     a.jne(fail)?;
     a.shr(rdx, 16)?;
     a.jnz(check_qword)?;
-    a.add(rdi, page_step)?;
+    a.add(rdi, rsi)?;
     a.cmp(rdi, rbx)?;
     a.jb(check_page)?;
     emit_mark(a, PASS_MARK)?;
@@ -151,6 +152,11 @@ fn emit_value(
     pass_mul: AsmRegister64,
 ) -> Result<(), WorkloadError> {
     a.mov(rax, addr)?;
+    emit_mix(a, pass_mul)
+}
+
+/// `rax = (rax ^ pass_mul) * K1` (K1 in r13).
+fn emit_mix(a: &mut CodeAssembler, pass_mul: AsmRegister64) -> Result<(), WorkloadError> {
     a.xor(rax, pass_mul)?;
     a.imul_2(rax, r13)?;
     Ok(())

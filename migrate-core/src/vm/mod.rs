@@ -415,10 +415,23 @@ fn cpu_model_name(cpuid: &CpuId) -> String {
             }
         }
     }
+    // Hash what defines the CPU model the guest sees: signature and feature
+    // flags. Topology fields (APIC IDs in leaves 1, 0xB, 0x1F, 0x8000001E)
+    // come from whichever host core ran CPUID and must not count.
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for e in entries {
-        for v in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
-            h.update(&v.to_le_bytes());
+    for (f, i, regs) in [
+        (1, 0, [true, false, true, true]),
+        (7, 0, [false, true, true, true]),
+        (0xd, 0, [true, false, false, true]),
+        (0xd, 1, [true, false, false, false]),
+        (0x8000_0001, 0, [false, false, true, true]),
+    ] {
+        if let Some(e) = entries.iter().find(|e| e.function == f && e.index == i) {
+            for (keep, r) in regs.iter().zip([e.eax, e.ebx, e.ecx, e.edx]) {
+                if *keep {
+                    h.update(&r.to_le_bytes());
+                }
+            }
         }
     }
     let text = |b: &[u8]| {

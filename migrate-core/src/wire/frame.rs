@@ -179,6 +179,12 @@ impl<'r, R: Read> PayloadReader<'r, R> {
 /// [`WireError::ConnectionClosed`]; one inside a frame gives
 /// [`WireError::Truncated`]. Zstd page batches are checked but not
 /// decompressed (see [`PageBatch::decompress_into`](super::PageBatch::decompress_into)).
+///
+/// # Errors
+///
+/// Any [`WireError`] refusal of the frame, [`WireError::ConnectionClosed`],
+/// [`WireError::Truncated`], or [`WireError::Io`] from the reader. After an
+/// error the stream position is unspecified: drop the connection.
 pub fn read_message<R: Read>(r: &mut R, limits: &Limits) -> Result<Message, WireError> {
     let mut bytes = [0u8; HEADER_LEN];
     let n = read_full(r, &mut bytes)?;
@@ -209,6 +215,12 @@ pub fn read_message<R: Read>(r: &mut R, limits: &Limits) -> Result<Message, Wire
 /// not copied: the header and small fields go out in one `write_all`, the
 /// data in a second. Wrap unbuffered sockets in a `BufWriter` and flush it
 /// when the peer must see the message.
+///
+/// # Errors
+///
+/// [`WireError::InvalidField`] (and the like) if `msg` breaks a protocol
+/// rule, in which case nothing was written; [`WireError::Io`] if the writer
+/// fails, in which case part of the frame may have been written.
 pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> Result<u64, WireError> {
     msg.validate()?;
     let mut buf = Vec::with_capacity(HEADER_LEN + 64);

@@ -203,3 +203,11 @@ fn zero_pages_coalesce() {
     );
     assert_eq!(z.page_count(), 6);
 }
+
+#[test]
+fn types_cross_threads() {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<WireError>();
+    check::<Message>();
+    check::<Limits>();
+}

@@ -1,0 +1,209 @@
+//! `vmigrate run`: a VM process, source or destination.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use migrate_core::api::{ApiServer, ProcessEvent, VmController};
+use migrate_core::engine::{receive_migration, ReceiveOptions};
+use migrate_core::transport::{Listener, MigrationUri};
+use migrate_core::vm::ports::SerialSink;
+use migrate_core::vm::{Vm, VmConfig, VmEvent};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Raw boot image loaded at 0x7C00 (up to 64 KiB).
+    #[arg(long, conflicts_with_all = ["workload", "incoming"])]
+    boot: Option<PathBuf>,
+    /// Built-in workload, e.g. `verify`, `sweep`, `hotset:wss=256M`.
+    #[arg(long, conflicts_with = "incoming")]
+    workload: Option<String>,
+    /// Wait for a migration on `tcp:HOST:PORT` or `unix:PATH`.
+    #[arg(long)]
+    incoming: Option<String>,
+    /// Guest RAM (e.g. 256M, 1G). Required unless --incoming, where it is
+    /// checked against the incoming guest.
+    #[arg(long)]
+    mem: Option<String>,
+    /// vCPUs (with --incoming: checked against the incoming guest).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Where guest serial output goes: a file, or `-` for stdout.
+    #[arg(long)]
+    serial: String,
+    /// Control socket (JSON lines) for `send`, `status`, `shutdown`.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// With --incoming: seconds to wait on a silent source.
+    #[arg(long, default_value_t = 60)]
+    incoming_timeout: u64,
+}
+
+fn serial_sink(path: &str) -> anyhow::Result<SerialSink> {
+    if path == "-" {
+        return Ok(Box::new(std::io::stdout()));
+    }
+    let f = std::fs::File::create(path).with_context(|| format!("cannot create serial file {path}"))?;
+    Ok(Box::new(f))
+}
+
+/// The TSC rate a paced workload is built for (the host's: KVM guests see
+/// the host TSC rate unless it is scaled, which our hosts cannot do).
+pub fn tsc_hz_for(spec: &harness::WorkloadSpec) -> Option<u64> {
+    match spec {
+        harness::WorkloadSpec::Hotset { rate: Some(_), .. } => Some(harness::measure_tsc_hz()),
+        _ => None,
+    }
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let serial = serial_sink(&a.serial)?;
+    let mem = a.mem.as_deref().map(harness::parse_size).transpose()?;
+    let (vm_tx, vm_rx) = mpsc::channel::<VmEvent>();
+    let api = a.api_socket.as_deref().map(ApiServer::bind).transpose()?;
+
+    let vm = if let Some(uri) = &a.incoming {
+        let uri: MigrationUri = uri.parse()?;
+        let listener = Listener::bind(&uri)?;
+        // Scripts (and `vmigrate demo`) read the bound address from here.
+        println!("vmigrate: listening on {}", listener.uri());
+        std::io::stdout().flush()?;
+        let stream = listener.accept()?;
+        drop(listener);
+        let opts = ReceiveOptions {
+            io_timeout: Duration::from_secs(a.incoming_timeout),
+            expect_mem: mem,
+            expect_vcpus: a.vcpus,
+            ..Default::default()
+        };
+        let mut serial = Some(serial);
+        let outcome = receive_migration(stream, &opts, |hello| {
+            let mem_size = hello.regions.iter().map(|r| r.size).sum();
+            let vm = Vm::new(
+                VmConfig {
+                    mem_size,
+                    vcpus: hello.vcpu_count,
+                    serial: serial.take().expect("one VM per migration"),
+                },
+                vm_tx.clone(),
+            )?;
+            Ok(vm)
+        })
+        .context("incoming migration failed; the guest was not started here")?;
+        eprintln!(
+            "vmigrate: migration received ({} iterations, {} pages); guest running",
+            outcome.iterations, outcome.pages
+        );
+        outcome.vm
+    } else {
+        let Some(mem_size) = mem else {
+            bail!("--mem is required (e.g. --mem 256M)");
+        };
+        let vm = Vm::new(
+            VmConfig {
+                mem_size,
+                vcpus: a.vcpus.unwrap_or(1),
+                serial,
+            },
+            vm_tx.clone(),
+        )?;
+        if let Some(path) = &a.boot {
+            let image =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            vm.load_boot_image(&image)?;
+        } else if let Some(spec) = &a.workload {
+            let spec: harness::WorkloadSpec = spec.parse()?;
+            let image = harness::build(
+                &spec,
+                &harness::BuildParams {
+                    mem_size,
+                    tsc_hz: tsc_hz_for(&spec),
+                },
+            )?;
+            write_fills(vm.memory(), &image.fills)?;
+            vm.load_boot_image(&image.boot)?;
+        } else {
+            bail!("one of --boot, --workload or --incoming is required");
+        }
+        vm.resume()?;
+        vm
+    };
+
+    let vm = Arc::new(vm);
+    let (tx, rx) = mpsc::channel::<ProcessEvent>();
+    let forward = tx.clone();
+    std::thread::spawn(move || {
+        for ev in vm_rx {
+            if forward.send(ProcessEvent::Guest(ev)).is_err() {
+                return;
+            }
+        }
+    });
+    let controller = Arc::new(VmController::new(vm.clone(), tx));
+    let api_path = api.as_ref().map(|s| s.path().to_path_buf());
+    if let Some(server) = api {
+        server.spawn(controller.clone())?;
+    }
+    let code = main_loop(&rx, &controller);
+    if let Some(p) = api_path {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(code)
+}
+
+fn main_loop(rx: &mpsc::Receiver<ProcessEvent>, controller: &VmController) -> ExitCode {
+    loop {
+        let Ok(ev) = rx.recv() else {
+            return ExitCode::from(1);
+        };
+        match ev {
+            ProcessEvent::Guest(VmEvent::Exited { status }) => {
+                controller.set_stopped();
+                eprintln!("vmigrate: guest exited with status {status}");
+                return ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX));
+            }
+            ProcessEvent::Guest(VmEvent::Halted { vcpu }) => {
+                controller.set_stopped();
+                eprintln!("vmigrate: vCPU {vcpu} halted with interrupts off; VM stopped");
+                return ExitCode::SUCCESS;
+            }
+            ProcessEvent::Guest(VmEvent::Failed { vcpu, reason }) => {
+                controller.set_stopped();
+                eprintln!("vmigrate: error: vCPU {vcpu}: {reason}");
+                return ExitCode::from(1);
+            }
+            ProcessEvent::MigratedAway => {
+                eprintln!("vmigrate: guest migrated away; exiting");
+                return ExitCode::SUCCESS;
+            }
+            ProcessEvent::Shutdown => {
+                eprintln!("vmigrate: shutdown requested");
+                let _ = controller.vm().pause();
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
+}
+
+/// Write workload fills into guest memory before boot.
+fn write_fills(memory: &GuestMemoryMmap, fills: &[harness::MemoryFill]) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    for f in fills {
+        let mut off = 0u64;
+        while off < f.len {
+            let n = usize::try_from((f.len - off).min(buf.len() as u64))?;
+            f.generate(off, &mut buf[..n]);
+            memory
+                .write_slice(&buf[..n], GuestAddress(f.gpa + off))
+                .map_err(|e| anyhow::anyhow!("fill at {:#x}: {e}", f.gpa + off))?;
+            off += n as u64;
+        }
+    }
+    Ok(())
+}
