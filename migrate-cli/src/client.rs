@@ -93,7 +93,11 @@ pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
 
 fn print_status(s: &VmStatus) {
     println!("state:      {:?}", s.state);
-    println!("memory:     {} in {} slot(s)", harness::format_size(s.memory), s.slots);
+    println!(
+        "memory:     {} in {} slot(s)",
+        harness::format_size(s.memory),
+        s.slots
+    );
     println!("vcpus:      {}", s.vcpus);
     println!("uptime:     {:.1} s", s.uptime);
     println!("cpu model:  {}", s.cpu_model);
@@ -196,7 +200,11 @@ pub fn print_report(r: &MigrationReport) {
     if let Some(e) = &r.error {
         println!("error:          {e}");
     }
-    println!("policy:         {} ({})", r.policy, r.stop_reason.as_deref().unwrap_or("-"));
+    println!(
+        "policy:         {} ({})",
+        r.policy,
+        r.stop_reason.as_deref().unwrap_or("-")
+    );
     println!("total time:     {:.1} ms", r.total_time);
     match r.downtime {
         Some(d) => println!("downtime:       {d:.1} ms"),

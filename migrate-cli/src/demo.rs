@@ -86,7 +86,6 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the destination")?,
-
     );
     let mut line = String::new();
     BufReader::new(dest.0.stdout.take().context("destination stdout")?)
@@ -106,13 +105,19 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     );
     let _src = Proc(
         Command::new(&exe)
-            .args(["run", "--workload", &a.workload, "--mem", &a.mem, "--serial"])
+            .args([
+                "run",
+                "--workload",
+                &a.workload,
+                "--mem",
+                &a.mem,
+                "--serial",
+            ])
             .arg(p("source.serial"))
             .arg("--api-socket")
             .arg(p("source.api"))
             .spawn()
             .context("starting the source")?,
-
     );
     wait_for(&p("source.api"), "the source's API socket")?;
     std::thread::sleep(Duration::from_secs_f64(a.settle));

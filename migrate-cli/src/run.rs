@@ -49,7 +49,8 @@ fn serial_sink(path: &str) -> anyhow::Result<SerialSink> {
     if path == "-" {
         return Ok(Box::new(std::io::stdout()));
     }
-    let f = std::fs::File::create(path).with_context(|| format!("cannot create serial file {path}"))?;
+    let f =
+        std::fs::File::create(path).with_context(|| format!("cannot create serial file {path}"))?;
     Ok(Box::new(f))
 }
 

@@ -81,13 +81,17 @@ impl FromStr for MigrationUri {
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        let rest = s.strip_prefix("tcp:").ok_or_else(|| bad("unknown scheme"))?;
+        let rest = s
+            .strip_prefix("tcp:")
+            .ok_or_else(|| bad("unknown scheme"))?;
         let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("missing port"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(bad("empty host"));
         }
-        let port = port.parse().map_err(|_| bad("port is not a number 0-65535"))?;
+        let port = port
+            .parse()
+            .map_err(|_| bad("port is not a number 0-65535"))?;
         Ok(Self::Tcp {
             host: host.to_string(),
             port,
@@ -322,6 +326,8 @@ impl<W: Write> RateLimited<W> {
                 (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
             self.last = now;
             if self.tokens >= 1.0 {
+                // Truncation intended: whole bytes of the tokens available.
+                #[allow(clippy::cast_possible_truncation)]
                 let n = want.min(self.tokens as usize).max(1);
                 self.tokens -= n as f64;
                 return n;
@@ -369,9 +375,20 @@ mod tests {
             "unix:/tmp/x.sock".parse::<MigrationUri>().unwrap(),
             MigrationUri::Unix("/tmp/x.sock".into())
         );
-        for bad in ["", "tcp:", "tcp:host", "tcp:host:99999", "udp:x:1", "unix:", "tcp::80"] {
+        for bad in [
+            "",
+            "tcp:",
+            "tcp:host",
+            "tcp:host:99999",
+            "udp:x:1",
+            "unix:",
+            "tcp::80",
+        ] {
             assert!(
-                matches!(bad.parse::<MigrationUri>(), Err(TransportError::BadUri { .. })),
+                matches!(
+                    bad.parse::<MigrationUri>(),
+                    Err(TransportError::BadUri { .. })
+                ),
                 "{bad}"
             );
         }

@@ -176,10 +176,10 @@ mod tests {
         assert_eq!(r, ApiRequest::Send(SendRequest::new("unix:/x")));
         assert!(serde_json::from_str::<ApiRequest>(r#"{"command":"status","x":1}"#).is_err());
         assert!(serde_json::from_str::<ApiRequest>(r#"{"command":"sned"}"#).is_err());
-        assert!(serde_json::from_str::<ApiRequest>(
-            r#"{"command":"send","to":"x","downtime":5}"#
-        )
-        .is_err());
+        assert!(
+            serde_json::from_str::<ApiRequest>(r#"{"command":"send","to":"x","downtime":5}"#)
+                .is_err()
+        );
     }
 
     #[test]

@@ -22,7 +22,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The socket path exists: another VM may own it.
-    #[error("API socket path {path} already exists (another vmigrate running? remove it if stale)")]
+    #[error(
+        "API socket path {path} already exists (another vmigrate running? remove it if stale)"
+    )]
     PathExists {
         /// The path.
         path: PathBuf,
@@ -136,7 +138,9 @@ impl VmController {
         };
         let timeout = match req.timeout {
             Some(t) if !(t > 0.0 && t.is_finite()) => {
-                return Err(format!("timeout must be a positive number of seconds, got {t}"))
+                return Err(format!(
+                    "timeout must be a positive number of seconds, got {t}"
+                ))
             }
             t => t.map(Duration::from_secs_f64),
         };
@@ -172,13 +176,14 @@ impl VmController {
             }
         };
         *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
-        if report.status == MigrationStatus::Completed {
-            self.finish(RunState::Postmigrate);
-        } else if report
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("outcome unknown"))
-        {
+        // After a completed migration, or one whose Commit may have reached
+        // the destination, the source must not run the guest again.
+        let gone = report.status == MigrationStatus::Completed
+            || report
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("outcome unknown"));
+        if gone {
             self.finish(RunState::Postmigrate);
         } else {
             self.finish(RunState::Running);

@@ -206,10 +206,15 @@ fn check_hello(hello: &Hello, opts: &ReceiveOptions) -> Result<(), MigrationErro
             .zip(&hello.regions)
             .all(|(s, r)| s.gpa == r.gpa && s.size == r.size);
     if !same {
-        return bad(format!("memory layout {:?} is not one this VMM builds", hello.regions));
+        return bad(format!(
+            "memory layout {:?} is not one this VMM builds",
+            hello.regions
+        ));
     }
     if let Some(m) = opts.expect_mem.filter(|&m| m != total) {
-        return bad(format!("guest has {total} bytes of RAM, this destination expects {m}"));
+        return bad(format!(
+            "guest has {total} bytes of RAM, this destination expects {m}"
+        ));
     }
     if let Some(n) = opts.expect_vcpus.filter(|&n| n != hello.vcpu_count) {
         return bad(format!(

@@ -178,7 +178,9 @@ impl PageApplier {
         usize::try_from(gpa / PAGE_SIZE as u64)
             .ok()
             .filter(|&p| p < self.written.len())
-            .ok_or_else(|| MigrationError::InvalidData(format!("page {gpa:#x} is outside guest memory")))
+            .ok_or_else(|| {
+                MigrationError::InvalidData(format!("page {gpa:#x} is outside guest memory"))
+            })
     }
 
     /// Write one batch; returns its page count.
@@ -217,7 +219,9 @@ impl PageApplier {
                 .checked_sub(1)
                 .and_then(|n| n.checked_mul(PAGE_SIZE as u64))
                 .and_then(|len| r.gpa.checked_add(len))
-                .ok_or_else(|| MigrationError::InvalidData(format!("bad zero range at {:#x}", r.gpa)))?;
+                .ok_or_else(|| {
+                    MigrationError::InvalidData(format!("bad zero range at {:#x}", r.gpa))
+                })?;
             self.page_index(last_gpa)?;
             let count = usize::try_from(r.pages).expect("checked against guest size");
             for index in first..first + count {

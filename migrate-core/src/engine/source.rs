@@ -27,6 +27,9 @@ pub enum CompressMode {
     Zstd(i32),
 }
 
+/// Called with the report after every iteration.
+pub type ProgressFn = Box<dyn FnMut(&MigrationReport) + Send>;
+
 /// How to run one outgoing migration.
 pub struct SendOptions {
     /// Convergence policy.
@@ -44,7 +47,7 @@ pub struct SendOptions {
     /// Set to cancel the migration at the next iteration boundary.
     pub cancel: Arc<AtomicBool>,
     /// Called with the report after every iteration.
-    pub progress: Option<Box<dyn FnMut(&MigrationReport) + Send>>,
+    pub progress: Option<ProgressFn>,
     /// Destination address, for the report.
     pub destination: String,
 }
@@ -129,10 +132,7 @@ fn run<V: MigratableVm>(
         phase: "setup".into(),
         source: e.into(),
     })?;
-    let mut w = BufWriter::with_capacity(
-        1 << 20,
-        RateLimited::new(stream, opts.max_bandwidth),
-    );
+    let mut w = BufWriter::with_capacity(1 << 20, RateLimited::new(stream, opts.max_bandwidth));
     let limits = Limits::default();
     let wire = |phase: &str| {
         let phase = phase.to_string();
@@ -167,7 +167,8 @@ fn run<V: MigratableVm>(
     // Dirty tracking starts now: drop what the log held so far, since
     // iteration 0 sends everything anyway.
     let mut next = DirtyBitmap::new(pages);
-    vm.harvest_dirty_log(&mut next).map_err(vm_err("dirty log sync"))?;
+    vm.harvest_dirty_log(&mut next)
+        .map_err(vm_err("dirty log sync"))?;
     next.clear();
     let mut to_send = DirtyBitmap::all(pages);
     let mut history = MigrationHistory::new();
@@ -186,7 +187,8 @@ fn run<V: MigratableVm>(
         let phase = format!("iteration {iteration}");
         let t0 = Instant::now();
         let sent = send_iteration(&mut sender, &mut w, vm, iteration, &to_send, &phase)?;
-        vm.harvest_dirty_log(&mut next).map_err(vm_err("dirty log sync"))?;
+        vm.harvest_dirty_log(&mut next)
+            .map_err(vm_err("dirty log sync"))?;
         syncs += 1;
         let duration = t0.elapsed();
         precopy_bytes += sent.bytes;
@@ -212,8 +214,7 @@ fn run<V: MigratableVm>(
         history.push(stats);
         let decision = opts.policy.decide(&history);
         let bw = history.last().map_or(0.0, |s| s.transfer_rate());
-        report.expected_downtime =
-            (bw > 0.0).then(|| report.ram.remaining as f64 / bw * 1000.0);
+        report.expected_downtime = (bw > 0.0).then(|| report.ram.remaining as f64 / bw * 1000.0);
         if let Some(p) = opts.progress.as_mut() {
             p(report);
         }
@@ -250,7 +251,8 @@ fn run<V: MigratableVm>(
     iteration += 1;
     let phase = "stop-and-copy".to_string();
     let t0 = Instant::now();
-    vm.harvest_dirty_log(&mut next).map_err(vm_err("dirty log sync"))?;
+    vm.harvest_dirty_log(&mut next)
+        .map_err(vm_err("dirty log sync"))?;
     syncs += 1;
     let final_set = next;
     let sent = send_iteration(&mut sender, &mut w, vm, iteration, &final_set, &phase)?;

@@ -123,8 +123,9 @@ fn migrate_with_guest(compress: CompressMode) -> (Arc<FakeVm>, MigrationReport, 
 }
 
 fn assert_same_memory(a: &FakeVm, b: &FakeVm) {
-    let mut x = vec![0u8; SIZE as usize];
-    let mut y = vec![0u8; SIZE as usize];
+    let len = usize::try_from(SIZE).unwrap();
+    let mut x = vec![0u8; len];
+    let mut y = vec![0u8; len];
     a.memory.read_slice(&mut x, GuestAddress(0)).unwrap();
     b.memory.read_slice(&mut y, GuestAddress(0)).unwrap();
     assert!(x == y, "guest memory differs after migration");
@@ -135,7 +136,10 @@ fn migrates_a_running_guest_byte_identical() {
     for compress in [CompressMode::None, CompressMode::Zstd(1)] {
         let (src, report, dst) = migrate_with_guest(compress);
         assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
-        assert!(!src.running.load(Ordering::SeqCst), "source must stay paused");
+        assert!(
+            !src.running.load(Ordering::SeqCst),
+            "source must stay paused"
+        );
         assert!(dst.running.load(Ordering::SeqCst), "destination must run");
         assert_same_memory(&src, &dst);
         assert_eq!(*dst.vcpus.lock().unwrap(), *src.vcpus.lock().unwrap());
@@ -145,7 +149,11 @@ fn migrates_a_running_guest_byte_identical() {
         assert!(report.iterations.last().unwrap().final_pass);
         assert_eq!(
             report.ram.duplicate + report.ram.normal,
-            report.iterations.iter().map(|i| i.pages_sent + i.zero_pages).sum::<u64>()
+            report
+                .iterations
+                .iter()
+                .map(|i| i.pages_sent + i.zero_pages)
+                .sum::<u64>()
         );
     }
 }
@@ -163,7 +171,10 @@ fn vanished_destination_leaves_source_running() {
     let report = send_migration(&src, Stream::Unix(a), options(CompressMode::None));
     dest.join().unwrap();
     assert_eq!(report.status, MigrationStatus::Failed);
-    assert!(report.error.as_deref().unwrap().contains("handshake"), "{report:?}");
+    assert!(
+        report.error.as_deref().unwrap().contains("handshake"),
+        "{report:?}"
+    );
     assert!(src.running.load(Ordering::SeqCst));
 }
 

@@ -85,17 +85,19 @@ impl Slot {
 
 /// Split `mem_size` bytes starting at 0 into the slot layout we register.
 pub fn slot_layout(mem_size: u64) -> Result<Vec<Slot>, MemoryError> {
-    let bad = |reason| Err(MemoryError::BadSize {
-        size: mem_size,
-        reason,
-    });
+    let bad = |reason| {
+        Err(MemoryError::BadSize {
+            size: mem_size,
+            reason,
+        })
+    };
     if mem_size < MIN_MEM_SIZE {
         return bad("smaller than the 2 MiB minimum");
     }
     if mem_size > MAX_MEM_SIZE {
         return bad("larger than the 1 TiB maximum");
     }
-    if mem_size % PAGE_SIZE != 0 {
+    if !mem_size.is_multiple_of(PAGE_SIZE) {
         return bad("not a multiple of the 4 KiB page size");
     }
     let mut slots = Vec::new();
@@ -147,13 +149,11 @@ pub fn register_slots(
         // SAFETY: `host` points at the start of a live mapping of exactly
         // `slot.size` bytes owned by `memory`, which the caller keeps alive
         // (in `Vm`) for as long as the VM fd that references it.
-        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| {
-            MemoryError::RegisterSlot {
-                slot: slot.index,
-                gpa: slot.gpa,
-                size: slot.size,
-                source,
-            }
+        unsafe { vm.set_user_memory_region(desc) }.map_err(|source| MemoryError::RegisterSlot {
+            slot: slot.index,
+            gpa: slot.gpa,
+            size: slot.size,
+            source,
         })?;
     }
     Ok(())

@@ -219,7 +219,10 @@ impl Vm {
                 use_xsave,
                 parked: index != 0,
             })
-            .map_err(|source| VmError::SpawnVcpu { vcpu: index, source })?;
+            .map_err(|source| VmError::SpawnVcpu {
+                vcpu: index,
+                source,
+            })?;
             vcpus.push(handle);
         }
         Ok(Self {
@@ -375,7 +378,12 @@ impl Vm {
     /// OR the pages dirtied since the last harvest into `into` (which covers
     /// all of guest RAM) and reset the log.
     pub fn harvest_dirty_log(&self, into: &mut DirtyBitmap) -> Result<(), VmError> {
-        Ok(dirty_log::harvest(&self.fd, self.dirty_mode, &self.slots, into)?)
+        Ok(dirty_log::harvest(
+            &self.fd,
+            self.dirty_mode,
+            &self.slots,
+            into,
+        )?)
     }
 
     /// Stop the vCPU threads for good.
@@ -395,7 +403,11 @@ impl Vm {
 
 /// Total pages of guest RAM described by `memory`.
 pub fn ram_pages(memory: &GuestMemoryMmap) -> u64 {
-    memory.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum::<u64>() / crate::PAGE_SIZE
+    memory
+        .iter()
+        .map(vm_memory::GuestMemoryRegion::len)
+        .sum::<u64>()
+        / crate::PAGE_SIZE
 }
 
 fn cpu_model_name(cpuid: &CpuId) -> String {

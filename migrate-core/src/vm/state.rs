@@ -98,9 +98,13 @@ impl VcpuState {
         halted: bool,
     ) -> Result<Self, StateError> {
         let regs = vcpu.get_regs().map_err(ioctl_err(index, "KVM_GET_REGS"))?;
-        let sregs = vcpu.get_sregs().map_err(ioctl_err(index, "KVM_GET_SREGS"))?;
+        let sregs = vcpu
+            .get_sregs()
+            .map_err(ioctl_err(index, "KVM_GET_SREGS"))?;
         let (fpu, xsave, xcrs) = if use_xsave {
-            let xsave = vcpu.get_xsave().map_err(ioctl_err(index, "KVM_GET_XSAVE"))?;
+            let xsave = vcpu
+                .get_xsave()
+                .map_err(ioctl_err(index, "KVM_GET_XSAVE"))?;
             let xcrs = vcpu.get_xcrs().map_err(ioctl_err(index, "KVM_GET_XCRS"))?;
             (None, Some(xsave), Some(xcrs))
         } else {
@@ -218,7 +222,9 @@ impl VcpuState {
                 TAG_FPU => fpu.replace(decode_fpu(body)?).is_some(),
                 TAG_XSAVE => xsave.replace(pod::<kvm_xsave>(tag, body)?).is_some(),
                 TAG_XCRS => xcrs.replace(pod::<kvm_xcrs>(tag, body)?).is_some(),
-                TAG_DEBUGREGS => debugregs.replace(pod::<kvm_debugregs>(tag, body)?).is_some(),
+                TAG_DEBUGREGS => debugregs
+                    .replace(pod::<kvm_debugregs>(tag, body)?)
+                    .is_some(),
                 TAG_MSRS => msrs.replace(decode_msrs(body)?).is_some(),
                 TAG_EVENTS => events.replace(pod::<kvm_vcpu_events>(tag, body)?).is_some(),
                 TAG_MP_STATE => mp_state.replace(pod::<kvm_mp_state>(tag, body)?).is_some(),
@@ -269,7 +275,7 @@ fn pod<T: FromBytes>(tag: u16, body: &[u8]) -> Result<T, StateError> {
 }
 
 fn decode_msrs(body: &[u8]) -> Result<Vec<(u32, u64)>, StateError> {
-    if body.len() % 12 != 0 {
+    if !body.len().is_multiple_of(12) {
         return Err(StateError::Blob {
             reason: format!("MSR section of {} bytes is not whole entries", body.len()),
         });
@@ -399,13 +405,19 @@ mod tests {
     use super::*;
 
     fn sample() -> VcpuState {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x7c00;
-        regs.rdx = 0x80;
-        let mut fpu = kvm_fpu::default();
-        fpu.fcw = 0x37f;
-        fpu.mxcsr = 0x1f80;
-        fpu.xmm[3][7] = 9;
+        let regs = kvm_regs {
+            rip: 0x7c00,
+            rdx: 0x80,
+            ..Default::default()
+        };
+        let mut xmm = [[0u8; 16]; 16];
+        xmm[3][7] = 9;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            xmm,
+            ..Default::default()
+        };
         VcpuState {
             regs,
             sregs: kvm_sregs::default(),
@@ -443,14 +455,18 @@ mod tests {
         let regs_len = std::mem::size_of::<kvm_regs>();
         short[2..6].copy_from_slice(&u32::try_from(regs_len - 1).unwrap().to_le_bytes());
         short.remove(6);
-        assert!(matches!(VcpuState::decode(&short), Err(StateError::Blob { .. })));
+        assert!(matches!(
+            VcpuState::decode(&short),
+            Err(StateError::Blob { .. })
+        ));
         // Unknown tag.
         let mut unknown = blob.clone();
         unknown.extend_from_slice(&[99, 0, 0, 0, 0, 0]);
         assert!(VcpuState::decode(&unknown).is_err());
         // Duplicate section.
         let mut dup = blob.clone();
-        dup.extend_from_slice(&[TAG_HALTED as u8, 0, 1, 0, 0, 0, 1]);
+        dup.extend_from_slice(&TAG_HALTED.to_le_bytes());
+        dup.extend_from_slice(&[1, 0, 0, 0, 1]);
         assert!(VcpuState::decode(&dup).is_err());
     }
 }
