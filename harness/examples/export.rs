@@ -1,14 +1,16 @@
 //! Writes a workload's boot sector to a file, for booting it by hand:
 //!
 //! ```text
-//! cargo run -p harness --example export -- SPEC MEM OUT [--tsc-hz HZ] [--fault PASS:GPA]
+//! cargo run -p harness --example export -- SPEC MEM OUT [--tsc-hz HZ] [--fault KIND:PASS:GPA]
 //! qemu-system-x86_64 -accel tcg -m MEM -drive format=raw,file=OUT -serial stdio \
 //!     -display none -no-reboot -device isa-debug-exit,iobase=0x501,iosize=1
 //! ```
 //!
 //! `--tsc-hz` defaults to this host's measured TSC frequency (used by a paced
-//! hotset only). `--fault PASS:GPA` builds a `verify` guest that skips
-//! writing page GPA in pass PASS, to check that the guest reports it.
+//! hotset only). `--fault skip:PASS:GPA` builds a `verify` guest that skips
+//! writing page GPA in pass PASS; `--fault corrupt:PASS:GPA` one that
+//! corrupts page GPA after pass PASS checked clean: to see the guest report
+//! it (MISMATCH_MARK, exit status 0x0F).
 //! QEMU cannot apply the image's memory fills, so a hotset guest then runs
 //! over whatever RAM holds (the dirtying pattern is the same).
 
@@ -30,7 +32,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [spec, mem, out, rest @ ..] = args.as_slice() else {
-        return Err("usage: export SPEC MEM OUT [--tsc-hz HZ] [--fault PASS:GPA]".into());
+        return Err("usage: export SPEC MEM OUT [--tsc-hz HZ] [--fault KIND:PASS:GPA]".into());
     };
     let spec: WorkloadSpec = spec.parse()?;
     let mut tsc_hz = None;
@@ -41,8 +43,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         match flag.as_str() {
             "--tsc-hz" => tsc_hz = Some(value.parse()?),
             "--fault" => {
-                let (pass, page) = value.split_once(':').ok_or("--fault wants PASS:GPA")?;
-                fault = Some(VerifyFault { pass: pass.parse()?, page: parse_size(page)? });
+                let usage = "--fault wants skip:PASS:GPA or corrupt:PASS:GPA";
+                let mut parts = value.splitn(3, ':');
+                let (Some(kind), Some(pass), Some(page)) = (parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(usage.into());
+                };
+                let (pass, page) = (pass.parse()?, parse_size(page)?);
+                fault = Some(match kind {
+                    "skip" => VerifyFault::SkipWrite { pass, page },
+                    "corrupt" => VerifyFault::CorruptAfterCheck { pass, page },
+                    _ => return Err(usage.into()),
+                });
             }
             _ => return Err(format!("unknown option {flag}").into()),
         }

@@ -6,15 +6,15 @@
 #
 # Defaults: 30 s, tcg, 256M, and the specs listed below. Each mark is shown
 # with the time (s) since QEMU started; a `verify` spec prefixed with
-# `fault:PASS:GPA:` is built with that deliberate fault, e.g.
-# `fault:2:0x200000:verify`. QEMU gets isa-debug-exit at 0x501, so a guest
+# `KIND:PASS:GPA:` (KIND = skip or corrupt) is built with that deliberate
+# fault (see the export example), e.g. `skip:2:0x200000:verify`. QEMU gets isa-debug-exit at 0x501, so a guest
 # exit status S shows as QEMU exit code 2*S+1 (verify's mismatch 0x0F → 31).
 set -euo pipefail
 secs=${1:-30}; accel=${2:-tcg}; mem=${3:-256M}
 shift $(( $# < 3 ? $# : 3 ))
 specs=("$@")
 [ ${#specs[@]} -gt 0 ] || specs=(idle sweep "sweep:start=1M,end=64M" "hotset:wss=64M" \
-    "hotset:wss=16M,rate=20000" verify "fault:2:0x2000000:verify")
+    "hotset:wss=16M,rate=20000" verify "skip:3:0x2000000:verify" "corrupt:2:0x3FFF000:verify")
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-harness}
 cargo build -q -p harness --example export
@@ -22,8 +22,8 @@ exporter=$CARGO_TARGET_DIR/debug/examples/export
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 for spec in "${specs[@]}"; do
     extra=(); real=$spec
-    if [[ $spec == fault:* ]]; then
-        IFS=: read -r _ pass gpa real <<<"$spec"; extra=(--fault "$pass:$gpa")
+    if [[ $spec == skip:* || $spec == corrupt:* ]]; then
+        IFS=: read -r kind pass gpa real <<<"$spec"; extra=(--fault "$kind:$pass:$gpa")
     fi
     "$exporter" "$real" "$mem" "$tmp/img" "${extra[@]}" 2>/dev/null
     set +e

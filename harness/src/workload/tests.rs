@@ -209,11 +209,17 @@ fn images_describe_their_memory() {
 #[test]
 fn fault_injection_changes_only_verify() {
     let p = params(64 * MIB);
-    let fault = VerifyFault { pass: 2, page: 2 * MIB };
     let spec = WorkloadSpec::Verify { start: None, end: None };
-    assert_ne!(build(&spec, &p).unwrap(), build_with_verify_fault(&spec, &p, fault).unwrap());
     let sweep = WorkloadSpec::Sweep { start: None, end: None };
-    assert_eq!(build(&sweep, &p).unwrap(), build_with_verify_fault(&sweep, &p, fault).unwrap());
+    for fault in [
+        VerifyFault::SkipWrite { pass: 2, page: 2 * MIB },
+        VerifyFault::CorruptAfterCheck { pass: 1 << 40, page: 48 * GIB },
+    ] {
+        // Fits in the sector even with 64-bit immediates.
+        let faulty = build_with_verify_fault(&spec, &params(64 * GIB), fault).unwrap();
+        assert_ne!(build(&spec, &params(64 * GIB)).unwrap(), faulty);
+        assert_eq!(build(&sweep, &p).unwrap(), build_with_verify_fault(&sweep, &p, fault).unwrap());
+    }
 }
 
 #[test]

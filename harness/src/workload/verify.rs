@@ -31,16 +31,29 @@ const K2: i32 = 0x5851_F42D;
 /// Step of the per-pass qword offset (8 × an odd number: visits all 512).
 const ROVING_STEP: i32 = 568;
 
-/// A deliberate fault for testing the checker: in pass `pass`, the write
-/// phase skips page `page` (leaving the previous pass' values there).
+/// A deliberate fault built into a `verify` guest, to test that the checker
+/// fires (the guest then prints [`MISMATCH_MARK`] and exits).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VerifyFault {
-    /// Pass (1-based) in which the page is not written.
-    pub pass: u64,
-    /// Guest-physical address of the page left unwritten (page-aligned, in
-    /// the verified range).
-    pub page: u64,
+pub enum VerifyFault {
+    /// In pass `pass` (1-based), the write phase skips page `page`, leaving
+    /// the previous pass' values: caught by that pass' check phase, after
+    /// `pass - 1` [`PASS_MARK`]s.
+    SkipWrite {
+        /// The pass.
+        pass: u64,
+        /// Guest-physical address of the page (page-aligned, in range).
+        page: u64,
+    },
+    /// After pass `pass` has checked clean (and printed its mark), the first
+    /// qword of page `page` is incremented: caught by the read-before-write
+    /// of pass `pass + 1`, after `pass` [`PASS_MARK`]s.
+    CorruptAfterCheck {
+        /// The pass.
+        pass: u64,
+        /// Guest-physical address of the page (page-aligned, in range).
+        page: u64,
+    },
 }
 
 /// The fixed qword offsets (first, middle, last) packed as 16-bit fields
@@ -95,12 +108,12 @@ pub(crate) fn emit(
         a.set_label(&mut fresh)?;
     }
     let mut next_write = a.create_label();
-    if let Some(f) = fault {
+    if let Some(VerifyFault::SkipWrite { pass, page }) = fault {
         let mut no_fault = a.create_label();
-        emit_mov_imm(a, rax, f.pass)?;
+        emit_mov_imm(a, rax, pass)?;
         a.cmp(r15, rax)?;
         a.jne(no_fault)?;
-        emit_mov_imm(a, rax, f.page)?;
+        emit_mov_imm(a, rax, page)?;
         a.cmp(rdi, rax)?;
         a.je(next_write)?;
         a.set_label(&mut no_fault)?;
@@ -135,6 +148,15 @@ pub(crate) fn emit(
     a.cmp(rdi, rbx)?;
     a.jb(check_page)?;
     emit_mark(a, PASS_MARK)?;
+    if let Some(VerifyFault::CorruptAfterCheck { pass, page }) = fault {
+        let mut no_fault = a.create_label();
+        emit_mov_imm(a, rax, pass)?;
+        a.cmp(r15, rax)?;
+        a.jne(no_fault)?;
+        emit_mov_imm(a, rax, page)?;
+        a.inc(qword_ptr(rax))?;
+        a.set_label(&mut no_fault)?;
+    }
     a.inc(r15)?;
     a.jmp(pass)?;
 

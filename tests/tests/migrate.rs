@@ -1,0 +1,192 @@
+//! Tier 3: live migration between two real `vmigrate` processes on real KVM.
+//!
+//! Correctness is shown by the guests themselves (the `verify` guest checks
+//! every page it wrote, and its pass counter lives in a register), and by the
+//! memory digests each side computes on its own memory at the switch-over.
+
+use std::path::Path;
+use std::time::Duration;
+
+use e2e::{kvm_available, one_at_a_time, send_json, vmigrate, Scratch, VmProcess};
+use harness::{MISMATCH_MARK, PASS_MARK};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmigrate");
+const T: Duration = Duration::from_secs(60);
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+/// Migrate a running `verify` guest and check it goes on cleanly on the
+/// destination. Returns the report.
+fn migrate_verify(test: &str, incoming: &str, extra: &[&str]) -> Value {
+    let dir = Scratch::new(test);
+    let incoming = incoming.replace("DIR", dir.0.to_str().unwrap());
+    let mut src = VmProcess::source(bin(), &dir, "src", "verify:end=32M", "64M");
+    src.wait_api();
+    src.wait_marks(PASS_MARK, 2, T);
+    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", &incoming);
+
+    let (ok, report, stderr) = send_json(bin(), &src.api, &uri, extra);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr} {}", src.stderr_text()));
+    assert!(ok, "send failed: {report:#}\n{stderr}\n{}", dst.stderr_text());
+    assert_eq!(report["status"], "completed");
+
+    // Each side digested its own memory at the switch-over.
+    let digest = &report["digest"];
+    assert_eq!(digest["source"], digest["destination"], "{report:#}");
+    assert_eq!(digest["equal"], true);
+
+    // The source is done for good; the destination runs the guest on.
+    assert!(src.wait_exit(T).success(), "{}", src.stderr_text());
+    let src_passes = src.count(PASS_MARK);
+    assert_eq!(src.count(MISMATCH_MARK), 0, "source saw a mismatch");
+    dst.wait_marks(PASS_MARK, 2, T);
+    assert_eq!(
+        dst.count(MISMATCH_MARK),
+        0,
+        "destination found a lost page or register after {src_passes} source passes: {:?}",
+        String::from_utf8_lossy(&dst.serial_bytes())
+    );
+    assert!(dst.is_running(), "destination stopped: {}", dst.stderr_text());
+    let st = vmigrate(
+        bin(),
+        &["status", "--api-socket", dst.api.to_str().unwrap(), "--json"],
+    );
+    let status: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["memory"], 64 << 20);
+    let out = vmigrate(bin(), &["shutdown", "--api-socket", dst.api.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(dst.wait_exit(T).success());
+    report
+}
+
+#[test]
+fn verify_guest_over_tcp() {
+    if !kvm_available("verify_guest_over_tcp") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let r = migrate_verify("tcp", "tcp:127.0.0.1:0", &[]);
+    assert_eq!(r["compression"], "none");
+    assert!(r["ram"]["normal"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn verify_guest_over_unix_with_zstd() {
+    if !kvm_available("verify_guest_over_unix_with_zstd") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let r = migrate_verify("unix", "unix:DIR/mig.sock", &["--compress", "zstd"]);
+    assert_eq!(r["compression"], "zstd:1");
+    // The verify guest's pages are mostly zeros plus a few words: zstd must
+    // shrink them well below their raw size.
+    let raw = r["ram"]["normal-bytes"].as_u64().unwrap();
+    let sent = r["ram"]["transferred"].as_u64().unwrap();
+    assert!(sent < raw / 4, "zstd sent {sent} bytes for {raw} raw");
+}
+
+#[test]
+fn idle_guest_sends_zero_pages_as_ranges() {
+    if !kvm_available("idle_guest_sends_zero_pages_as_ranges") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("idle");
+    let mut src = VmProcess::source(bin(), &dir, "src", "idle", "256M");
+    src.wait_api();
+    src.wait_marks(harness::BOOT_MARK, 1, T);
+    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &[]);
+    let r = report.unwrap_or_else(|| panic!("{stderr}"));
+    assert!(ok, "{r:#}");
+    assert_eq!(r["digest"]["equal"], true);
+    let pages = (256u64 << 20) / 4096;
+    let normal = r["ram"]["normal"].as_u64().unwrap();
+    let zero = r["ram"]["duplicate"].as_u64().unwrap();
+    assert!(normal < 64, "idle guest sent {normal} data pages");
+    assert!(zero >= pages - 64, "only {zero} zero pages");
+    // An idle guest converges at once: full copy, then the final pass.
+    assert_eq!(r["iterations"].as_array().unwrap().len(), 2, "{r:#}");
+    let before = dst.count(PASS_MARK);
+    dst.wait_marks(PASS_MARK, before + 1, T);
+    assert!(src.wait_exit(T).success());
+    drop(dst.child.kill());
+}
+
+#[test]
+fn sweep_guest_with_xen_policy_stops_at_the_iteration_cap() {
+    if !kvm_available("sweep_guest_with_xen_policy_stops_at_the_iteration_cap") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("sweep-xen");
+    let mut src = VmProcess::source(bin(), &dir, "src", "sweep", "256M");
+    src.wait_api();
+    src.wait_marks(PASS_MARK, 1, T);
+    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &["--policy", "xen"]);
+    let r = report.unwrap_or_else(|| panic!("{stderr}"));
+    assert!(ok, "{r:#}");
+    assert_eq!(r["policy"], "xen");
+    assert_eq!(r["digest"]["equal"], true);
+    let iters = r["iterations"].as_array().unwrap();
+    let live = iters.iter().filter(|i| i["final-pass"] == false).count();
+    let reason = r["stop-reason"].as_str().unwrap();
+    assert!(
+        live == 5 && reason.contains("iteration limit") || reason.contains("dirty pages"),
+        "{live} live iterations, stop reason {reason}"
+    );
+    // The guest keeps sweeping on the destination.
+    let before = dst.count(PASS_MARK);
+    dst.wait_marks(PASS_MARK, before + 2, T);
+    assert!(src.wait_exit(T).success());
+    drop(dst.child.kill());
+}
+
+#[test]
+fn vanished_destination_leaves_the_source_running() {
+    if !kvm_available("vanished_destination_leaves_the_source_running") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("vanish");
+    let mut src = VmProcess::source(bin(), &dir, "src", "verify:end=32M", "256M");
+    src.wait_api();
+    src.wait_marks(PASS_MARK, 1, T);
+    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    // A capped link makes the pre-copy last seconds; kill the destination in
+    // the middle of it.
+    let api = src.api.clone();
+    let uri2 = uri.clone();
+    let sender = std::thread::spawn(move || {
+        send_json(Path::new(BIN), &api, &uri2, &["--max-bandwidth", "32M"])
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    dst.child.kill().unwrap();
+    let (ok, report, stderr) = sender.join().unwrap();
+    assert!(!ok, "send must fail when the destination dies");
+    let r = report.unwrap_or_else(|| panic!("{stderr}"));
+    assert_eq!(r["status"], "failed");
+    let err = r["error"].as_str().unwrap();
+    assert!(
+        err.contains("during iteration")
+            && (err.contains("reset") || err.contains("Broken pipe") || err.contains("closed")),
+        "unclear error: {err}"
+    );
+    // The source guest runs on, and a second migration succeeds.
+    assert!(src.is_running());
+    let before = src.count(PASS_MARK);
+    src.wait_marks(PASS_MARK, before + 1, T);
+    let (mut dst2, uri) = VmProcess::destination(bin(), &dir, "dst2", "tcp:127.0.0.1:0");
+    let (ok, report, _) = send_json(bin(), &src.api, &uri, &[]);
+    assert!(ok, "{report:#?}");
+    let before = dst2.count(PASS_MARK);
+    dst2.wait_marks(PASS_MARK, before + 1, T);
+    assert_eq!(dst2.count(MISMATCH_MARK), 0);
+    assert!(src.wait_exit(T).success());
+    drop(dst2.child.kill());
+}
