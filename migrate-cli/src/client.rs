@@ -33,9 +33,10 @@ pub struct SendArgs {
     /// Give up after this many seconds; the source keeps running.
     #[arg(long)]
     timeout: Option<f64>,
-    /// Skip the whole-memory digest comparison before the switch-over.
+    /// Digest all guest memory on both ends at the switch-over and commit
+    /// only if the digests agree (lengthens the downtime by `digest-time`).
     #[arg(long)]
-    no_verify: bool,
+    verify: bool,
     /// Print the final report as JSON (QEMU `query-migrate` field names).
     #[arg(long)]
     json: bool,
@@ -134,7 +135,7 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         max_bandwidth,
         compress: a.compress.clone(),
         timeout: a.timeout,
-        verify: !a.no_verify,
+        verify: a.verify,
     };
     let report = send_with_progress(&a.api_socket, req, !a.json)?;
     if a.json {
@@ -207,6 +208,10 @@ pub fn print_report(r: &MigrationReport) {
     );
     println!("total time:     {:.1} ms", r.total_time);
     match r.downtime {
+        Some(d) if r.digest.is_some() => println!(
+            "downtime:       {d:.1} ms ({:.1} ms of it digesting memory for --verify)",
+            r.digest_time
+        ),
         Some(d) => println!("downtime:       {d:.1} ms"),
         None => println!("downtime:       - (guest never paused)"),
     }

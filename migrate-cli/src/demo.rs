@@ -128,6 +128,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut req = SendRequest::new(&to);
     req.policy = a.policy.clone();
     req.compress = a.compress.clone();
+    req.verify = true;
     let report = send_with_progress(&p("source.api"), req, true)?;
     print_report(&report);
     if report.status != MigrationStatus::Completed {

@@ -201,7 +201,7 @@ pub fn vmigrate(bin: &Path, args: &[&str]) -> Output {
 /// when no JSON was printed).
 pub fn send_json(bin: &Path, api: &Path, to: &str, extra: &[&str]) -> (bool, Option<serde_json::Value>, String) {
     let api = api.to_str().expect("utf-8 path");
-    let mut args = vec!["send", "--api-socket", api, "--to", to, "--json"];
+    let mut args = vec!["send", "--api-socket", api, "--to", to, "--json", "--verify"];
     args.extend_from_slice(extra);
     let out = vmigrate(bin, &args);
     let report = serde_json::from_slice(&out.stdout).ok();

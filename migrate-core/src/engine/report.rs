@@ -94,6 +94,9 @@ pub struct MigrationReport {
     pub downtime: Option<f64>,
     /// Milliseconds of connection and handshake.
     pub setup_time: f64,
+    /// Milliseconds the source spent digesting guest memory while paused
+    /// (part of `downtime`; 0 without `verify`).
+    pub digest_time: f64,
     /// Predicted downtime at the last decision, in milliseconds.
     pub expected_downtime: Option<f64>,
     /// Memory figures.
@@ -134,6 +137,7 @@ impl MigrationReport {
             total_time: 0.0,
             downtime: None,
             setup_time: 0.0,
+            digest_time: 0.0,
             expected_downtime: None,
             ram: RamReport {
                 total: ram_total,

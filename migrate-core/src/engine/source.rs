@@ -261,11 +261,13 @@ fn run<V: MigratableVm>(
         write_message(&mut w, &Message::VcpuState(VcpuState { index, blob }))
             .map_err(wire(&phase))?;
     }
+    let digest_start = Instant::now();
     let digest = if opts.verify_digest {
         Some(memory_digest(memory)?)
     } else {
         None
     };
+    report.digest_time = ms(digest_start.elapsed());
     let total_pages = ram_pages(memory);
     write_message(
         &mut w,
