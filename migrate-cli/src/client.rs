@@ -83,7 +83,7 @@ fn one(socket: &Path, req: &ApiRequest) -> anyhow::Result<ApiResponse> {
 }
 
 pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
-    match one(&a.api_socket, &ApiRequest::Status)? {
+    match one(&a.api_socket, &ApiRequest::Status {})? {
         ApiResponse::Status(s) if a.json => println!("{}", serde_json::to_string_pretty(&s)?),
         ApiResponse::Status(s) => print_status(&s),
         ApiResponse::Error { message } => bail!("{message}"),
@@ -114,7 +114,7 @@ fn print_status(s: &VmStatus) {
 }
 
 pub fn shutdown(a: ShutdownArgs) -> anyhow::Result<ExitCode> {
-    match one(&a.api_socket, &ApiRequest::Shutdown)? {
+    match one(&a.api_socket, &ApiRequest::Shutdown {})? {
         ApiResponse::Ok => Ok(ExitCode::SUCCESS),
         ApiResponse::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer {other:?}"),
@@ -236,5 +236,5 @@ pub fn print_report(r: &MigrationReport) {
 
 /// Ask a VM to shut down, ignoring failures (it may be gone).
 pub fn shutdown_quiet(socket: &Path) {
-    let _ = one(socket, &ApiRequest::Shutdown);
+    let _ = one(socket, &ApiRequest::Shutdown {});
 }

@@ -91,7 +91,9 @@ impl VmProcess {
         let mut p = Self::spawn(cmd, dir, name);
         let mut line = String::new();
         let out = p.child.stdout.take().expect("piped stdout");
-        BufReader::new(out).read_line(&mut line).expect("read address");
+        BufReader::new(out)
+            .read_line(&mut line)
+            .expect("read address");
         let uri = line
             .trim()
             .strip_prefix("vmigrate: listening on ")
@@ -126,7 +128,11 @@ impl VmProcess {
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("vmigrate exited early ({st}): {}", self.stderr_text());
             }
-            assert!(Instant::now() < deadline, "no API socket: {}", self.stderr_text());
+            assert!(
+                Instant::now() < deadline,
+                "no API socket: {}",
+                self.stderr_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -165,7 +171,11 @@ impl VmProcess {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
                 return st;
             }
-            assert!(Instant::now() < deadline, "process did not exit: {}", self.stderr_text());
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit: {}",
+                self.stderr_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -199,9 +209,22 @@ pub fn vmigrate(bin: &Path, args: &[&str]) -> Output {
 
 /// `vmigrate send --json`: the exit success and the parsed report (`None`
 /// when no JSON was printed).
-pub fn send_json(bin: &Path, api: &Path, to: &str, extra: &[&str]) -> (bool, Option<serde_json::Value>, String) {
+pub fn send_json(
+    bin: &Path,
+    api: &Path,
+    to: &str,
+    extra: &[&str],
+) -> (bool, Option<serde_json::Value>, String) {
     let api = api.to_str().expect("utf-8 path");
-    let mut args = vec!["send", "--api-socket", api, "--to", to, "--json", "--verify"];
+    let mut args = vec![
+        "send",
+        "--api-socket",
+        api,
+        "--to",
+        to,
+        "--json",
+        "--verify",
+    ];
     args.extend_from_slice(extra);
     let out = vmigrate(bin, &args);
     let report = serde_json::from_slice(&out.stdout).ok();

@@ -30,7 +30,11 @@ fn migrate_verify(test: &str, incoming: &str, extra: &[&str]) -> Value {
 
     let (ok, report, stderr) = send_json(bin(), &src.api, &uri, extra);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr} {}", src.stderr_text()));
-    assert!(ok, "send failed: {report:#}\n{stderr}\n{}", dst.stderr_text());
+    assert!(
+        ok,
+        "send failed: {report:#}\n{stderr}\n{}",
+        dst.stderr_text()
+    );
     assert_eq!(report["status"], "completed");
 
     // Each side digested its own memory at the switch-over.
@@ -49,15 +53,27 @@ fn migrate_verify(test: &str, incoming: &str, extra: &[&str]) -> Value {
         "destination found a lost page or register after {src_passes} source passes: {:?}",
         String::from_utf8_lossy(&dst.serial_bytes())
     );
-    assert!(dst.is_running(), "destination stopped: {}", dst.stderr_text());
+    assert!(
+        dst.is_running(),
+        "destination stopped: {}",
+        dst.stderr_text()
+    );
     let st = vmigrate(
         bin(),
-        &["status", "--api-socket", dst.api.to_str().unwrap(), "--json"],
+        &[
+            "status",
+            "--api-socket",
+            dst.api.to_str().unwrap(),
+            "--json",
+        ],
     );
     let status: Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(status["state"], "running");
     assert_eq!(status["memory"], 64 << 20);
-    let out = vmigrate(bin(), &["shutdown", "--api-socket", dst.api.to_str().unwrap()]);
+    let out = vmigrate(
+        bin(),
+        &["shutdown", "--api-socket", dst.api.to_str().unwrap()],
+    );
     assert!(out.status.success());
     assert!(dst.wait_exit(T).success());
     report

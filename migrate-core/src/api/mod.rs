@@ -26,12 +26,13 @@ use crate::engine::MigrationReport;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ApiRequest {
-    /// State of the VM (and of a running migration).
-    Status,
+    /// State of the VM (and of a running migration). (Empty struct
+    /// variants, not unit ones, so that unknown fields are refused.)
+    Status {},
     /// Migrate the VM to another vmigrate process.
     Send(SendRequest),
     /// Stop the VM and end the process (exit status 0).
-    Shutdown,
+    Shutdown {},
 }
 
 /// Parameters of a migration (`vmigrate send`). Defaults as QEMU's where

@@ -201,8 +201,8 @@ impl VmController {
 
     fn handle(&self, req: ApiRequest, out: &mut UnixStream) -> std::io::Result<()> {
         match req {
-            ApiRequest::Status => reply(out, &ApiResponse::Status(self.status())),
-            ApiRequest::Shutdown => {
+            ApiRequest::Status {} => reply(out, &ApiResponse::Status(self.status())),
+            ApiRequest::Shutdown {} => {
                 reply(out, &ApiResponse::Ok)?;
                 let _ = self.events.send(ProcessEvent::Shutdown);
                 Ok(())
