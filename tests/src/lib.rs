@@ -83,6 +83,13 @@ impl VmProcess {
         Self::spawn(cmd, dir, name)
     }
 
+    /// Start `vmigrate run --boot IMAGE --mem MEM`.
+    pub fn boot(bin: &Path, dir: &Scratch, name: &str, image: &Path, mem: &str) -> Self {
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--mem", mem, "--boot"]).arg(image);
+        Self::spawn(cmd, dir, name)
+    }
+
     /// Start a destination on `incoming`; returns it and the bound address.
     pub fn destination(bin: &Path, dir: &Scratch, name: &str, incoming: &str) -> (Self, String) {
         let mut cmd = Command::new(bin);
@@ -112,13 +119,12 @@ impl VmProcess {
             .arg(&api)
             .stderr(std::fs::File::create(&stderr).expect("stderr file"));
         let child = cmd.spawn().expect("spawn vmigrate");
-        let p = Self {
+        Self {
             child,
             api,
             serial,
             stderr,
-        };
-        p
+        }
     }
 
     /// Wait until the API socket exists.
