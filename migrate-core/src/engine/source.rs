@@ -121,7 +121,6 @@ fn run<V: MigratableVm>(
     paused: &mut bool,
 ) -> Result<(), MigrationError> {
     let memory = vm.memory();
-    let pages = usize::try_from(ram_pages(memory)).expect("page count fits usize");
     stream
         .set_timeouts(Some(opts.io_timeout))
         .map_err(|e| MigrationError::Wire {
@@ -163,6 +162,48 @@ fn run<V: MigratableVm>(
     }
     report.setup_time = ms(start.elapsed());
     report.status = MigrationStatus::Active;
+
+    let result = transfer(vm, &mut w, &mut reader, opts, report, start, paused);
+    if let Err(e) = &result {
+        tell_peer(&mut w, e);
+    }
+    result
+}
+
+/// Best effort: tell the destination why the migration stops, so it can say
+/// so instead of reporting a closed connection.
+fn tell_peer<W: Write>(w: &mut W, e: &MigrationError) {
+    let code = match e {
+        // The peer spoke last, or the stream is gone, or it was told already.
+        MigrationError::PeerError { .. }
+        | MigrationError::Wire { .. }
+        | MigrationError::OutcomeUnknown(_)
+        | MigrationError::DigestMismatch { .. } => return,
+        MigrationError::Timeout { .. } => ErrorCode::Timeout,
+        MigrationError::Cancelled | MigrationError::PolicyAbort(_) => ErrorCode::Cancelled,
+        _ => ErrorCode::Internal,
+    };
+    let _ = write_message(w, &Message::Error(ErrorMessage::new(code, error_chain(e))));
+    let _ = w.flush();
+}
+
+/// Everything after the handshake: iterations, stop-and-copy, completion.
+fn transfer<V: MigratableVm, W: Write>(
+    vm: &V,
+    mut w: &mut W,
+    mut reader: &mut Stream,
+    opts: &mut SendOptions,
+    report: &mut MigrationReport,
+    start: Instant,
+    paused: &mut bool,
+) -> Result<(), MigrationError> {
+    let memory = vm.memory();
+    let pages = usize::try_from(ram_pages(memory)).expect("page count fits usize");
+    let limits = Limits::default();
+    let wire = |phase: &str| {
+        let phase = phase.to_string();
+        move |source| MigrationError::Wire { phase, source }
+    };
 
     // Dirty tracking starts now: drop what the log held so far, since
     // iteration 0 sends everything anyway.

@@ -213,3 +213,62 @@ fn destination_refuses_a_layout_it_does_not_build() {
     assert!(report.error.unwrap().contains("expects"));
     assert!(src.running.load(Ordering::SeqCst));
 }
+
+/// A policy that never stops: QEMU's rule on a guest that never converges.
+struct Never;
+impl policy::ConvergencePolicy for Never {
+    fn name(&self) -> &'static str {
+        "never"
+    }
+    fn decide(&mut self, _: &policy::MigrationHistory) -> policy::Decision {
+        policy::Decision::Continue
+    }
+}
+
+#[test]
+fn timeout_fails_the_migration_and_the_source_runs_on() {
+    let src = Arc::new(FakeVm::new(SIZE));
+    src.running.store(true, Ordering::SeqCst);
+    let guest_vm = src.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let guest = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop2.load(Ordering::SeqCst) {
+            n += 1;
+            guest_vm.guest_write(usize::try_from(n % 2048).unwrap(), n);
+        }
+    });
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        receive_migration(Stream::Unix(b), &ReceiveOptions::default(), |_| {
+            Ok(FakeVm::new(SIZE))
+        })
+    });
+    let mut opts = options(CompressMode::None);
+    opts.policy = Box::new(Never);
+    opts.timeout = Some(Duration::from_millis(300));
+    let report = send_migration(&*src, Stream::Unix(a), opts);
+    stop.store(true, Ordering::SeqCst);
+    guest.join().unwrap();
+    assert_eq!(report.status, MigrationStatus::Failed);
+    assert!(
+        report.error.as_deref().unwrap().contains("timed out"),
+        "{report:?}"
+    );
+    assert!(report.iterations.len() > 1);
+    assert!(report.downtime.is_none(), "the guest was never paused");
+    assert!(src.running.load(Ordering::SeqCst));
+    // The destination is told why, and never resumes.
+    let err = dest.join().unwrap().err().expect("destination must fail");
+    assert!(
+        matches!(
+            err,
+            MigrationError::PeerError {
+                code: crate::wire::ErrorCode::Timeout,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
