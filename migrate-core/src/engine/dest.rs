@@ -59,21 +59,22 @@ pub struct ReceiveOutcome<V> {
     pub digest: Option<u64>,
 }
 
-enum Phase<V> {
+/// Where the receiver is in the exchange.
+enum Phase {
+    /// Pages, zero ranges and iteration ends.
     Memory,
+    /// vCPU states after the final pass.
     State,
+    /// `Accepted` sent; only `Commit` may follow.
     Committing,
-    #[allow(dead_code)]
-    Phantom(std::marker::PhantomData<V>),
 }
 
-impl<V> Phase<V> {
+impl Phase {
     fn name(&self) -> &'static str {
         match self {
             Phase::Memory => "memory transfer",
             Phase::State => "vCPU state transfer",
             Phase::Committing => "completion",
-            Phase::Phantom(_) => "",
         }
     }
 }
@@ -126,7 +127,7 @@ pub fn receive_migration<V: MigratableVm>(
     write_message(&mut w, &Message::HelloAck(ack)).map_err(wire("handshake"))?;
     w.flush().map_err(|e| wire("handshake")(e.into()))?;
 
-    let mut rx = Receiver::<V> {
+    let mut rx = Receiver {
         applier: PageApplier::new(
             usize::try_from(crate::vm::ram_pages(vm.memory())).expect("page count fits usize"),
         )?,
@@ -234,9 +235,9 @@ enum Step {
     Resume,
 }
 
-struct Receiver<V> {
+struct Receiver {
     applier: PageApplier,
-    phase: Phase<V>,
+    phase: Phase,
     iteration: u32,
     iteration_pages: u64,
     total_pages: u64,
@@ -246,8 +247,8 @@ struct Receiver<V> {
     digest: Option<u64>,
 }
 
-impl<V: MigratableVm> Receiver<V> {
-    fn step(&mut self, vm: &V, msg: Message) -> Result<Step, MigrationError> {
+impl Receiver {
+    fn step<V: MigratableVm>(&mut self, vm: &V, msg: Message) -> Result<Step, MigrationError> {
         let phase = self.phase.name();
         let unexpected = |got: MessageKind| MigrationError::Unexpected {
             phase: phase.to_string(),
