@@ -206,3 +206,30 @@ fn vanished_destination_leaves_the_source_running() {
     assert!(src.wait_exit(T).success());
     drop(dst2.child.kill());
 }
+
+#[test]
+fn incoming_side_exits_cleanly_on_garbage() {
+    if !kvm_available("incoming_side_exits_cleanly_on_garbage") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("garbage");
+    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let addr = uri.strip_prefix("tcp:").unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    use std::io::Write;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\nthis is not a migration stream")
+        .unwrap();
+    let st = dst.wait_exit(T);
+    assert_eq!(st.code(), Some(1));
+    let err = dst.stderr_text();
+    assert!(
+        err.contains("incoming migration failed") && err.contains("checksum"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        dst.serial_bytes().is_empty(),
+        "the guest must never have run"
+    );
+}
