@@ -68,6 +68,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mem = a.mem.as_deref().map(harness::parse_size).transpose()?;
     let (vm_tx, vm_rx) = mpsc::channel::<VmEvent>();
     let api = a.api_socket.as_deref().map(ApiServer::bind).transpose()?;
+    // Remove the socket file however this function returns.
+    let _api_path = api.as_ref().map(|s| RemoveOnDrop(s.path().to_path_buf()));
 
     let vm = if let Some(uri) = &a.incoming {
         let uri: MigrationUri = uri.parse()?;
@@ -106,18 +108,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         let Some(mem_size) = mem else {
             bail!("--mem is required (e.g. --mem 256M)");
         };
-        let vm = Vm::new(
-            VmConfig {
-                mem_size,
-                vcpus: a.vcpus.unwrap_or(1),
-                serial,
-            },
-            vm_tx.clone(),
-        )?;
-        if let Some(path) = &a.boot {
+        // Read and build the guest before creating the VM, so that bad input
+        // is reported as such, not as a KVM failure.
+        let (boot, fills) = if let Some(path) = &a.boot {
             let image =
                 std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            vm.load_boot_image(&image)?;
+            (image, Vec::new())
         } else if let Some(spec) = &a.workload {
             let spec: harness::WorkloadSpec = spec.parse()?;
             let image = harness::build(
@@ -127,11 +123,20 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                     tsc_hz: tsc_hz_for(&spec),
                 },
             )?;
-            write_fills(vm.memory(), &image.fills)?;
-            vm.load_boot_image(&image.boot)?;
+            (image.boot, image.fills)
         } else {
             bail!("one of --boot, --workload or --incoming is required");
-        }
+        };
+        let vm = Vm::new(
+            VmConfig {
+                mem_size,
+                vcpus: a.vcpus.unwrap_or(1),
+                serial,
+            },
+            vm_tx.clone(),
+        )?;
+        write_fills(vm.memory(), &fills)?;
+        vm.load_boot_image(&boot)?;
         vm.resume()?;
         vm
     };
@@ -147,47 +152,50 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
     });
     let controller = Arc::new(VmController::new(vm.clone(), tx));
-    let api_path = api.as_ref().map(|s| s.path().to_path_buf());
     if let Some(server) = api {
         server.spawn(controller.clone())?;
     }
-    let code = main_loop(&rx, &controller);
-    if let Some(p) = api_path {
-        let _ = std::fs::remove_file(p);
-    }
-    Ok(code)
+    Ok(main_loop(&rx, &controller))
 }
 
+/// Deletes a file when dropped (the API socket of this process).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Wait for the event that ends this process and turn it into its status.
 fn main_loop(rx: &mpsc::Receiver<ProcessEvent>, controller: &VmController) -> ExitCode {
-    loop {
-        let Ok(ev) = rx.recv() else {
-            return ExitCode::from(1);
-        };
-        match ev {
-            ProcessEvent::Guest(VmEvent::Exited { status }) => {
-                controller.set_stopped();
-                eprintln!("vmigrate: guest exited with status {status}");
-                return ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX));
-            }
-            ProcessEvent::Guest(VmEvent::Halted { vcpu }) => {
-                controller.set_stopped();
-                eprintln!("vmigrate: vCPU {vcpu} halted with interrupts off; VM stopped");
-                return ExitCode::SUCCESS;
-            }
-            ProcessEvent::Guest(VmEvent::Failed { vcpu, reason }) => {
-                controller.set_stopped();
-                eprintln!("vmigrate: error: vCPU {vcpu}: {reason}");
-                return ExitCode::from(1);
-            }
-            ProcessEvent::MigratedAway => {
-                eprintln!("vmigrate: guest migrated away; exiting");
-                return ExitCode::SUCCESS;
-            }
-            ProcessEvent::Shutdown => {
-                eprintln!("vmigrate: shutdown requested");
-                let _ = controller.vm().pause();
-                return ExitCode::SUCCESS;
-            }
+    let Ok(ev) = rx.recv() else {
+        return ExitCode::from(1);
+    };
+    match ev {
+        ProcessEvent::Guest(VmEvent::Exited { status }) => {
+            controller.set_stopped();
+            eprintln!("vmigrate: guest exited with status {status}");
+            ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX))
+        }
+        ProcessEvent::Guest(VmEvent::Halted { vcpu }) => {
+            controller.set_stopped();
+            eprintln!("vmigrate: vCPU {vcpu} halted with interrupts off; VM stopped");
+            ExitCode::SUCCESS
+        }
+        ProcessEvent::Guest(VmEvent::Failed { vcpu, reason }) => {
+            controller.set_stopped();
+            eprintln!("vmigrate: error: vCPU {vcpu}: {reason}");
+            ExitCode::from(1)
+        }
+        ProcessEvent::MigratedAway => {
+            eprintln!("vmigrate: guest migrated away; exiting");
+            ExitCode::SUCCESS
+        }
+        ProcessEvent::Shutdown => {
+            eprintln!("vmigrate: shutdown requested");
+            let _ = controller.vm().pause();
+            ExitCode::SUCCESS
         }
     }
 }

@@ -57,7 +57,7 @@ pub struct VmController {
     state: Mutex<RunState>,
     started: Instant,
     events: Sender<ProcessEvent>,
-    migration: Mutex<Option<MigrationReport>>,
+    migration: Arc<Mutex<Option<MigrationReport>>>,
     migrating: AtomicBool,
 }
 
@@ -69,7 +69,7 @@ impl VmController {
             state: Mutex::new(RunState::Running),
             started: Instant::now(),
             events,
-            migration: Mutex::new(None),
+            migration: Arc::new(Mutex::new(None)),
             migrating: AtomicBool::new(false),
         }
     }
@@ -154,6 +154,7 @@ impl VmController {
             }
             *state = RunState::Migrating;
         }
+        let live = self.migration.clone();
         let result = Stream::connect(&uri, CONNECT_TIMEOUT).map(|stream| {
             let opts = SendOptions {
                 policy,
@@ -163,7 +164,10 @@ impl VmController {
                 verify_digest: req.verify,
                 io_timeout: IO_TIMEOUT,
                 cancel: Arc::new(AtomicBool::new(false)),
-                progress: Some(Box::new(move |r: &MigrationReport| progress(r))),
+                progress: Some(Box::new(move |r: &MigrationReport| {
+                    *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
+                    progress(r)
+                })),
                 destination: uri.to_string(),
             };
             send_migration(&*self.vm, stream, opts)

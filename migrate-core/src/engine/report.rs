@@ -2,7 +2,8 @@
 //! meaning is the same, so scripts written for QEMU read it unchanged.
 //!
 //! Times are milliseconds. Instants, all on the source:
-//! - `setup-time`: from the start of `send` to the destination's `HelloAck`.
+//! - `setup-time`: from the connection being established to the
+//!   destination's `HelloAck`.
 //! - `total-time`: from the start of `send` to `Commit` written (or failure).
 //! - `downtime`: from the moment the vCPUs are paused to `Commit` written;
 //!   the destination resumes as soon as it reads `Commit`, so on loopback
@@ -92,7 +93,7 @@ pub struct MigrationReport {
     pub total_time: f64,
     /// Milliseconds the guest was paused (`None` if it never was).
     pub downtime: Option<f64>,
-    /// Milliseconds of connection and handshake.
+    /// Milliseconds of the handshake (connection established to `HelloAck`).
     pub setup_time: f64,
     /// Milliseconds the source spent digesting guest memory while paused
     /// (part of `downtime`; 0 without `verify`).

@@ -148,6 +148,8 @@ impl Vm {
     /// Create a VM with paused vCPUs and zeroed RAM. Guest exits are sent to
     /// `events`.
     pub fn new(config: VmConfig, events: Sender<VmEvent>) -> Result<Self, VmError> {
+        // Refuse a bad size before touching /dev/kvm.
+        let slots = memory::slot_layout(config.mem_size)?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let max = u32::try_from(kvm.get_max_vcpus())
             .unwrap_or(MAX_VCPUS)
@@ -158,7 +160,6 @@ impl Vm {
                 max,
             });
         }
-        let slots = memory::slot_layout(config.mem_size)?;
         let fd = kvm.create_vm().map_err(|source| VmError::Kvm {
             op: "KVM_CREATE_VM",
             source,

@@ -206,7 +206,7 @@ pub struct VmState {
 pub struct Complete {
     /// The source's digest of all guest memory at the pause, if negotiated.
     pub digest: Option<u64>,
-    /// Pages (data + zero) sent over the whole migration.
+    /// Pages of guest RAM (the destination checks it has as many).
     pub total_pages: u64,
 }
 
