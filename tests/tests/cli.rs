@@ -115,7 +115,7 @@ fn bad_arguments_get_clear_errors() {
                 "--serial",
                 serial,
             ],
-            "2 MiB minimum",
+            "2 MiB",
         ),
         (
             &[
