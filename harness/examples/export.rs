@@ -45,7 +45,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--fault" => {
                 let usage = "--fault wants skip:PASS:GPA or corrupt:PASS:GPA";
                 let mut parts = value.splitn(3, ':');
-                let (Some(kind), Some(pass), Some(page)) = (parts.next(), parts.next(), parts.next())
+                let (Some(kind), Some(pass), Some(page)) =
+                    (parts.next(), parts.next(), parts.next())
                 else {
                     return Err(usage.into());
                 };
@@ -60,7 +61,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let tsc_hz = tsc_hz.or_else(host_tsc_hz);
-    let params = BuildParams { mem_size: parse_size(mem)?, tsc_hz };
+    let params = BuildParams {
+        mem_size: parse_size(mem)?,
+        tsc_hz,
+    };
     let image = match fault {
         Some(f) => build_with_verify_fault(&spec, &params, f)?,
         None => build(&spec, &params)?,
@@ -70,7 +74,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("  dirty range: {:x?}", image.dirty_range);
     eprintln!("  tsc_hz: {tsc_hz:?}");
     for fill in &image.fills {
-        eprintln!("  fill: {:#x}+{:#x} {:?} (not applied by QEMU)", fill.gpa, fill.len, fill.content);
+        eprintln!(
+            "  fill: {:#x}+{:#x} {:?} (not applied by QEMU)",
+            fill.gpa, fill.len, fill.content
+        );
     }
     Ok(())
 }

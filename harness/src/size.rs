@@ -89,7 +89,7 @@ fn suffix_multiplier(suffix: &str) -> Option<u64> {
 #[must_use]
 pub fn format_size(bytes: u64) -> String {
     for (unit, name) in [(TIB, "T"), (GIB, "G"), (MIB, "M"), (KIB, "K")] {
-        if bytes != 0 && bytes % unit == 0 {
+        if bytes != 0 && bytes & (unit - 1) == 0 {
             return format!("{}{name}", bytes / unit);
         }
     }
@@ -123,23 +123,58 @@ mod tests {
     fn rejects_garbage() {
         assert_eq!(parse_size(""), Err(ParseSizeError::Empty));
         assert_eq!(parse_size("   "), Err(ParseSizeError::Empty));
-        assert!(matches!(parse_size("M"), Err(ParseSizeError::InvalidNumber(_))));
-        assert!(matches!(parse_size("0x"), Err(ParseSizeError::InvalidNumber(_))));
-        assert!(matches!(parse_size("-1"), Err(ParseSizeError::InvalidNumber(_))));
-        assert!(matches!(parse_size("12Q"), Err(ParseSizeError::InvalidSuffix(_))));
-        assert!(matches!(parse_size("1.5G"), Err(ParseSizeError::InvalidSuffix(_))));
-        assert!(matches!(parse_size("4KK"), Err(ParseSizeError::InvalidSuffix(_))));
-        assert!(matches!(parse_size("iB"), Err(ParseSizeError::InvalidNumber(_))));
+        assert!(matches!(
+            parse_size("M"),
+            Err(ParseSizeError::InvalidNumber(_))
+        ));
+        assert!(matches!(
+            parse_size("0x"),
+            Err(ParseSizeError::InvalidNumber(_))
+        ));
+        assert!(matches!(
+            parse_size("-1"),
+            Err(ParseSizeError::InvalidNumber(_))
+        ));
+        assert!(matches!(
+            parse_size("12Q"),
+            Err(ParseSizeError::InvalidSuffix(_))
+        ));
+        assert!(matches!(
+            parse_size("1.5G"),
+            Err(ParseSizeError::InvalidSuffix(_))
+        ));
+        assert!(matches!(
+            parse_size("4KK"),
+            Err(ParseSizeError::InvalidSuffix(_))
+        ));
+        assert!(matches!(
+            parse_size("iB"),
+            Err(ParseSizeError::InvalidNumber(_))
+        ));
         assert!(matches!(
             parse_size("99999999999999999999"),
             Err(ParseSizeError::Overflow(_))
         ));
-        assert!(matches!(parse_size("16777216T"), Err(ParseSizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("16777216T"),
+            Err(ParseSizeError::Overflow(_))
+        ));
     }
 
     #[test]
     fn format_round_trips() {
-        for v in [0, 1, 4095, 4096, MIB, 3 * MIB + 4096, 64 * MIB, GIB, 64 * GIB, TIB] {
+        for v in [
+            0,
+            1,
+            4095,
+            4096,
+            MIB,
+            3 * MIB + 4096,
+            64 * MIB,
+            GIB,
+            64 * GIB,
+            TIB,
+        ] {
             assert_eq!(parse_size(&format_size(v)), Ok(v), "{v}");
         }
         assert_eq!(format_size(64 * MIB), "64M");

@@ -13,7 +13,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bytes" => total = harness::parse_size(&args.next().ok_or("--bytes needs a size")?)?,
-            other => return Err(format!("unknown argument {other:?} (usage: tcp-baseline [--bytes SIZE])").into()),
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?} (usage: tcp-baseline [--bytes SIZE])"
+                )
+                .into())
+            }
         }
     }
     let listener = TcpListener::bind("127.0.0.1:0")?;

@@ -93,7 +93,12 @@ where
     F: Fn(&mut CodeAssembler) -> Result<(), WorkloadError>,
 {
     let base = BOOT_LOAD_ADDR;
-    let mut layout = Layout { norm: base, gdt: base, pm32: base, lm64: base };
+    let mut layout = Layout {
+        norm: base,
+        gdt: base,
+        pm32: base,
+        lm64: base,
+    };
     for _ in 0..16 {
         let (code16, norm) = real_mode(&layout)?;
         let gdt = align_up(base + len(&code16), 8);
@@ -101,7 +106,12 @@ where
         let code32 = protected_mode(&layout, mem_size)?;
         let lm64 = pm32 + len(&code32);
         let code64 = long_mode(lm64, &body)?;
-        let next = Layout { norm, gdt, pm32, lm64 };
+        let next = Layout {
+            norm,
+            gdt,
+            pm32,
+            lm64,
+        };
         if next != layout {
             layout = next;
             continue;
@@ -127,7 +137,9 @@ where
             code64: code64_off..total,
         });
     }
-    Err(WorkloadError::Assemble("boot sector layout did not converge".into()))
+    Err(WorkloadError::Assemble(
+        "boot sector layout did not converge".into(),
+    ))
 }
 
 fn len(bytes: &[u8]) -> u64 {
@@ -151,7 +163,8 @@ fn imm32(v: u64) -> Result<u32, WorkloadError> {
 
 /// Converts a value to a sign-extended 32-bit immediate, or fails.
 pub(crate) fn imm_i32(v: u64) -> Result<i32, WorkloadError> {
-    i32::try_from(v).map_err(|_| WorkloadError::Assemble(format!("{v:#x} does not fit in an imm32")))
+    i32::try_from(v)
+        .map_err(|_| WorkloadError::Assemble(format!("{v:#x} does not fit in an imm32")))
 }
 
 /// 16-bit code: normalize CS:IP, set segments and stack, load the GDT, enter
@@ -172,7 +185,10 @@ fn real_mode(l: &Layout) -> Result<(Vec<u8>, u64), WorkloadError> {
     a.or(al, 1)?; // CR0.PE
     a.mov(cr0, eax)?;
     a.jmp_far(SEL_CODE32, imm32(l.pm32)?)?;
-    let res = a.assemble_options(BOOT_LOAD_ADDR, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let res = a.assemble_options(
+        BOOT_LOAD_ADDR,
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
     let norm_ip = res.label_ip(&norm)?;
     Ok((res.inner.code_buffer, norm_ip))
 }
@@ -211,7 +227,10 @@ fn protected_mode(l: &Layout, mem_size: u64) -> Result<Vec<u8>, WorkloadError> {
     a.xor(eax, eax)?;
     a.mov(ecx, 2048u32)?;
     a.rep().stosd()?;
-    a.mov(dword_ptr(PML4_GPA), imm32(PDPT_GPA)? | PTE_PRESENT_RW_ACCESSED)?;
+    a.mov(
+        dword_ptr(PML4_GPA),
+        imm32(PDPT_GPA)? | PTE_PRESENT_RW_ACCESSED,
+    )?;
     // PDE[j] = j * 2 MiB | flags, low and high dwords, for every entry of
     // every page directory (they are not zeroed first).
     a.mov(eax, PDE_2M_FLAGS)?;
@@ -286,10 +305,22 @@ pub(crate) fn emit_mov_imm(
 /// The 32-bit register whose writes zero-extend into `reg`.
 fn reg32(reg: AsmRegister64) -> Result<AsmRegister32, WorkloadError> {
     const PAIRS: [(AsmRegister64, AsmRegister32); 16] = [
-        (rax, eax), (rcx, ecx), (rdx, edx), (rbx, ebx),
-        (rsp, esp), (rbp, ebp), (rsi, esi), (rdi, edi),
-        (r8, r8d), (r9, r9d), (r10, r10d), (r11, r11d),
-        (r12, r12d), (r13, r13d), (r14, r14d), (r15, r15d),
+        (rax, eax),
+        (rcx, ecx),
+        (rdx, edx),
+        (rbx, ebx),
+        (rsp, esp),
+        (rbp, ebp),
+        (rsi, esi),
+        (rdi, edi),
+        (r8, r8d),
+        (r9, r9d),
+        (r10, r10d),
+        (r11, r11d),
+        (r12, r12d),
+        (r13, r13d),
+        (r14, r14d),
+        (r15, r15d),
     ];
     PAIRS
         .iter()

@@ -68,7 +68,7 @@ pub fn fill_pseudo_random(seed: u64, offset: u64, buf: &mut [u8]) {
     let mut pos = offset;
     let mut rest = buf;
     // Unaligned head, byte by byte.
-    while pos % 8 != 0 && !rest.is_empty() {
+    while pos & 7 != 0 && !rest.is_empty() {
         let bytes = word(seed, pos / 8).to_le_bytes();
         let i = usize::try_from(pos % 8).unwrap_or(0);
         rest[0] = bytes[i];
@@ -116,7 +116,11 @@ mod tests {
         }
         assert_eq!(off, 1000);
         assert_eq!(whole, pieced);
-        let fill = MemoryFill { gpa: 1 << 20, len: 1000, content: FillContent::PseudoRandom { seed: 42 } };
+        let fill = MemoryFill {
+            gpa: 1 << 20,
+            len: 1000,
+            content: FillContent::PseudoRandom { seed: 42 },
+        };
         let mut via_fill = vec![0u8; 1000];
         fill.generate(0, &mut via_fill);
         assert_eq!(whole, via_fill);
@@ -133,7 +137,10 @@ mod tests {
             hist[usize::from(b)] += 1;
         }
         let expected = (buf.len() / 256) as f64;
-        let chi2: f64 = hist.iter().map(|&c| (c as f64 - expected).powi(2) / expected).sum();
+        let chi2: f64 = hist
+            .iter()
+            .map(|&c| (c as f64 - expected).powi(2) / expected)
+            .sum();
         assert!(chi2 < 400.0, "chi2 = {chi2}");
         // No two pages alike (so no dedup either).
         let first = &buf[..4096];
@@ -145,6 +152,11 @@ mod tests {
         let mut buf = vec![0u8; 1 << 20];
         fill_pseudo_random(99, 0, &mut buf);
         let packed = zstd::bulk::compress(&buf, 3).expect("compress");
-        assert!(packed.len() >= buf.len(), "{} < {}", packed.len(), buf.len());
+        assert!(
+            packed.len() >= buf.len(),
+            "{} < {}",
+            packed.len(),
+            buf.len()
+        );
     }
 }

@@ -17,6 +17,7 @@
 //! [`HOTSET_MAX_CATCH_UP_MS`] ms worth of stores, so the guest does not burst.
 
 use iced_x86::code_asm::*;
+
 use super::asm::{emit_mark, imm_i32};
 use super::{WorkloadError, PAGE_SIZE, PASS_MARK};
 

@@ -8,6 +8,7 @@
 //! and after migration.
 
 use iced_x86::code_asm::*;
+
 use super::asm::emit_mark;
 use super::{WorkloadError, PASS_MARK};
 

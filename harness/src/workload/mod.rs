@@ -43,7 +43,7 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
-pub use asm::{COM1_DATA, COM1_LSR, EXIT_PORT, PD_GPA, PDPT_GPA, PML4_GPA, STACK_TOP};
+pub use asm::{COM1_DATA, COM1_LSR, EXIT_PORT, PDPT_GPA, PD_GPA, PML4_GPA, STACK_TOP};
 pub use fill::{fill_pseudo_random, FillContent, MemoryFill};
 #[cfg(target_arch = "x86_64")]
 pub use hotset::measure_tsc_hz;
@@ -275,7 +275,7 @@ fn build_inner(
     fault: Option<VerifyFault>,
 ) -> Result<(GuestImage, asm::Sector), WorkloadError> {
     let mem = params.mem_size;
-    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem) || mem % PAGE_SIZE != 0 {
+    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem) || !page_aligned(mem) {
         return Err(WorkloadError::BadMemSize(mem));
     }
     let mut fills = Vec::new();
@@ -305,7 +305,9 @@ fn build_inner(
             fills.push(MemoryFill {
                 gpa: r.start,
                 len: wss,
-                content: FillContent::PseudoRandom { seed: HOTSET_FILL_SEED },
+                content: FillContent::PseudoRandom {
+                    seed: HOTSET_FILL_SEED,
+                },
             });
             (sector, Some(r))
         }
@@ -325,8 +327,13 @@ fn build_inner(
     Ok((image, sector))
 }
 
+/// Whether `value` is a multiple of [`PAGE_SIZE`] (a power of two).
+fn page_aligned(value: u64) -> bool {
+    value & (PAGE_SIZE - 1) == 0
+}
+
 fn check_aligned(what: &'static str, value: u64) -> Result<(), WorkloadError> {
-    if value % PAGE_SIZE == 0 {
+    if page_aligned(value) {
         Ok(())
     } else {
         Err(WorkloadError::NotPageAligned { what, value })
@@ -352,7 +359,10 @@ fn check_range(start: u64, end: u64, mem_size: u64) -> Result<Range<u64>, Worklo
 /// TSC pacing for `rate` pages/s.
 fn pacing(rate: u64, tsc_hz: Option<u64>) -> Result<hotset::Pacing, WorkloadError> {
     if rate == 0 {
-        return Err(WorkloadError::BadNumber { key: "rate", value: "0".into() });
+        return Err(WorkloadError::BadNumber {
+            key: "rate",
+            value: "0".into(),
+        });
     }
     let tsc_hz = tsc_hz.ok_or(WorkloadError::MissingTscHz)?;
     let ticks_per_page = tsc_hz / rate;
@@ -360,7 +370,10 @@ fn pacing(rate: u64, tsc_hz: Option<u64>) -> Result<hotset::Pacing, WorkloadErro
         return Err(WorkloadError::RateTooHigh { rate, tsc_hz });
     }
     let max_lag_ticks = (tsc_hz / 1000 * HOTSET_MAX_CATCH_UP_MS).max(ticks_per_page);
-    Ok(hotset::Pacing { ticks_per_page, max_lag_ticks })
+    Ok(hotset::Pacing {
+        ticks_per_page,
+        max_lag_ticks,
+    })
 }
 
 #[cfg(test)]

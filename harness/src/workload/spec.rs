@@ -4,7 +4,8 @@
 //! [`WorkloadSpec`]'s `Display` prints the canonical form, which parses back
 //! to the same value. Only what can be checked without knowing the VM is
 //! checked here (syntax, keys, numbers, start ≥ 1 MiB, end > start); range
-//! versus RAM size is checked by [`build`](super::build).
+//! versus RAM size is checked by [`build`](super::build). Serde uses the same
+//! string form, so scenario files and reports can hold specs as strings.
 
 use std::collections::HashSet;
 
@@ -78,7 +79,11 @@ impl FromStr for WorkloadSpec {
 }
 
 fn unknown(workload: &'static str, key: &str, allowed: &'static str) -> WorkloadError {
-    WorkloadError::UnknownKey { workload, key: key.to_owned(), allowed }
+    WorkloadError::UnknownKey {
+        workload,
+        key: key.to_owned(),
+        allowed,
+    }
 }
 
 fn size(key: &'static str, value: &str) -> Result<u64, WorkloadError> {
@@ -87,7 +92,10 @@ fn size(key: &'static str, value: &str) -> Result<u64, WorkloadError> {
 
 /// A positive integer count (decimal or `0x` hex, no unit suffix).
 fn count(key: &'static str, value: &str) -> Result<u64, WorkloadError> {
-    let bad = || WorkloadError::BadNumber { key, value: value.to_owned() };
+    let bad = || WorkloadError::BadNumber {
+        key,
+        value: value.to_owned(),
+    };
     let parsed = match value.get(..2) {
         Some(p) if p.eq_ignore_ascii_case("0x") => u64::from_str_radix(&value[2..], 16),
         _ => value.parse::<u64>(),
@@ -151,5 +159,18 @@ impl fmt::Display for WorkloadSpec {
             write!(f, "{sep}end={}", format_size(end))?;
         }
         Ok(())
+    }
+}
+
+impl serde::Serialize for WorkloadSpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for WorkloadSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }

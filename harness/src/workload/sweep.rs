@@ -9,6 +9,7 @@
 //! as compressible as they were.
 
 use iced_x86::code_asm::*;
+
 use super::asm::{emit_mark, imm_i32};
 use super::{WorkloadError, PAGE_SIZE, PASS_MARK};
 

@@ -21,6 +21,7 @@
 //! [`MISMATCH_EXIT_STATUS`] to the exit port and halts with interrupts off.
 
 use iced_x86::code_asm::*;
+
 use super::asm::{emit_exit_and_halt, emit_mark, emit_mov_imm, imm_i32};
 use super::{WorkloadError, MISMATCH_EXIT_STATUS, MISMATCH_MARK, PAGE_SIZE, PASS_MARK};
 
