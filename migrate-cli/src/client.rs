@@ -190,8 +190,8 @@ fn progress_line(p: &MigrationReport) -> String {
         "iteration {:>3}  dirty rate {:>9.0} pages/s  remaining {:>10}  sent {:>10}  {:>7.0} Mbit/s",
         last.map_or(0, |i| i.iteration),
         p.ram.dirty_pages_rate,
-        harness::format_size(p.ram.remaining),
-        harness::format_size(p.ram.transferred),
+        human(p.ram.remaining),
+        human(p.ram.transferred),
         p.ram.mbps
     )
 }
@@ -218,7 +218,7 @@ pub fn print_report(r: &MigrationReport) {
     println!("setup time:     {:.1} ms", r.setup_time);
     println!(
         "transferred:    {} ({} pages with data, {} zero pages)",
-        harness::format_size(r.ram.transferred),
+        human(r.ram.transferred),
         r.ram.normal,
         r.ram.duplicate
     );
@@ -237,4 +237,20 @@ pub fn print_report(r: &MigrationReport) {
 /// Ask a VM to shut down, ignoring failures (it may be gone).
 pub fn shutdown_quiet(socket: &Path) {
     let _ = one(socket, &ApiRequest::Shutdown {});
+}
+
+/// Bytes for people: "63.1 MiB".
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
