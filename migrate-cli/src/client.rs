@@ -21,6 +21,10 @@ pub struct SendArgs {
     /// Convergence policy (qemu, xen).
     #[arg(long, default_value = "qemu")]
     policy: String,
+    /// A policy setting, `KEY=VALUE` (repeatable; see ARCHITECTURE.md for
+    /// each policy's keys).
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    params: Vec<String>,
     /// Longest acceptable pause, in milliseconds (the qemu policy's limit).
     #[arg(long, default_value_t = 300)]
     downtime_limit: u64,
@@ -128,9 +132,17 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         .map(harness::parse_size)
         .transpose()
         .context("--max-bandwidth")?;
+    let mut params = std::collections::BTreeMap::new();
+    for p in &a.params {
+        let Some((k, v)) = p.split_once('=') else {
+            bail!("--param {p:?}: expected KEY=VALUE");
+        };
+        params.insert(k.trim().to_string(), v.trim().to_string());
+    }
     let req = SendRequest {
         to: a.to.clone(),
         policy: a.policy.clone(),
+        params,
         downtime_limit: a.downtime_limit,
         max_bandwidth,
         compress: a.compress.clone(),

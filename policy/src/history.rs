@@ -28,6 +28,13 @@ pub struct IterationStats {
     /// Of `dirty_pages`, how many were also dirty in the previous iteration
     /// (the writable working set); 0 for iteration 0.
     pub redirtied_pages: u64,
+    /// Pages held back for the final copy (the writable working set left
+    /// out of pre-copy, see [`ConvergencePolicy::defer_writable_working_set`](crate::ConvergencePolicy::defer_writable_working_set))
+    /// that are not already counted in `dirtied_during`.
+    pub deferred_pages: u64,
+    /// Fraction of time the vCPUs were held off during this iteration
+    /// (0.0 = unthrottled, 0.99 = ran 1% of the time).
+    pub throttle: f64,
     /// Total guest RAM in bytes.
     pub ram_bytes: u64,
     /// Page size in bytes.
@@ -49,13 +56,19 @@ impl IterationStats {
     ///
     /// Same zero-duration convention as [`transfer_rate`](Self::transfer_rate).
     pub fn dirty_rate(&self) -> f64 {
-        rate(self.remaining_bytes() as f64, self.duration)
+        rate(
+            self.dirtied_during.saturating_mul(self.page_size) as f64,
+            self.duration,
+        )
     }
 
-    /// Bytes still dirty after this iteration: what the next one sends
-    /// (`dirtied_during * page_size`, saturating).
+    /// Bytes a stop-and-copy would send now: the pages dirtied during this
+    /// iteration plus the deferred ones (`(dirtied_during + deferred_pages)
+    /// * page_size`, saturating).
     pub fn remaining_bytes(&self) -> u64 {
-        self.dirtied_during.saturating_mul(self.page_size)
+        self.dirtied_during
+            .saturating_add(self.deferred_pages)
+            .saturating_mul(self.page_size)
     }
 
     /// Whether this iteration is a usable bandwidth sample: it took a

@@ -95,6 +95,19 @@ pub trait ConvergencePolicy: Send {
     fn name(&self) -> &'static str;
     /// Decide what to do after the last iteration in `history`.
     fn decide(&mut self, history: &MigrationHistory) -> Decision;
+
+    /// Whether the next pre-copy iteration should leave out the writable
+    /// working set (pages dirty in both of the last two iterations): they
+    /// will be dirty again, so the engine holds them for the final copy
+    /// instead of sending them now. Asked after every `Continue`/`Throttle`.
+    fn defer_writable_working_set(&self) -> bool {
+        false
+    }
+
+    /// Change the downtime limit from the next decision on (orchestrators
+    /// raise it in steps while a migration runs). Policies without one
+    /// ignore it.
+    fn set_downtime_limit(&mut self, _limit: Duration) {}
 }
 
 /// Parameters every policy may draw on.
@@ -102,12 +115,16 @@ pub trait ConvergencePolicy: Send {
 pub struct PolicyParams {
     /// Longest acceptable pause of the guest.
     pub downtime_limit: Duration,
+    /// Policy-specific settings (`--param key=value` on the command line),
+    /// checked by the policy: an unknown key is an error.
+    pub settings: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for PolicyParams {
     fn default() -> Self {
         Self {
             downtime_limit: DEFAULT_DOWNTIME_LIMIT,
+            settings: Default::default(),
         }
     }
 }
@@ -172,6 +189,7 @@ mod tests {
     fn by_name_passes_the_downtime_limit() {
         let params = PolicyParams {
             downtime_limit: Duration::from_millis(1000),
+            ..Default::default()
         };
         let mut qemu = by_name("qemu", &params).unwrap();
         // 1000 pages left at 4096 B/ms: needs 1000 ms, more than the default.

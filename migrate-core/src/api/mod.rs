@@ -45,6 +45,9 @@ pub struct SendRequest {
     /// Convergence policy name (default `qemu`).
     #[serde(default = "default_policy")]
     pub policy: String,
+    /// Policy-specific settings, `key -> value` (default none).
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, String>,
     /// Downtime limit in milliseconds (default 300, as QEMU).
     #[serde(default = "default_downtime")]
     pub downtime_limit: u64,
@@ -80,6 +83,7 @@ impl SendRequest {
         Self {
             to: to.into(),
             policy: default_policy(),
+            params: Default::default(),
             downtime_limit: default_downtime(),
             max_bandwidth: None,
             compress: default_compress(),

@@ -129,6 +129,7 @@ impl VmController {
         let uri: MigrationUri = req.to.parse().map_err(|e| format!("{e}"))?;
         let params = policy::PolicyParams {
             downtime_limit: Duration::from_millis(req.downtime_limit),
+            settings: req.params.clone(),
         };
         let policy = policy::by_name(&req.policy, &params).map_err(|e| e.to_string())?;
         let compress = match req.compress.as_str() {

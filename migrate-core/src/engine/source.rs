@@ -245,6 +245,8 @@ fn transfer<V: MigratableVm, W: Write>(
             duration,
             dirtied_during: next.count(),
             redirtied_pages: redirtied,
+            deferred_pages: 0,
+            throttle: 0.0,
             ram_bytes: report.ram.total,
             page_size: PAGE_SIZE_U64,
         };
@@ -328,6 +330,8 @@ fn transfer<V: MigratableVm, W: Write>(
         duration: t0.elapsed(),
         dirtied_during: 0,
         redirtied_pages: to_send.overlap_count(&final_set),
+        deferred_pages: 0,
+        throttle: 0.0,
         ram_bytes: report.ram.total,
         page_size: PAGE_SIZE_U64,
     };
