@@ -93,6 +93,40 @@ impl DirtyBitmap {
         }
     }
 
+    /// Keep only the pages also in `other`.
+    pub fn intersect_with(&mut self, other: &DirtyBitmap) {
+        for (a, b) in self
+            .bits
+            .as_raw_mut_slice()
+            .iter_mut()
+            .zip(other.bits.as_raw_slice())
+        {
+            *a &= *b;
+        }
+    }
+
+    /// Remove the pages of `other`.
+    pub fn subtract(&mut self, other: &DirtyBitmap) {
+        for (a, b) in self
+            .bits
+            .as_raw_mut_slice()
+            .iter_mut()
+            .zip(other.bits.as_raw_slice())
+        {
+            *a &= !*b;
+        }
+    }
+
+    /// Pages in `self` but not in `other`.
+    pub fn count_not_in(&self, other: &DirtyBitmap) -> u64 {
+        self.bits
+            .as_raw_slice()
+            .iter()
+            .zip(other.bits.as_raw_slice())
+            .map(|(a, b)| u64::from((a & !b).count_ones()))
+            .sum()
+    }
+
     /// Clear every page.
     pub fn clear(&mut self) {
         self.bits.fill(false);
@@ -145,6 +179,13 @@ mod tests {
             b.set(p);
         }
         assert_eq!(a.overlap_count(&b), 2);
+        assert_eq!(a.count_not_in(&b), 2);
+        let mut i = a.clone();
+        i.intersect_with(&b);
+        assert_eq!(i.iter_ones().collect::<Vec<_>>(), vec![5, 70]);
+        let mut d = a.clone();
+        d.subtract(&b);
+        assert_eq!(d.iter_ones().collect::<Vec<_>>(), vec![1, 199]);
         a.union_with(&b);
         assert_eq!(a.iter_ones().collect::<Vec<_>>(), vec![1, 5, 70, 100, 199]);
         a.clear();

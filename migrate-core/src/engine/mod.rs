@@ -23,6 +23,7 @@
 
 mod dest;
 mod pages;
+mod precopy;
 mod report;
 mod source;
 
@@ -52,6 +53,10 @@ pub trait MigratableVm: Sync {
     fn pause(&self) -> Result<(), VmOpError>;
     /// Start the vCPUs.
     fn resume(&self) -> Result<(), VmOpError>;
+    /// Hold the vCPUs off `fraction` of the time (0.0 lifts it).
+    fn set_throttle(&self, fraction: f64) -> Result<(), VmOpError>;
+    /// The throttle in force.
+    fn throttle(&self) -> f64;
     /// Save every vCPU's state as an opaque blob, in index order (paused).
     fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError>;
     /// Restore every vCPU from blobs, in index order (paused).
@@ -76,6 +81,12 @@ impl MigratableVm for crate::vm::Vm {
     }
     fn resume(&self) -> Result<(), VmOpError> {
         Ok(crate::vm::Vm::resume(self)?)
+    }
+    fn set_throttle(&self, fraction: f64) -> Result<(), VmOpError> {
+        Ok(crate::vm::Vm::set_throttle(self, fraction)?)
+    }
+    fn throttle(&self) -> f64 {
+        crate::vm::Vm::throttle(self)
     }
     fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError> {
         Ok(crate::vm::Vm::save_vcpus(self)?

@@ -9,6 +9,9 @@
 //!   the destination resumes as soon as it reads `Commit`, so on loopback
 //!   the gap after that is the one-way latency of one small frame.
 
+use std::time::Duration;
+
+use policy::IterationStats;
 use serde::{Deserialize, Serialize};
 
 /// Final or current state of a migration.
@@ -53,6 +56,11 @@ pub struct IterationRecord {
     pub dirty_rate_pps: f64,
     /// Megabits per second sent during this iteration.
     pub mbps: f64,
+    /// Pages held back for the final copy (writable working set), beyond
+    /// those in `dirtied-during`.
+    pub deferred_pages: u64,
+    /// Fraction of vCPU time held off during this iteration.
+    pub throttle: f64,
     /// True for the stop-and-copy pass (sent with the guest paused).
     pub final_pass: bool,
 }
@@ -102,6 +110,9 @@ pub struct MigrationReport {
     pub expected_downtime: Option<f64>,
     /// Memory figures.
     pub ram: RamReport,
+    /// Highest vCPU throttle applied, in percent (QEMU's name; 0 when the
+    /// policy never throttled).
+    pub cpu_throttle_percentage: f64,
     /// Convergence policy name.
     pub policy: String,
     /// Why the policy stopped iterating (or why the migration failed).
@@ -144,6 +155,7 @@ impl MigrationReport {
                 total: ram_total,
                 ..Default::default()
             },
+            cpu_throttle_percentage: 0.0,
             policy: policy.to_string(),
             stop_reason: None,
             destination: destination.to_string(),
@@ -152,5 +164,56 @@ impl MigrationReport {
             error: None,
             iterations: Vec::new(),
         }
+    }
+}
+
+impl MigrationReport {
+    /// Add one iteration's figures.
+    pub(crate) fn record_iteration(&mut self, s: &IterationStats, final_pass: bool) {
+        self.ram.transferred += s.bytes_sent;
+        self.ram.normal += s.pages_sent;
+        self.ram.normal_bytes += s.pages_sent * s.page_size;
+        self.ram.duplicate += s.zero_pages;
+        self.ram.remaining = s.remaining_bytes();
+        let secs = s.duration.as_secs_f64();
+        let dirty_rate = if secs > 0.0 {
+            s.dirtied_during as f64 / secs
+        } else {
+            0.0
+        };
+        if !final_pass {
+            self.ram.dirty_pages_rate = dirty_rate;
+        }
+        self.cpu_throttle_percentage = self.cpu_throttle_percentage.max(s.throttle * 100.0);
+        self.iterations.push(IterationRecord {
+            iteration: s.iteration,
+            dirty_pages: s.dirty_pages,
+            pages_sent: s.pages_sent,
+            zero_pages: s.zero_pages,
+            bytes_sent: s.bytes_sent,
+            duration_ms: ms(s.duration),
+            dirtied_during: s.dirtied_during,
+            redirtied_pages: s.redirtied_pages,
+            dirty_rate_pps: dirty_rate,
+            mbps: mbps(s.bytes_sent, s.duration),
+            deferred_pages: s.deferred_pages,
+            throttle: s.throttle,
+            final_pass,
+        });
+    }
+}
+
+/// Milliseconds of a duration.
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Megabits per second of `bytes` over `d` (0 for an empty interval).
+pub(crate) fn mbps(bytes: u64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 {
+        bytes as f64 * 8.0 / s / 1e6
+    } else {
+        0.0
     }
 }

@@ -1,15 +1,15 @@
 //! The source side: pre-copy iterations, stop-and-copy, completion.
 
 use std::io::{BufWriter, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use policy::{ConvergencePolicy, Decision, IterationStats, MigrationHistory};
+use policy::{ConvergencePolicy, IterationStats};
 
 use super::pages::{PageSender, SentCounts};
-use super::report::{DigestReport, IterationRecord, MigrationReport, MigrationStatus};
-use super::{memory_digest, MigratableVm, MigrationError};
+use super::report::{ms, DigestReport, MigrationReport, MigrationStatus};
+use super::{memory_digest, precopy, MigratableVm, MigrationError};
 use crate::dirty::DirtyBitmap;
 use crate::transport::{RateLimited, Stream};
 use crate::vm::ram_pages;
@@ -83,6 +83,10 @@ pub fn send_migration<V: MigratableVm>(
                 _ => MigrationStatus::Failed,
             };
             report.error = Some(error_chain(&e));
+            if !matches!(e, MigrationError::OutcomeUnknown(_)) {
+                // The source runs on: at full speed again.
+                let _ = vm.set_throttle(0.0);
+            }
             if paused && !matches!(e, MigrationError::OutcomeUnknown(_)) {
                 if let Err(re) = vm.resume() {
                     report.error = Some(format!(
@@ -106,10 +110,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn run<V: MigratableVm>(
@@ -198,93 +198,20 @@ fn transfer<V: MigratableVm, W: Write>(
     paused: &mut bool,
 ) -> Result<(), MigrationError> {
     let memory = vm.memory();
-    let pages = usize::try_from(ram_pages(memory)).expect("page count fits usize");
     let limits = Limits::default();
     let wire = |phase: &str| {
         let phase = phase.to_string();
         move |source| MigrationError::Wire { phase, source }
     };
 
-    // Dirty tracking starts now: drop what the log held so far, since
-    // iteration 0 sends everything anyway.
-    let mut next = DirtyBitmap::new(pages);
-    vm.harvest_dirty_log(&mut next)
-        .map_err(vm_err("dirty log sync"))?;
-    next.clear();
-    let mut to_send = DirtyBitmap::all(pages);
-    let mut history = MigrationHistory::new();
     let mut sender = PageSender::new(match opts.compress {
         CompressMode::None => None,
         CompressMode::Zstd(l) => Some(l),
     })?;
-    let mut iteration = 0u32;
-    let mut syncs = 1u64;
-    let mut precopy_bytes = 0u64;
-    let mut precopy_raw = 0u64;
-    let mut precopy_time = Duration::ZERO;
-    let mut previous: Option<DirtyBitmap> = None;
-
-    loop {
-        let phase = format!("iteration {iteration}");
-        let t0 = Instant::now();
-        let sent = send_iteration(&mut sender, &mut w, vm, iteration, &to_send, &phase)?;
-        vm.harvest_dirty_log(&mut next)
-            .map_err(vm_err("dirty log sync"))?;
-        syncs += 1;
-        let duration = t0.elapsed();
-        precopy_bytes += sent.bytes;
-        precopy_raw += sent.raw_bytes;
-        precopy_time += duration;
-        let redirtied = previous.as_ref().map_or(0, |p| to_send.overlap_count(p));
-        let stats = IterationStats {
-            iteration,
-            dirty_pages: to_send.count(),
-            pages_sent: sent.data_pages,
-            zero_pages: sent.zero_pages,
-            bytes_sent: sent.bytes,
-            duration,
-            dirtied_during: next.count(),
-            redirtied_pages: redirtied,
-            deferred_pages: 0,
-            throttle: 0.0,
-            ram_bytes: report.ram.total,
-            page_size: PAGE_SIZE_U64,
-        };
-        record(report, &stats, false);
-        report.ram.dirty_sync_count = syncs;
-        report.ram.mbps = mbps(precopy_bytes, precopy_time);
-        report.ram.page_mbps = mbps(precopy_raw, precopy_time);
-        history.push(stats);
-        let decision = opts.policy.decide(&history);
-        let bw = history.last().map_or(0.0, |s| s.transfer_rate());
-        report.expected_downtime = (bw > 0.0).then(|| report.ram.remaining as f64 / bw * 1000.0);
-        if let Some(p) = opts.progress.as_mut() {
-            p(report);
-        }
-        if opts.cancel.load(Ordering::Relaxed) {
-            return Err(MigrationError::Cancelled);
-        }
-        match decision {
-            Decision::StopAndCopy(reason) => {
-                report.stop_reason = Some(reason.to_string());
-                break;
-            }
-            Decision::Abort(why) => return Err(MigrationError::PolicyAbort(why)),
-            // Throttling needs vCPU duty-cycling, which this engine does not
-            // do yet: iterate on unthrottled.
-            Decision::Continue | Decision::Throttle(_) => {}
-        }
-        if let Some(limit) = opts.timeout {
-            if start.elapsed() >= limit {
-                return Err(MigrationError::Timeout {
-                    secs: start.elapsed().as_secs_f64(),
-                });
-            }
-        }
-        previous = Some(std::mem::replace(&mut to_send, next.clone()));
-        next.clear();
-        iteration += 1;
-    }
+    let end = precopy::run(vm, &mut w, &mut sender, opts, report, start)?;
+    let mut syncs = end.syncs;
+    let mut iteration = end.iteration;
+    let mut next = end.dirty;
 
     // Stop and copy.
     report.status = MigrationStatus::Device;
@@ -297,6 +224,7 @@ fn transfer<V: MigratableVm, W: Write>(
     vm.harvest_dirty_log(&mut next)
         .map_err(vm_err("dirty log sync"))?;
     syncs += 1;
+    next.union_with(&end.deferred);
     let final_set = next;
     let sent = send_iteration(&mut sender, &mut w, vm, iteration, &final_set, &phase)?;
     let blobs = vm.save_vcpus().map_err(vm_err("save vCPU state"))?;
@@ -329,13 +257,13 @@ fn transfer<V: MigratableVm, W: Write>(
         bytes_sent: sent.bytes,
         duration: t0.elapsed(),
         dirtied_during: 0,
-        redirtied_pages: to_send.overlap_count(&final_set),
+        redirtied_pages: end.last_found.overlap_count(&final_set),
         deferred_pages: 0,
-        throttle: 0.0,
+        throttle: vm.throttle(),
         ram_bytes: report.ram.total,
         page_size: PAGE_SIZE_U64,
     };
-    record(report, &stats, true);
+    report.record_iteration(&stats, true);
     report.ram.dirty_sync_count = syncs;
 
     // Completion.
@@ -381,7 +309,7 @@ fn transfer<V: MigratableVm, W: Write>(
     Ok(())
 }
 
-fn send_iteration<V: MigratableVm, W: Write>(
+pub(super) fn send_iteration<V: MigratableVm, W: Write>(
     sender: &mut PageSender,
     w: &mut W,
     vm: &V,
@@ -401,45 +329,6 @@ fn send_iteration<V: MigratableVm, W: Write>(
     Ok(sent)
 }
 
-fn record(report: &mut MigrationReport, s: &IterationStats, final_pass: bool) {
-    report.ram.transferred += s.bytes_sent;
-    report.ram.normal += s.pages_sent;
-    report.ram.normal_bytes += s.pages_sent * s.page_size;
-    report.ram.duplicate += s.zero_pages;
-    report.ram.remaining = s.remaining_bytes();
-    let secs = s.duration.as_secs_f64();
-    let dirty_rate = if secs > 0.0 {
-        s.dirtied_during as f64 / secs
-    } else {
-        0.0
-    };
-    if !final_pass {
-        report.ram.dirty_pages_rate = dirty_rate;
-    }
-    report.iterations.push(IterationRecord {
-        iteration: s.iteration,
-        dirty_pages: s.dirty_pages,
-        pages_sent: s.pages_sent,
-        zero_pages: s.zero_pages,
-        bytes_sent: s.bytes_sent,
-        duration_ms: ms(s.duration),
-        dirtied_during: s.dirtied_during,
-        redirtied_pages: s.redirtied_pages,
-        dirty_rate_pps: dirty_rate,
-        mbps: mbps(s.bytes_sent, s.duration),
-        final_pass,
-    });
-}
-
-fn mbps(bytes: u64, d: Duration) -> f64 {
-    let s = d.as_secs_f64();
-    if s > 0.0 {
-        bytes as f64 * 8.0 / s / 1e6
-    } else {
-        0.0
-    }
-}
-
 fn vm_regions(memory: &vm_memory::GuestMemoryMmap) -> Vec<MemoryRegion> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     memory
@@ -451,7 +340,7 @@ fn vm_regions(memory: &vm_memory::GuestMemoryMmap) -> Vec<MemoryRegion> {
         .collect()
 }
 
-fn vm_err(op: &'static str) -> impl Fn(super::VmOpError) -> MigrationError {
+pub(super) fn vm_err(op: &'static str) -> impl Fn(super::VmOpError) -> MigrationError {
     move |source| MigrationError::Vm { op, source }
 }
 

@@ -23,7 +23,7 @@ use dirty_log::{DirtyLogError, DirtyLogMode};
 use memory::{MemoryError, Slot};
 use ports::{PortBus, SerialSink};
 use state::{StateError, VcpuState};
-use vcpu::{VcpuCommand, VcpuHandle, VcpuThread};
+use vcpu::{Kickable, Throttle, VcpuCommand, VcpuHandle, VcpuThread, THROTTLE_SLICE};
 
 /// Where a boot image is loaded, as a PC BIOS does.
 pub const BOOT_LOAD_ADDR: u64 = 0x7C00;
@@ -142,6 +142,37 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     ports: Arc<PortBus>,
     cpu_model: String,
+    throttle: Arc<Throttle>,
+    ticker: std::sync::Mutex<Option<Ticker>>,
+}
+
+/// The thread that kicks throttled vCPUs out of KVM_RUN every slice.
+struct Ticker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Ticker {
+    fn spawn(throttle: Arc<Throttle>, vcpus: Vec<Kickable>) -> std::io::Result<Self> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("throttle".into())
+            .spawn(move || {
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    if throttle.get() > 0.0 {
+                        vcpus.iter().for_each(Kickable::kick);
+                    }
+                    std::thread::sleep(THROTTLE_SLICE);
+                }
+            })?;
+        Ok(Self { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
 }
 
 impl Vm {
@@ -190,6 +221,7 @@ impl Vm {
             .to_vec();
         let use_xsave = kvm.check_extension(Cap::Xsave) && kvm.check_extension(Cap::Xcrs);
         let ports = Arc::new(PortBus::new(config.serial));
+        let throttle = Arc::new(Throttle::default());
         vcpu::install_kick_handler().map_err(|e| VmError::SpawnVcpu {
             vcpu: 0,
             source: std::io::Error::from_raw_os_error(e.errno()),
@@ -219,6 +251,7 @@ impl Vm {
                 msrs,
                 use_xsave,
                 parked: index != 0,
+                throttle: throttle.clone(),
             })
             .map_err(|source| VmError::SpawnVcpu {
                 vcpu: index,
@@ -235,7 +268,29 @@ impl Vm {
             vcpus,
             ports,
             cpu_model,
+            throttle,
+            ticker: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Hold the vCPUs off `fraction` of the time (0.0 to 0.99), as QEMU's
+    /// auto-converge does; 0.0 lifts the throttle.
+    pub fn set_throttle(&self, fraction: f64) -> Result<(), VmError> {
+        self.throttle.set(fraction);
+        let mut ticker = self.ticker.lock().unwrap_or_else(|e| e.into_inner());
+        if fraction > 0.0 && ticker.is_none() {
+            let kick = self.vcpus.iter().map(VcpuHandle::kickable).collect();
+            *ticker = Some(
+                Ticker::spawn(self.throttle.clone(), kick)
+                    .map_err(|source| VmError::SpawnVcpu { vcpu: 0, source })?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The throttle in force (fraction of vCPU time held off).
+    pub fn throttle(&self) -> f64 {
+        self.throttle.get()
     }
 
     /// Guest RAM.
@@ -389,8 +444,16 @@ impl Vm {
 
     /// Stop the vCPU threads for good.
     pub fn shutdown(&mut self) {
+        self.stop_ticker();
         for v in &mut self.vcpus {
             v.exit();
+        }
+    }
+
+    fn stop_ticker(&self) {
+        let ticker = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = ticker {
+            t.stop();
         }
     }
 
@@ -399,6 +462,12 @@ impl Vm {
             .ok()
             .and_then(|i| self.vcpus.get(i))
             .ok_or(VmError::VcpuGone { vcpu: index })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop_ticker();
     }
 }
 

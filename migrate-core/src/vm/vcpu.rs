@@ -14,12 +14,19 @@
 //!  Running --HLT, IF=0 / exit port / error--> Stopped (VM event sent)
 //!  any --Exit--> thread ends
 //! ```
+//!
+//! Throttling (QEMU's auto-converge): with a throttle `p` in force, a vCPU
+//! sleeps `p / (1 - p)` × 10 ms after every 10 ms it ran, as QEMU's
+//! `cpu_throttle` does; a ticker kicks the vCPUs every 10 ms so that a guest
+//! that never exits (a store loop) still leaves KVM_RUN to take its sleep.
+//! The sleep waits on the command channel, so a throttled vCPU still pauses
+//! at once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -35,6 +42,58 @@ pub fn kick_signal() -> i32 {
 
 /// Interval between kicks while a command waits for its answer.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Run slice of a throttled vCPU (QEMU's CPU_THROTTLE_TIMESLICE_NS).
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+/// The throttle in force, in per-mille of vCPU time held off (0..=990).
+#[derive(Debug, Default)]
+pub struct Throttle(AtomicU32);
+
+impl Throttle {
+    /// Set the fraction of time the vCPUs are held off (clamped to 0..=0.99).
+    pub fn set(&self, fraction: f64) {
+        // In range 0..=990 after the clamp: the cast cannot truncate.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let per_mille = (fraction.clamp(0.0, 0.99) * 1000.0).round() as u32;
+        self.0.store(per_mille, Ordering::Relaxed);
+    }
+
+    /// The fraction in force.
+    pub fn get(&self) -> f64 {
+        f64::from(self.0.load(Ordering::Relaxed)) / 1000.0
+    }
+
+    /// How long to sleep after a full run slice (`None`: unthrottled).
+    fn sleep_per_slice(&self) -> Option<Duration> {
+        let p = self.get();
+        (p > 0.0).then(|| THROTTLE_SLICE.mul_f64(p / (1.0 - p)))
+    }
+}
+
+/// A vCPU thread's join handle, shared with whoever kicks it. The handle is
+/// taken out under the lock before joining, so nobody signals a thread
+/// whose `pthread_t` is no longer valid.
+#[derive(Clone, Default)]
+pub struct Kickable(Arc<Mutex<Option<JoinHandle<()>>>>);
+
+impl Kickable {
+    /// Send the kick signal if the thread has not been joined.
+    pub fn kick(&self) {
+        if let Some(t) = &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    /// Kick one last time and wait for the thread to end.
+    fn join(&self) {
+        let taken = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = taken {
+            let _ = t.kill(kick_signal());
+            let _ = t.join();
+        }
+    }
+}
 
 /// RFLAGS.IF.
 const RFLAGS_IF: u64 = 1 << 9;
@@ -82,7 +141,7 @@ pub struct VcpuHandle {
     /// vCPU index.
     pub index: u32,
     commands: Sender<VcpuCommand>,
-    thread: Option<JoinHandle<()>>,
+    thread: Kickable,
     /// Exit counters.
     pub counts: Arc<ExitCounts>,
 }
@@ -104,6 +163,8 @@ pub struct VcpuThread {
     /// Starts parked (application processors wait for a start-up IPI that
     /// this VM has no APIC to send).
     pub parked: bool,
+    /// The throttle shared by all vCPUs.
+    pub throttle: Arc<Throttle>,
 }
 
 impl VcpuHandle {
@@ -119,9 +180,14 @@ impl VcpuHandle {
         Ok(Self {
             index,
             commands: tx,
-            thread: Some(thread),
+            thread: Kickable(Arc::new(Mutex::new(Some(thread)))),
             counts,
         })
+    }
+
+    /// A handle to kick this vCPU from another thread.
+    pub fn kickable(&self) -> Kickable {
+        self.thread.clone()
     }
 
     /// Send a command and wait for its answer, kicking the thread out of
@@ -130,9 +196,7 @@ impl VcpuHandle {
         let (tx, rx) = mpsc::channel();
         self.commands.send(make(tx)).ok()?;
         loop {
-            if let Some(thread) = &self.thread {
-                let _ = thread.kill(kick_signal());
-            }
+            self.thread.kick();
             match rx.recv_timeout(KICK_INTERVAL) {
                 Ok(v) => return Some(v),
                 Err(RecvTimeoutError::Timeout) => continue,
@@ -144,10 +208,7 @@ impl VcpuHandle {
     /// End the thread and wait for it.
     pub fn exit(&mut self) {
         let _ = self.commands.send(VcpuCommand::Exit);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.kill(kick_signal());
-            let _ = thread.join();
-        }
+        self.thread.join();
     }
 }
 
@@ -160,13 +221,31 @@ impl Drop for VcpuHandle {
 impl VcpuThread {
     fn run(mut self, commands: Receiver<VcpuCommand>, counts: &ExitCounts) {
         let mut running = false;
+        let mut slice_start = Instant::now();
         loop {
             let command = if running && !self.parked {
-                match commands.try_recv() {
-                    Ok(c) => Some(c),
-                    Err(mpsc::TryRecvError::Empty) => None,
-                    Err(mpsc::TryRecvError::Disconnected) => return,
-                }
+                // A throttled vCPU that ran a full slice sleeps, listening.
+                let sleep = self
+                    .throttle
+                    .sleep_per_slice()
+                    .filter(|_| slice_start.elapsed() >= THROTTLE_SLICE);
+                let next = match sleep {
+                    Some(d) => {
+                        let c = match commands.recv_timeout(d) {
+                            Ok(c) => Some(c),
+                            Err(RecvTimeoutError::Timeout) => None,
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        };
+                        slice_start = Instant::now();
+                        c
+                    }
+                    None => match commands.try_recv() {
+                        Ok(c) => Some(c),
+                        Err(mpsc::TryRecvError::Empty) => None,
+                        Err(mpsc::TryRecvError::Disconnected) => return,
+                    },
+                };
+                next
             } else {
                 match commands.recv() {
                     Ok(c) => Some(c),
@@ -182,6 +261,7 @@ impl VcpuThread {
                     }
                     VcpuCommand::Resume(reply) => {
                         running = true;
+                        slice_start = Instant::now();
                         let _ = reply.send(());
                     }
                     VcpuCommand::Save(reply) => {

@@ -1,0 +1,142 @@
+//! The pre-copy iterations of the source: send, harvest, ask the policy.
+//!
+//! Bitmaps per iteration: `found` is what the dirty log reported for this
+//! iteration (all RAM for iteration 0); `to_send` is `found` minus the
+//! deferred set; `deferred` grows when the policy asks to leave the
+//! writable working set (pages found dirty in two iterations running) out of
+//! pre-copy, and is sent once, in the final copy.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use policy::{Decision, IterationStats, MigrationHistory};
+
+use super::pages::PageSender;
+use super::report::{mbps, MigrationReport};
+use super::source::{send_iteration, vm_err, SendOptions};
+use super::{MigratableVm, MigrationError};
+use crate::dirty::DirtyBitmap;
+use crate::vm::ram_pages;
+use crate::wire::PAGE_SIZE_U64;
+
+/// Where pre-copy ended: what the final copy must send.
+pub(super) struct PrecopyEnd {
+    /// Number of the last pre-copy iteration.
+    pub iteration: u32,
+    /// Pages dirtied during the last iteration, not yet sent.
+    pub dirty: DirtyBitmap,
+    /// Pages held back for the final copy.
+    pub deferred: DirtyBitmap,
+    /// What the dirty log reported for the last iteration.
+    pub last_found: DirtyBitmap,
+    /// Dirty-log syncs so far.
+    pub syncs: u64,
+}
+
+/// Run iterations until the policy says stop (or fails, times out, is
+/// cancelled). The vCPUs are still running when this returns.
+pub(super) fn run<V: MigratableVm, W: Write>(
+    vm: &V,
+    w: &mut W,
+    sender: &mut PageSender,
+    opts: &mut SendOptions,
+    report: &mut MigrationReport,
+    start: Instant,
+) -> Result<PrecopyEnd, MigrationError> {
+    let pages = usize::try_from(ram_pages(vm.memory())).expect("page count fits usize");
+    // Dirty tracking starts now: drop what the log held so far, since
+    // iteration 0 sends everything anyway.
+    let mut next = DirtyBitmap::new(pages);
+    vm.harvest_dirty_log(&mut next)
+        .map_err(vm_err("dirty log sync"))?;
+    next.clear();
+    let mut found = DirtyBitmap::all(pages);
+    let mut previous: Option<DirtyBitmap> = None;
+    let mut deferred = DirtyBitmap::new(pages);
+    let mut history = MigrationHistory::new();
+    let mut iteration = 0u32;
+    let mut syncs = 1u64;
+    let mut precopy_bytes = 0u64;
+    let mut precopy_raw = 0u64;
+    let mut precopy_time = Duration::ZERO;
+    let mut throttle = 0.0f64;
+
+    loop {
+        let phase = format!("iteration {iteration}");
+        let mut to_send = found.clone();
+        to_send.subtract(&deferred);
+        let t0 = Instant::now();
+        let sent = send_iteration(sender, w, vm, iteration, &to_send, &phase)?;
+        vm.harvest_dirty_log(&mut next)
+            .map_err(vm_err("dirty log sync"))?;
+        syncs += 1;
+        let duration = t0.elapsed();
+        precopy_bytes += sent.bytes;
+        precopy_raw += sent.raw_bytes;
+        precopy_time += duration;
+        let stats = IterationStats {
+            iteration,
+            dirty_pages: found.count(),
+            pages_sent: sent.data_pages,
+            zero_pages: sent.zero_pages,
+            bytes_sent: sent.bytes,
+            duration,
+            dirtied_during: next.count(),
+            redirtied_pages: previous.as_ref().map_or(0, |p| found.overlap_count(p)),
+            deferred_pages: deferred.count_not_in(&next),
+            throttle,
+            ram_bytes: report.ram.total,
+            page_size: PAGE_SIZE_U64,
+        };
+        report.record_iteration(&stats, false);
+        report.ram.dirty_sync_count = syncs;
+        report.ram.mbps = mbps(precopy_bytes, precopy_time);
+        report.ram.page_mbps = mbps(precopy_raw, precopy_time);
+        history.push(stats);
+        let decision = opts.policy.decide(&history);
+        let bw = history.last().map_or(0.0, IterationStats::transfer_rate);
+        report.expected_downtime = (bw > 0.0).then(|| report.ram.remaining as f64 / bw * 1000.0);
+        if let Some(p) = opts.progress.as_mut() {
+            p(report);
+        }
+        if opts.cancel.load(Ordering::Relaxed) {
+            return Err(MigrationError::Cancelled);
+        }
+        match decision {
+            Decision::StopAndCopy(reason) => {
+                report.stop_reason = Some(reason.to_string());
+                return Ok(PrecopyEnd {
+                    iteration,
+                    dirty: next,
+                    deferred,
+                    last_found: found,
+                    syncs,
+                });
+            }
+            Decision::Abort(why) => return Err(MigrationError::PolicyAbort(why)),
+            Decision::Throttle(f) => {
+                vm.set_throttle(f).map_err(vm_err("throttle vCPUs"))?;
+                throttle = f.clamp(0.0, 0.99);
+            }
+            Decision::Continue => {}
+        }
+        if let Some(limit) = opts.timeout {
+            if start.elapsed() >= limit {
+                return Err(MigrationError::Timeout {
+                    secs: start.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        if opts.policy.defer_writable_working_set() {
+            // Found dirty now and in the iteration just sent: it will be
+            // dirty again; send it once, in the final copy.
+            let mut wws = next.clone();
+            wws.intersect_with(&found);
+            deferred.union_with(&wws);
+        }
+        previous = Some(std::mem::replace(&mut found, next.clone()));
+        next.clear();
+        iteration += 1;
+    }
+}
