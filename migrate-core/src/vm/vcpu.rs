@@ -229,7 +229,7 @@ impl VcpuThread {
                     .throttle
                     .sleep_per_slice()
                     .filter(|_| slice_start.elapsed() >= THROTTLE_SLICE);
-                let next = match sleep {
+                match sleep {
                     Some(d) => {
                         let c = match commands.recv_timeout(d) {
                             Ok(c) => Some(c),
@@ -244,8 +244,7 @@ impl VcpuThread {
                         Err(mpsc::TryRecvError::Empty) => None,
                         Err(mpsc::TryRecvError::Disconnected) => return,
                     },
-                };
-                next
+                }
             } else {
                 match commands.recv() {
                     Ok(c) => Some(c),
