@@ -327,7 +327,7 @@ fn deferred_pages_and_throttle_still_give_identical_memory() {
         while guest_vm.guest_step(|vm| {
             n += 1;
             vm.guest_write(usize::try_from(100 + n % 64).unwrap(), n);
-            if n % 50 == 0 {
+            if n.is_multiple_of(50) {
                 vm.guest_write(usize::try_from(300 + (n / 50) % 1500).unwrap(), n);
             }
         }) {}
