@@ -14,7 +14,6 @@ use migrate_core::engine::{receive_migration, ReceiveOptions};
 use migrate_core::transport::{Listener, MigrationUri};
 use migrate_core::vm::ports::SerialSink;
 use migrate_core::vm::{Vm, VmConfig, VmEvent};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -100,8 +99,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         })
         .context("incoming migration failed; the guest was not started here")?;
         eprintln!(
-            "vmigrate: migration received ({} iterations, {} pages); guest running",
-            outcome.iterations, outcome.pages
+            "vmigrate: migration received ({} iterations, {} pages; resident memory {} MiB before resume); guest running",
+            outcome.iterations,
+            outcome.pages,
+            outcome.rss_before_resume.unwrap_or(0) >> 20
         );
         outcome.vm
     } else {
@@ -135,7 +136,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             },
             vm_tx.clone(),
         )?;
-        write_fills(vm.memory(), &fills)?;
+        write_fills(&vm, &fills)?;
         vm.load_boot_image(&boot)?;
         vm.resume()?;
         vm
@@ -201,16 +202,15 @@ fn main_loop(rx: &mpsc::Receiver<ProcessEvent>, controller: &VmController) -> Ex
 }
 
 /// Write workload fills into guest memory before boot.
-fn write_fills(memory: &GuestMemoryMmap, fills: &[harness::MemoryFill]) -> anyhow::Result<()> {
+fn write_fills(vm: &Vm, fills: &[harness::MemoryFill]) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     for f in fills {
         let mut off = 0u64;
         while off < f.len {
             let n = usize::try_from((f.len - off).min(buf.len() as u64))?;
             f.generate(off, &mut buf[..n]);
-            memory
-                .write_slice(&buf[..n], GuestAddress(f.gpa + off))
-                .map_err(|e| anyhow::anyhow!("fill at {:#x}: {e}", f.gpa + off))?;
+            vm.write_memory(f.gpa + off, &buf[..n])
+                .with_context(|| format!("fill at {:#x}", f.gpa + off))?;
             off += n as u64;
         }
     }

@@ -57,6 +57,8 @@ pub struct ReceiveOutcome<V> {
     pub pages: u64,
     /// The destination's memory digest before resuming, if asked for.
     pub digest: Option<u64>,
+    /// This process's resident memory just before the guest resumed, bytes.
+    pub rss_before_resume: Option<u64>,
 }
 
 /// Where the receiver is in the exchange.
@@ -157,6 +159,7 @@ pub fn receive_migration<V: MigratableVm>(
                 w.flush().map_err(|e| wire(phase)(e.into()))?;
             }
             Ok(Step::Resume) => {
+                let rss_before_resume = resident_bytes();
                 vm.resume().map_err(|source| MigrationError::Vm {
                     op: "resume",
                     source,
@@ -166,6 +169,7 @@ pub fn receive_migration<V: MigratableVm>(
                     iterations: rx.iterations,
                     pages: rx.total_pages,
                     digest: rx.digest,
+                    rss_before_resume,
                 });
             }
             Err(e) => {
@@ -329,7 +333,7 @@ impl Receiver {
                     ));
                 }
                 self.digest = if self.digest_wanted {
-                    Some(memory_digest(vm.memory())?)
+                    Some(memory_digest(vm.memory(), Some(self.applier.written()))?)
                 } else {
                     None
                 };
@@ -338,7 +342,12 @@ impl Receiver {
                     digest: self.digest,
                 })))
             }
-            (Phase::Committing, Message::Commit) => Ok(Step::Resume),
+            (Phase::Committing, Message::Commit) => {
+                // The pages written here are this VM's written set from now
+                // on (a later migration of it skips the others).
+                vm.note_written(self.applier.written());
+                Ok(Step::Resume)
+            }
             (_, Message::Heartbeat) => Ok(Step::Continue),
             (_, other) => Err(unexpected(other.kind())),
         }
@@ -353,4 +362,11 @@ impl Receiver {
         }
         Ok(())
     }
+}
+
+/// Resident memory of this process (`/proc/self/statm`), in bytes.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }

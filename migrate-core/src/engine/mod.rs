@@ -57,6 +57,15 @@ pub trait MigratableVm: Sync {
     fn set_throttle(&self, fraction: f64) -> Result<(), VmOpError>;
     /// The throttle in force.
     fn throttle(&self) -> f64;
+    /// Pages ever written since the VM was created, complete as of the last
+    /// `harvest_dirty_log`; every other page is known to be zero. `None`
+    /// when the VM cannot tell (every page is then read and scanned).
+    fn written_pages(&self) -> Option<DirtyBitmap> {
+        None
+    }
+    /// Record pages written by the migration itself (destination side), so
+    /// the next migration of this VM knows them.
+    fn note_written(&self, _pages: &DirtyBitmap) {}
     /// Save every vCPU's state as an opaque blob, in index order (paused).
     fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError>;
     /// Restore every vCPU from blobs, in index order (paused).
@@ -87,6 +96,12 @@ impl MigratableVm for crate::vm::Vm {
     }
     fn throttle(&self) -> f64 {
         crate::vm::Vm::throttle(self)
+    }
+    fn written_pages(&self) -> Option<DirtyBitmap> {
+        Some(crate::vm::Vm::written_pages(self))
+    }
+    fn note_written(&self, pages: &DirtyBitmap) {
+        crate::vm::Vm::note_written(self, pages)
     }
     fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError> {
         Ok(crate::vm::Vm::save_vcpus(self)?
@@ -175,10 +190,22 @@ pub enum MigrationError {
     OutcomeUnknown(String),
 }
 
-/// xxh3-64 digest of all guest memory, region by region in address order.
-pub fn memory_digest(memory: &GuestMemoryMmap) -> Result<u64, MigrationError> {
+/// Digest of all guest memory: the wrapping sum, over every page that is
+/// not all zero, of xxh3-64 of the page seeded with its address.
+///
+/// Zero pages add nothing, so pages known never to have been written
+/// (outside `written`, when given) are skipped without being read: the
+/// digest costs what the guest used, not what it was given, and both ends
+/// get the same value whichever pages each of them knows to be untouched. A
+/// wrong byte anywhere changes its page's hash and so the sum (this is a
+/// check against lost or misplaced pages, not against an adversary).
+pub fn memory_digest(
+    memory: &GuestMemoryMmap,
+    written: Option<&DirtyBitmap>,
+) -> Result<u64, MigrationError> {
     const CHUNK: usize = 1 << 20;
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    const PAGE: usize = crate::wire::PAGE_SIZE;
+    let mut sum = 0u64;
     let mut buf = vec![0u8; CHUNK];
     for region in memory.iter() {
         let start = region.start_addr().0;
@@ -186,14 +213,26 @@ pub fn memory_digest(memory: &GuestMemoryMmap) -> Result<u64, MigrationError> {
         let mut off = 0u64;
         while off < len {
             let n = usize::try_from((len - off).min(CHUNK as u64)).expect("chunk fits usize");
-            memory
-                .read_slice(&mut buf[..n], GuestAddress(start + off))
-                .map_err(|e| MigrationError::InvalidData(format!("digest read: {e}")))?;
-            hasher.update(&buf[..n]);
+            let gpa = start + off;
             off += n as u64;
+            let first = usize::try_from(gpa / PAGE as u64).expect("page index fits usize");
+            if let Some(w) = written {
+                if (first..first + n / PAGE).all(|p| !w.get(p)) {
+                    continue;
+                }
+            }
+            memory
+                .read_slice(&mut buf[..n], GuestAddress(gpa))
+                .map_err(|e| MigrationError::InvalidData(format!("digest read: {e}")))?;
+            for (i, page) in buf[..n].chunks_exact(PAGE).enumerate() {
+                if !pages::is_zero(page) {
+                    let at = gpa + (i * PAGE) as u64;
+                    sum = sum.wrapping_add(xxhash_rust::xxh3::xxh3_64_with_seed(page, at));
+                }
+            }
         }
     }
-    Ok(hasher.digest())
+    Ok(sum)
 }
 
 #[cfg(test)]

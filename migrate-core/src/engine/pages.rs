@@ -28,6 +28,9 @@ pub struct SentCounts {
     pub bytes: u64,
     /// Page bytes before compression.
     pub raw_bytes: u64,
+    /// Of `zero_pages`, those sent without being read: never written since
+    /// the VM was created.
+    pub skipped_pages: u64,
 }
 
 /// Reads dirty pages and writes them as `Pages`/`ZeroPages` frames.
@@ -61,19 +64,31 @@ impl PageSender {
         })
     }
 
-    /// Send every page set in `dirty`, reading it from `memory` now.
+    /// Send every page set in `dirty`, reading it from `memory` now. Pages
+    /// outside `written` (when given) are known to be zero and go out as
+    /// zero ranges without being read, which also keeps them unallocated.
     pub fn send<W: Write>(
         &mut self,
         w: &mut W,
         memory: &GuestMemoryMmap,
         iteration: u32,
         dirty: &DirtyBitmap,
+        written: Option<&DirtyBitmap>,
         phase: &str,
     ) -> Result<SentCounts, MigrationError> {
         let mut counts = SentCounts::default();
         let mut zeros = ZeroPages::new(iteration);
         for page in dirty.iter_ones() {
             let gpa = page as u64 * PAGE_SIZE as u64;
+            if written.is_some_and(|w| !w.get(page)) {
+                zeros.push_page(gpa);
+                counts.zero_pages += 1;
+                counts.skipped_pages += 1;
+                if zeros.ranges.len() >= MAX_ZERO_RANGES {
+                    counts.bytes += self.flush_zeros(w, &mut zeros, phase)?;
+                }
+                continue;
+            }
             let at = self.data.len();
             self.data.resize(at + PAGE_SIZE, 0);
             memory
@@ -181,6 +196,11 @@ impl PageApplier {
             .ok_or_else(|| {
                 MigrationError::InvalidData(format!("page {gpa:#x} is outside guest memory"))
             })
+    }
+
+    /// Pages written so far.
+    pub fn written(&self) -> &DirtyBitmap {
+        &self.written
     }
 
     /// Write one batch; returns its page count.

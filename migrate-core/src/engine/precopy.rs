@@ -51,6 +51,9 @@ pub(super) fn run<V: MigratableVm, W: Write>(
     vm.harvest_dirty_log(&mut next)
         .map_err(vm_err("dirty log sync"))?;
     next.clear();
+    // After that harvest the VM knows every page ever written; the rest are
+    // zero and iteration 0 sends them as ranges without reading them.
+    let written = vm.written_pages();
     let mut found = DirtyBitmap::all(pages);
     let mut previous: Option<DirtyBitmap> = None;
     let mut deferred = DirtyBitmap::new(pages);
@@ -67,7 +70,13 @@ pub(super) fn run<V: MigratableVm, W: Write>(
         let mut to_send = found.clone();
         to_send.subtract(&deferred);
         let t0 = Instant::now();
-        let sent = send_iteration(sender, w, vm, iteration, &to_send, &phase)?;
+        let known = if iteration == 0 {
+            written.as_ref()
+        } else {
+            None
+        };
+        let sent = send_iteration(sender, w, vm, iteration, &to_send, known, &phase)?;
+        report.ram.skipped += sent.skipped_pages;
         vm.harvest_dirty_log(&mut next)
             .map_err(vm_err("dirty log sync"))?;
         syncs += 1;

@@ -77,6 +77,9 @@ pub struct RamReport {
     pub remaining: u64,
     /// Pages sent as zero ranges (QEMU: "duplicate").
     pub duplicate: u64,
+    /// Of `duplicate`, pages sent as zero without being read: never written
+    /// since the VM was created.
+    pub skipped: u64,
     /// Pages sent with data.
     pub normal: u64,
     /// Bytes of page data sent (before compression).

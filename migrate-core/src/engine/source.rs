@@ -226,7 +226,7 @@ fn transfer<V: MigratableVm, W: Write>(
     syncs += 1;
     next.union_with(&end.deferred);
     let final_set = next;
-    let sent = send_iteration(&mut sender, &mut w, vm, iteration, &final_set, &phase)?;
+    let sent = send_iteration(&mut sender, &mut w, vm, iteration, &final_set, None, &phase)?;
     let blobs = vm.save_vcpus().map_err(vm_err("save vCPU state"))?;
     for (index, blob) in (0u32..).zip(blobs) {
         write_message(&mut w, &Message::VcpuState(VcpuState { index, blob }))
@@ -234,7 +234,7 @@ fn transfer<V: MigratableVm, W: Write>(
     }
     let digest_start = Instant::now();
     let digest = if opts.verify_digest {
-        Some(memory_digest(memory)?)
+        Some(memory_digest(memory, vm.written_pages().as_ref())?)
     } else {
         None
     };
@@ -315,9 +315,10 @@ pub(super) fn send_iteration<V: MigratableVm, W: Write>(
     vm: &V,
     iteration: u32,
     set: &DirtyBitmap,
+    written: Option<&DirtyBitmap>,
     phase: &str,
 ) -> Result<SentCounts, MigrationError> {
-    let mut sent = sender.send(w, vm.memory(), iteration, set, phase)?;
+    let mut sent = sender.send(w, vm.memory(), iteration, set, written, phase)?;
     let end = Message::IterationEnd(IterationEnd {
         iteration,
         pages: sent.data_pages + sent.zero_pages,

@@ -355,3 +355,32 @@ fn deferred_pages_and_throttle_still_give_identical_memory() {
     );
     assert!(report.digest.unwrap().equal);
 }
+
+#[test]
+fn digest_skips_unwritten_pages_and_catches_one_wrong_byte() {
+    let a = FakeVm::new(SIZE);
+    let b = FakeVm::new(SIZE);
+    for vm in [&a, &b] {
+        vm.guest_write(3, 0xdead);
+        vm.guest_write(700, 0xbeef);
+    }
+    // `b` also "wrote" a page that is zero again: still the same memory.
+    b.guest_write(900, 0);
+    let pages = usize::try_from(SIZE / 4096).unwrap();
+    let mut written = DirtyBitmap::new(pages);
+    written.set(3);
+    written.set(700);
+    let full_a = memory_digest(&a.memory, None).unwrap();
+    assert_eq!(full_a, memory_digest(&a.memory, Some(&written)).unwrap());
+    assert_eq!(full_a, memory_digest(&b.memory, None).unwrap());
+    // The same content one page further on is a different memory.
+    let c = FakeVm::new(SIZE);
+    c.guest_write(4, 0xdead);
+    c.guest_write(700, 0xbeef);
+    assert_ne!(full_a, memory_digest(&c.memory, None).unwrap());
+    // One flipped byte changes the digest.
+    b.memory
+        .write_obj(1u8, GuestAddress(700 * 4096 + 100))
+        .unwrap();
+    assert_ne!(full_a, memory_digest(&b.memory, None).unwrap());
+}

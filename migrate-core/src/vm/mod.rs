@@ -144,6 +144,8 @@ pub struct Vm {
     cpu_model: String,
     throttle: Arc<Throttle>,
     ticker: std::sync::Mutex<Option<Ticker>>,
+    /// Pages ever written (see [`Vm::written_pages`]).
+    written: std::sync::Mutex<DirtyBitmap>,
 }
 
 /// The thread that kicks throttled vCPUs out of KVM_RUN every slice.
@@ -270,6 +272,10 @@ impl Vm {
             cpu_model,
             throttle,
             ticker: std::sync::Mutex::new(None),
+            written: std::sync::Mutex::new(DirtyBitmap::new(
+                usize::try_from(config.mem_size / crate::PAGE_SIZE)
+                    .expect("checked by slot_layout"),
+            )),
         })
     }
 
@@ -343,12 +349,7 @@ impl Vm {
                 max: MAX_BOOT_IMAGE,
             });
         }
-        self.memory
-            .write_slice(image, GuestAddress(BOOT_LOAD_ADDR))
-            .map_err(|_| MemoryError::OutOfRange {
-                gpa: BOOT_LOAD_ADDR,
-                len: image.len(),
-            })?;
+        self.write_memory(BOOT_LOAD_ADDR, image)?;
         let mut state = self.save_vcpu(0)?;
         let seg = |selector: u16, type_: u8| kvm_segment {
             base: u64::from(selector) << 4,
@@ -432,14 +433,56 @@ impl Vm {
     }
 
     /// OR the pages dirtied since the last harvest into `into` (which covers
-    /// all of guest RAM) and reset the log.
+    /// all of guest RAM) and reset the log. The pages also join the set of
+    /// pages ever written ([`Vm::written_pages`]).
     pub fn harvest_dirty_log(&self, into: &mut DirtyBitmap) -> Result<(), VmError> {
-        Ok(dirty_log::harvest(
-            &self.fd,
-            self.dirty_mode,
-            &self.slots,
-            into,
-        )?)
+        let mut fresh = DirtyBitmap::new(into.len());
+        dirty_log::harvest(&self.fd, self.dirty_mode, &self.slots, &mut fresh)?;
+        into.union_with(&fresh);
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .union_with(&fresh);
+        Ok(())
+    }
+
+    /// Pages written since the VM was created, by the guest (as of the last
+    /// dirty-log harvest) or by the VMM ([`Vm::write_memory`], boot image,
+    /// pages received in a migration). Every other page is still zero: the
+    /// mapping is anonymous and KVM logs every guest write from creation on.
+    pub fn written_pages(&self) -> DirtyBitmap {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Record pages the VMM wrote behind KVM's back (received pages).
+    pub fn note_written(&self, pages: &DirtyBitmap) {
+        self.written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .union_with(pages);
+    }
+
+    /// Write guest memory from the VMM (boot content), recording the pages
+    /// as written, since KVM's dirty log only sees guest writes.
+    pub fn write_memory(&self, gpa: u64, bytes: &[u8]) -> Result<(), VmError> {
+        self.memory
+            .write_slice(bytes, GuestAddress(gpa))
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: bytes.len(),
+            })?;
+        if let Some(last) = (bytes.len() as u64).checked_sub(1) {
+            let mut w = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            let first = gpa / crate::PAGE_SIZE;
+            let end = (gpa + last) / crate::PAGE_SIZE;
+            for page in first..=end {
+                w.set(usize::try_from(page).expect("checked by the write"));
+            }
+        }
+        Ok(())
     }
 
     /// Stop the vCPU threads for good.
