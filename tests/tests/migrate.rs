@@ -233,3 +233,47 @@ fn incoming_side_exits_cleanly_on_garbage() {
         "the guest must never have run"
     );
 }
+
+/// A 16 GiB guest that has written only [1 MiB, 64 MiB): the untouched
+/// pages go out as zero ranges without being read, the destination stays
+/// small, and the guest's own check stays clean.
+#[test]
+fn big_mostly_untouched_guest_costs_what_it_used() {
+    if !kvm_available("big_mostly_untouched_guest_costs_what_it_used") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("untouched");
+    let mut src = VmProcess::source(bin(), &dir, "src", "verify:start=1M,end=64M", "16G");
+    src.wait_api();
+    src.wait_marks(PASS_MARK, 1, T);
+    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &[]);
+    let r = report.unwrap_or_else(|| panic!("{stderr}"));
+    assert!(ok, "{r:#}");
+    assert_eq!(r["digest"]["equal"], true);
+    let total_pages = (16u64 << 30) / 4096;
+    let normal = r["ram"]["normal"].as_u64().unwrap();
+    let skipped = r["ram"]["skipped"].as_u64().unwrap();
+    // 63 MiB written by the guest, plus its page tables and boot sector.
+    let used = (63u64 << 20) / 4096;
+    assert!(
+        (used..used + 64).contains(&normal),
+        "{normal} data pages for {used} used"
+    );
+    assert!(skipped >= total_pages - used - 64, "only {skipped} skipped");
+    dst.wait_marks(PASS_MARK, 1, T);
+    assert_eq!(dst.count(MISMATCH_MARK), 0);
+    assert!(src.wait_exit(T).success());
+    // The destination's resident memory before resuming: about what the
+    // guest used, not 16 GiB.
+    let err = dst.stderr_text();
+    let rss_mib: u64 = err
+        .split("resident memory ")
+        .nth(1)
+        .and_then(|s| s.split(" MiB").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no resident memory in {err}"));
+    assert!(rss_mib < 400, "destination resident {rss_mib} MiB");
+    drop(dst.child.kill());
+}
