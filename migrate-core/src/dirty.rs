@@ -132,6 +132,18 @@ impl DirtyBitmap {
         self.bits.fill(false);
     }
 
+    /// Iterate over runs of consecutive dirty pages as `(first, count)`,
+    /// scanning a word at a time.
+    pub fn runs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let mut pos = 0;
+        std::iter::from_fn(move || {
+            let start = pos + self.bits.get(pos..)?.first_one()?;
+            let len = self.bits[start..].first_zero().unwrap_or(self.bits.len() - start);
+            pos = start + len;
+            Some((start, len))
+        })
+    }
+
     /// Iterate over dirty page numbers in ascending order.
     pub fn iter_ones(&self) -> impl Iterator<Item = usize> + '_ {
         self.bits.iter_ones()
@@ -191,6 +203,18 @@ mod tests {
         a.clear();
         assert_eq!(a.count(), 0);
         assert!(!a.get(5));
+    }
+
+    #[test]
+    fn runs_cover_exactly_the_set_pages() {
+        let mut b = DirtyBitmap::new(300);
+        for p in [0, 1, 2, 63, 64, 65, 200, 299] {
+            b.set(p);
+        }
+        let runs: Vec<_> = b.runs().collect();
+        assert_eq!(runs, vec![(0, 3), (63, 3), (200, 1), (299, 1)]);
+        assert_eq!(DirtyBitmap::all(130).runs().collect::<Vec<_>>(), vec![(0, 130)]);
+        assert_eq!(DirtyBitmap::new(130).runs().count(), 0);
     }
 
     #[test]

@@ -8,8 +8,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::MigrationError;
 use crate::dirty::DirtyBitmap;
 use crate::wire::{
-    write_message, Message, PageBatch, WireError, ZeroPages, MAX_BATCH_PAGES, MAX_ZERO_RANGES,
-    PAGE_SIZE,
+    write_message, Message, PageBatch, WireError, ZeroPages, ZeroRange, MAX_BATCH_PAGES,
+    MAX_ZERO_RANGES, PAGE_SIZE,
 };
 
 /// Pages per `Pages` frame: 1 MiB of data, large enough that per-frame costs
@@ -78,17 +78,25 @@ impl PageSender {
     ) -> Result<SentCounts, MigrationError> {
         let mut counts = SentCounts::default();
         let mut zeros = ZeroPages::new(iteration);
-        for page in dirty.iter_ones() {
-            let gpa = page as u64 * PAGE_SIZE as u64;
-            if written.is_some_and(|w| !w.get(page)) {
-                zeros.push_page(gpa);
-                counts.zero_pages += 1;
-                counts.skipped_pages += 1;
+        let mut to_read = dirty.clone();
+        if let Some(written) = written {
+            let mut never = dirty.clone();
+            never.subtract(written);
+            for (first, count) in never.runs() {
+                zeros.ranges.push(ZeroRange {
+                    gpa: first as u64 * PAGE_SIZE as u64,
+                    pages: count as u64,
+                });
+                counts.zero_pages += count as u64;
+                counts.skipped_pages += count as u64;
                 if zeros.ranges.len() >= MAX_ZERO_RANGES {
                     counts.bytes += self.flush_zeros(w, &mut zeros, phase)?;
                 }
-                continue;
             }
+            to_read.intersect_with(written);
+        }
+        for page in to_read.iter_ones() {
+            let gpa = page as u64 * PAGE_SIZE as u64;
             let at = self.data.len();
             self.data.resize(at + PAGE_SIZE, 0);
             memory
