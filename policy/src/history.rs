@@ -96,6 +96,21 @@ impl IterationStats {
         Duration::try_from_secs_f64(remaining as f64 / bandwidth).ok()
     }
 
+    /// Milliseconds needed to send `bytes` at the rate this iteration
+    /// measured (`bytes × duration ÷ bytes_sent`): the downtime predicted for
+    /// a final copy of `bytes`. `Some(0.0)` when `bytes` is 0; `None` when
+    /// this iteration is not a bandwidth sample (see
+    /// [`measures_bandwidth`](Self::measures_bandwidth)). Always finite.
+    pub fn millis_to_send(&self, bytes: u64) -> Option<f64> {
+        if bytes == 0 {
+            Some(0.0)
+        } else if self.measures_bandwidth() {
+            Some(bytes as f64 * self.duration.as_secs_f64() * 1000.0 / self.bytes_sent as f64)
+        } else {
+            None
+        }
+    }
+
     /// Fraction of this iteration's `dirty_pages` that were already dirty in
     /// the previous iteration (0.0 to 1.0): how much of what is sent is the
     /// hot, rewritten working set. `0.0` when `dirty_pages` is 0.
@@ -174,6 +189,18 @@ impl MigrationHistory {
             .iter()
             .rev()
             .find(|i| i.measures_bandwidth())
+    }
+
+    /// The most recent iteration that is a bandwidth sample and sent at
+    /// least one page with its data: unlike [`last_measured`](Self::last_measured),
+    /// it skips an iteration that sent only zero ranges and end markers
+    /// (e.g. one whose whole dirty set was deferred), whose few bytes in a
+    /// short time say little about the link.
+    pub fn last_page_sample(&self) -> Option<&IterationStats> {
+        self.iterations
+            .iter()
+            .rev()
+            .find(|i| i.measures_bandwidth() && i.pages_sent > 0)
     }
 }
 
@@ -265,6 +292,37 @@ mod tests {
                 "{dirtied} pages at {bw} B/s"
             );
         }
+    }
+
+    #[test]
+    fn millis_to_send() {
+        // 4096 B/ms sample.
+        let s = stats(4096 * 1000, 1000, 0);
+        assert_eq!(s.millis_to_send(0), Some(0.0));
+        assert_eq!(s.millis_to_send(4096 * 250), Some(250.0));
+        assert_eq!(stats(0, 1000, 0).millis_to_send(1), None);
+        assert_eq!(stats(1, 0, 0).millis_to_send(1), None);
+        assert_eq!(stats(0, 0, 0).millis_to_send(0), Some(0.0));
+        assert!(stats(1, 1, 0)
+            .millis_to_send(u64::MAX)
+            .is_some_and(f64::is_finite));
+    }
+
+    #[test]
+    fn last_page_sample_skips_empty_iterations() {
+        let with_pages = |pages_sent, bytes, ms| IterationStats {
+            pages_sent,
+            ..stats(bytes, ms, 0)
+        };
+        let h: MigrationHistory = vec![
+            with_pages(10, 40_960, 10),
+            with_pages(0, 64, 1),
+            with_pages(5, 0, 0),
+        ]
+        .into();
+        assert_eq!(h.last_page_sample(), Some(&h.iterations()[0]));
+        assert_eq!(h.last_measured(), Some(&h.iterations()[1]));
+        assert!(MigrationHistory::new().last_page_sample().is_none());
     }
 
     #[test]

@@ -5,16 +5,30 @@
 //! ones, kept in [`MigrationHistory`]) and the policy answers with a
 //! [`Decision`]. No KVM, no I/O, no clocks: every input is in the record, so
 //! policies are unit-tested on made-up traces and a study can replay them.
+//!
+//! Policies, by their [`by_name`] names: `qemu` ([`qemu`]), `auto-converge`
+//! ([`auto_converge`]), `xen` ([`xen`], migration v2), `xen-legacy`
+//! ([`xen_legacy`]) and `mp` ([`mp`], the memory-pattern policy). Each
+//! module's docs number its rules and give their source; [`describe`] lists
+//! each policy's settings.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod auto_converge;
 mod history;
+pub mod mp;
 pub mod qemu;
+mod settings;
 pub mod xen;
+pub mod xen_legacy;
 
+pub use auto_converge::AutoConvergePolicy;
 pub use history::{IterationStats, MigrationHistory};
+pub use mp::MpPolicy;
 pub use qemu::QemuPolicy;
+pub use settings::SettingDoc;
 pub use xen::XenPolicy;
+pub use xen_legacy::XenLegacyPolicy;
 
 use std::time::Duration;
 
@@ -39,14 +53,37 @@ pub enum StopReason {
     IterationLimit {
         /// Iterations completed so far (iteration 0 included).
         iterations: u32,
+        /// Predicted downtime of the final copy, in milliseconds, for
+        /// policies that predict one (`None`: not predicted, or no bandwidth
+        /// sample yet).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        predicted_downtime_ms: Option<f64>,
     },
     /// Too many bytes were sent compared to the guest's RAM.
     SentTooMuch {
         /// Bytes sent so far.
         bytes: u64,
+        /// Predicted downtime of the final copy, in milliseconds, for
+        /// policies that predict one (`None`: not predicted, or no bandwidth
+        /// sample yet).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        predicted_downtime_ms: Option<f64>,
     },
     /// The dirty set stopped shrinking while sending at full rate.
     NotConverging,
+    /// The guest is memory-intensive and more iterations would not shrink
+    /// the final copy (the `mp` policy).
+    MemoryIntensive {
+        /// Consecutive iterations that were memory-intensive without
+        /// progress when the policy stopped.
+        iterations: u32,
+        /// Bytes the final copy is predicted to send.
+        remaining_bytes: u64,
+        /// Predicted downtime of the final copy (remaining bytes ÷ the last
+        /// measured bandwidth), in milliseconds; `None` without a bandwidth
+        /// sample.
+        predicted_downtime_ms: Option<f64>,
+    },
     /// Any other reason a policy wants to name.
     Other(String),
 }
@@ -61,13 +98,46 @@ impl std::fmt::Display for StopReason {
                 "expected downtime {expected_downtime_ms:.1} ms is within the limit"
             ),
             StopReason::FewDirtyPages { pages } => write!(f, "only {pages} dirty pages left"),
-            StopReason::IterationLimit { iterations } => {
-                write!(f, "iteration limit reached after {iterations} iterations")
+            StopReason::IterationLimit {
+                iterations,
+                predicted_downtime_ms,
+            } => {
+                write!(f, "iteration limit reached after {iterations} iterations")?;
+                write_prediction(f, *predicted_downtime_ms)
             }
-            StopReason::SentTooMuch { bytes } => write!(f, "{bytes} bytes sent, over the cap"),
+            StopReason::SentTooMuch {
+                bytes,
+                predicted_downtime_ms,
+            } => {
+                write!(f, "{bytes} bytes sent, over the cap")?;
+                write_prediction(f, *predicted_downtime_ms)
+            }
             StopReason::NotConverging => write!(f, "dirty set no longer shrinking"),
+            StopReason::MemoryIntensive {
+                iterations,
+                remaining_bytes,
+                predicted_downtime_ms,
+            } => {
+                write!(
+                    f,
+                    "memory-intensive guest, no progress for {iterations} iterations: \
+                     {remaining_bytes} bytes left"
+                )?;
+                match predicted_downtime_ms {
+                    Some(ms) => write!(f, ", predicted downtime {ms:.1} ms"),
+                    None => write!(f, ", predicted downtime unknown"),
+                }
+            }
             StopReason::Other(s) => f.write_str(s),
         }
+    }
+}
+
+/// `", predicted downtime 12.3 ms"`, or nothing without a prediction.
+fn write_prediction(f: &mut std::fmt::Formatter<'_>, ms: Option<f64>) -> std::fmt::Result {
+    match ms {
+        Some(ms) => write!(f, ", predicted downtime {ms:.1} ms"),
+        None => Ok(()),
     }
 }
 
@@ -105,8 +175,9 @@ pub trait ConvergencePolicy: Send {
     }
 
     /// Change the downtime limit from the next decision on (orchestrators
-    /// raise it in steps while a migration runs). Policies without one
-    /// ignore it.
+    /// raise it in steps while a migration runs). `qemu`, `auto-converge`
+    /// and `mp` use it; `xen` and `xen-legacy`, which have no downtime
+    /// limit, ignore it.
     fn set_downtime_limit(&mut self, _limit: Duration) {}
 }
 
@@ -140,24 +211,71 @@ pub enum PolicyError {
         /// The known names, comma separated.
         known: String,
     },
+    /// A setting key the policy does not have.
+    #[error("policy {policy}: unknown setting {key:?} (known: {known})")]
+    UnknownSetting {
+        /// The policy's name.
+        policy: String,
+        /// The key that was given.
+        key: String,
+        /// The policy's keys, comma separated (`none` if it has none).
+        known: String,
+    },
+    /// A setting whose value does not parse or is out of range.
+    #[error("policy {policy}: bad value {value:?} for {key}: {reason}")]
+    BadSetting {
+        /// The policy's name.
+        policy: String,
+        /// The key.
+        key: String,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Names accepted by [`by_name`].
-pub const POLICY_NAMES: &[&str] = &["qemu", "xen"];
+pub const POLICY_NAMES: &[&str] = &["qemu", "auto-converge", "xen", "xen-legacy", "mp"];
 
-/// Build a policy from its command-line name.
+/// Build a policy from its command-line name, with `params.downtime_limit`
+/// (for the policies that have one) and its `params.settings` (see
+/// [`describe`]); an unknown key or a bad value is an error.
 pub fn by_name(
     name: &str,
     params: &PolicyParams,
 ) -> Result<Box<dyn ConvergencePolicy>, PolicyError> {
-    match name {
-        "qemu" => Ok(Box::new(QemuPolicy::new(params.downtime_limit))),
-        "xen" => Ok(Box::new(XenPolicy::default())),
-        _ => Err(PolicyError::Unknown {
-            name: name.to_string(),
-            known: POLICY_NAMES.join(", "),
-        }),
-    }
+    Ok(match name {
+        "qemu" => {
+            settings::Settings::new("qemu", qemu::SETTINGS, params)?;
+            Box::new(QemuPolicy::new(params.downtime_limit))
+        }
+        "auto-converge" => Box::new(AutoConvergePolicy::from_params(params)?),
+        "xen" => Box::new(XenPolicy::from_params(params)?),
+        "xen-legacy" => Box::new(XenLegacyPolicy::from_params(params)?),
+        "mp" => Box::new(MpPolicy::from_params(params)?),
+        _ => {
+            return Err(PolicyError::Unknown {
+                name: name.to_string(),
+                known: POLICY_NAMES.join(", "),
+            })
+        }
+    })
+}
+
+/// The settings a policy accepts (key, default, meaning), for `--help`
+/// texts and listings; `None` for a name not in [`POLICY_NAMES`]. The
+/// downtime limit is not among them: it comes from
+/// [`PolicyParams::downtime_limit`].
+pub fn describe(name: &str) -> Option<&'static [SettingDoc]> {
+    Some(match name {
+        "qemu" => qemu::SETTINGS,
+        "auto-converge" => auto_converge::SETTINGS,
+        "xen" => xen::SETTINGS,
+        "xen-legacy" => xen_legacy::SETTINGS,
+        "mp" => mp::SETTINGS,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -179,7 +297,7 @@ mod tests {
             let err = by_name(name, &PolicyParams::default()).err();
             assert!(
                 matches!(&err, Some(PolicyError::Unknown { name: n, known })
-                    if n == name && known == "qemu, xen"),
+                    if n == name && known == "qemu, auto-converge, xen, xen-legacy, mp"),
                 "{name:?}: {err:?}"
             );
         }
@@ -204,6 +322,131 @@ mod tests {
         assert!(matches!(qemu.decide(&h), Decision::StopAndCopy(_)));
         let mut default = by_name("qemu", &PolicyParams::default()).unwrap();
         assert_eq!(default.decide(&h), Decision::Continue);
+    }
+
+    fn with_settings(pairs: &[(&str, &str)]) -> PolicyParams {
+        PolicyParams {
+            settings: pairs
+                .iter()
+                .map(|&(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_policy_describes_and_accepts_its_settings() {
+        assert!(describe("nope").is_none());
+        for &name in POLICY_NAMES {
+            let docs = describe(name).expect(name);
+            // All keys at once, each with its documented default.
+            let all: Vec<_> = docs.iter().map(|d| (d.key, d.default)).collect();
+            let policy = by_name(name, &with_settings(&all));
+            assert!(policy.is_ok(), "{name}: {:?}", policy.err());
+            for d in docs {
+                assert!(!d.meaning.is_empty() && !d.default.is_empty(), "{name}");
+            }
+            // An unknown key names the policy and its keys.
+            let err = by_name(name, &with_settings(&[("bogus", "1")])).err();
+            let keys: Vec<_> = docs.iter().map(|d| d.key).collect();
+            let want_known = if keys.is_empty() {
+                "none".to_string()
+            } else {
+                keys.join(", ")
+            };
+            assert!(
+                matches!(&err, Some(PolicyError::UnknownSetting { policy, key, known })
+                    if policy == name && key == "bogus" && *known == want_known),
+                "{name}: {err:?}"
+            );
+        }
+        // qemu has no settings: its limit is `downtime_limit`.
+        let err = by_name("qemu", &with_settings(&[("downtime-limit", "300")])).err();
+        assert!(matches!(err, Some(PolicyError::UnknownSetting { .. })));
+        let err = by_name("mp", &with_settings(&[("confirm", "x")])).err();
+        assert_eq!(
+            err.map(|e| e.to_string()),
+            Some(
+                "policy mp: bad value \"x\" for confirm: expected a non-negative integer"
+                    .to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn set_downtime_limit_reaches_every_policy_with_a_limit() {
+        // 1000 pages left at 4096 B/ms: needs a 1000 ms limit.
+        let h: MigrationHistory = vec![IterationStats {
+            bytes_sent: 4096 * 1000,
+            pages_sent: 1000,
+            dirty_pages: 1000,
+            duration: Duration::from_secs(1),
+            dirtied_during: 1000,
+            page_size: 4096,
+            ram_bytes: 1 << 30,
+            ..Default::default()
+        }]
+        .into();
+        for name in ["qemu", "auto-converge", "mp"] {
+            let mut p = by_name(name, &PolicyParams::default()).unwrap();
+            assert_eq!(p.decide(&h), Decision::Continue, "{name}");
+            p.set_downtime_limit(Duration::from_millis(1000));
+            assert_eq!(
+                p.decide(&h),
+                Decision::StopAndCopy(StopReason::DowntimeReached {
+                    expected_downtime_ms: 1000.0
+                }),
+                "{name}"
+            );
+            let mut p = by_name(
+                name,
+                &PolicyParams {
+                    downtime_limit: Duration::from_millis(1000),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert!(matches!(p.decide(&h), Decision::StopAndCopy(_)), "{name}");
+        }
+    }
+
+    #[test]
+    fn stop_reason_display() {
+        let cases = [
+            (
+                StopReason::IterationLimit {
+                    iterations: 5,
+                    predicted_downtime_ms: None,
+                },
+                "iteration limit reached after 5 iterations",
+            ),
+            (
+                StopReason::IterationLimit {
+                    iterations: 29,
+                    predicted_downtime_ms: Some(812.34),
+                },
+                "iteration limit reached after 29 iterations, predicted downtime 812.3 ms",
+            ),
+            (
+                StopReason::SentTooMuch {
+                    bytes: 10,
+                    predicted_downtime_ms: Some(1.0),
+                },
+                "10 bytes sent, over the cap, predicted downtime 1.0 ms",
+            ),
+            (
+                StopReason::MemoryIntensive {
+                    iterations: 2,
+                    remaining_bytes: 4096,
+                    predicted_downtime_ms: Some(400.54),
+                },
+                "memory-intensive guest, no progress for 2 iterations: 4096 bytes left, \
+                 predicted downtime 400.5 ms",
+            ),
+        ];
+        for (reason, want) in cases {
+            assert_eq!(reason.to_string(), want);
+        }
     }
 
     #[test]

@@ -38,7 +38,15 @@
 
 use std::time::Duration;
 
-use crate::{ConvergencePolicy, Decision, MigrationHistory, StopReason, DEFAULT_DOWNTIME_LIMIT};
+use crate::{
+    ConvergencePolicy, Decision, MigrationHistory, SettingDoc, StopReason, DEFAULT_DOWNTIME_LIMIT,
+};
+
+/// `qemu` has no settings: its only parameter, the downtime limit, comes
+/// from [`PolicyParams::downtime_limit`](crate::PolicyParams::downtime_limit)
+/// (`--downtime-limit`), and can be changed in flight with
+/// [`ConvergencePolicy::set_downtime_limit`].
+pub const SETTINGS: &[SettingDoc] = &[];
 
 /// QEMU's rule: stop when the remaining dirty bytes fit in
 /// `bandwidth × downtime_limit` (see the [module docs](self)).
@@ -103,15 +111,17 @@ impl ConvergencePolicy for QemuPolicy {
         // remaining ≤ threshold: either nothing remains, or there is a
         // bandwidth sample (the threshold is 0 without one), whose
         // `bytes_sent` is non-zero, so this is finite and never NaN.
-        let expected_downtime_ms = match history.last_measured() {
-            Some(sample) if remaining > 0 => {
-                remaining as f64 * sample.duration.as_secs_f64() * 1000.0 / sample.bytes_sent as f64
-            }
-            _ => 0.0,
-        };
+        let expected_downtime_ms = history
+            .last_measured()
+            .and_then(|sample| sample.millis_to_send(remaining))
+            .unwrap_or(0.0);
         Decision::StopAndCopy(StopReason::DowntimeReached {
             expected_downtime_ms,
         })
+    }
+
+    fn set_downtime_limit(&mut self, limit: Duration) {
+        QemuPolicy::set_downtime_limit(self, limit);
     }
 }
 

@@ -30,8 +30,30 @@
 //! The cap is checked first because Xen does so: it asks the policy once
 //! after the pass with an unknown dirty count (only the cap can fire), and
 //! only then syncs the dirty log and asks again with the count.
+//!
+//! Settings ([`SETTINGS`]): `max-iterations` (count, default 5) and
+//! `target-dirty-pages` (count, default 50). Xen has no downtime limit, so
+//! [`PolicyParams::downtime_limit`] is not used.
 
-use crate::{ConvergencePolicy, Decision, MigrationHistory, StopReason};
+use crate::settings::Settings;
+use crate::{
+    ConvergencePolicy, Decision, MigrationHistory, PolicyError, PolicyParams, SettingDoc,
+    StopReason,
+};
+
+/// The settings of `xen`.
+pub const SETTINGS: &[SettingDoc] = &[
+    SettingDoc {
+        key: "max-iterations",
+        default: "5",
+        meaning: "stop once this many iterations ran, the full copy included (SPP_MAX_ITERATIONS)",
+    },
+    SettingDoc {
+        key: "target-dirty-pages",
+        default: "50",
+        meaning: "stop when fewer pages than this were dirtied during an iteration (SPP_TARGET_DIRTY_COUNT)",
+    },
+];
 
 /// Xen's rule: stop after a fixed number of iterations or when few pages
 /// are dirty (see the [module docs](self)).
@@ -61,6 +83,17 @@ impl XenPolicy {
     }
 }
 
+impl XenPolicy {
+    /// Build from `params.settings` (see [`SETTINGS`]).
+    pub fn from_params(params: &PolicyParams) -> Result<Self, PolicyError> {
+        let s = Settings::new("xen", SETTINGS, params)?;
+        Ok(Self::new(
+            s.count_u32("max-iterations", Self::DEFAULT_MAX_ITERATIONS)?,
+            s.count_u64("target-dirty-pages", Self::DEFAULT_TARGET_DIRTY_PAGES)?,
+        ))
+    }
+}
+
 impl Default for XenPolicy {
     /// Xen's numbers: 5 iterations, 50 pages.
     fn default() -> Self {
@@ -82,7 +115,10 @@ impl ConvergencePolicy for XenPolicy {
         };
         let iterations = history.completed();
         if iterations >= self.max_iterations {
-            Decision::StopAndCopy(StopReason::IterationLimit { iterations })
+            Decision::StopAndCopy(StopReason::IterationLimit {
+                iterations,
+                predicted_downtime_ms: None,
+            })
         } else if last.dirtied_during < self.target_dirty_pages {
             Decision::StopAndCopy(StopReason::FewDirtyPages {
                 pages: last.dirtied_during,
@@ -126,7 +162,12 @@ mod tests {
     fn table() {
         use Decision::{Continue, StopAndCopy};
         use StopReason::{FewDirtyPages, IterationLimit};
-        let limit = |iterations| StopAndCopy(IterationLimit { iterations });
+        let limit = |iterations| {
+            StopAndCopy(IterationLimit {
+                iterations,
+                predicted_downtime_ms: None,
+            })
+        };
         let few = |pages| StopAndCopy(FewDirtyPages { pages });
         // (dirtied_during of each iteration so far, decision after the last)
         let cases: Vec<(&[u64], Decision)> = vec![
@@ -162,7 +203,7 @@ mod tests {
         assert!(decisions[..4].iter().all(|d| *d == Decision::Continue));
         assert!(matches!(
             decisions[4],
-            Decision::StopAndCopy(StopReason::IterationLimit { iterations: 5 })
+            Decision::StopAndCopy(StopReason::IterationLimit { iterations: 5, .. })
         ));
     }
 
@@ -186,5 +227,45 @@ mod tests {
                 "max {max}, target {target}, trace {dirtied:?}: {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn settings() {
+        let params = |pairs: &[(&str, &str)]| crate::PolicyParams {
+            settings: pairs
+                .iter()
+                .map(|&(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            XenPolicy::from_params(&params(&[])),
+            Ok(XenPolicy::default())
+        );
+        let defaults: Vec<_> = SETTINGS.iter().map(|d| (d.key, d.default)).collect();
+        assert_eq!(
+            XenPolicy::from_params(&params(&defaults)),
+            Ok(XenPolicy::default())
+        );
+        assert_eq!(
+            XenPolicy::from_params(&params(&[
+                ("max-iterations", "30"),
+                ("target-dirty-pages", "0")
+            ])),
+            Ok(XenPolicy::new(30, 0))
+        );
+        let err = XenPolicy::from_params(&params(&[("max-iterations", "five")])).err();
+        assert!(
+            matches!(&err, Some(PolicyError::BadSetting { policy, key, value, .. })
+                if policy == "xen" && key == "max-iterations" && value == "five"),
+            "{err:?}"
+        );
+        let err = XenPolicy::from_params(&params(&[("max-sent-factor", "3")])).err();
+        assert!(
+            matches!(&err, Some(PolicyError::UnknownSetting { policy, key, known })
+                if policy == "xen" && key == "max-sent-factor"
+                    && known == "max-iterations, target-dirty-pages"),
+            "{err:?}"
+        );
     }
 }

@@ -1,0 +1,347 @@
+//! MP, the memory-pattern policy: stop early once the guest is
+//! memory-intensive and more iterations cannot shrink the final copy.
+//!
+//! Source: the 2018 NCU master's thesis on KVM live migration (see the
+//! project background): KVM's pre-copy never finishes on memory-intensive
+//! guests because QEMU has no iteration cap; MP checks the memory status of
+//! each iteration, classifies the guest, and enters stop-and-copy early for
+//! a memory-intensive one, paying a little more downtime to avoid a long
+//! migration and wasted bandwidth. This module makes that idea precise. It
+//! has to survive what sank other trend rules: bursts, sawtooth remaining
+//! counts (Nova removed a progress timeout because "we were sampling a saw
+//! tooth wave"), and rules too tangled to reason about (QEMU's 2024
+//! convergence-trend patch). So there are few rules, each testable alone.
+//!
+//! Terms, for iteration `i` (0 is the full copy): `remaining(i)` =
+//! [`IterationStats::remaining_bytes`] (what a stop-and-copy after `i` would
+//! send, deferred pages included); `best(i)` = the smallest `remaining` of
+//! iterations `0..i`; `sent(i)` = pages sent in it (`pages_sent +
+//! zero_pages`). After every iteration [`MpPolicy`] applies, in order:
+//!
+//! 1. **Downtime rule** (always first): exactly the [`qemu`](crate::qemu)
+//!    rule — when `remaining ≤ bandwidth × downtime_limit` (bandwidth of the
+//!    last measured iteration), [`StopReason::DowntimeReached`]. The decision
+//!    is delegated to a [`QemuPolicy`], so a guest that converges (beats its
+//!    best by `min-gain` every iteration, see rule 3) gets the same
+//!    decisions, at the same iteration, with the same reason, as `qemu` —
+//!    unless a safety net (rule 5) ends it first.
+//! 2. **Memory-intensive** (classification, from iteration 1): iteration `i`
+//!    is memory-intensive when
+//!    (a) the guest dirtied at least `rate-ratio` (default 0.8) of the pages
+//!    the link sent in it: `dirtied_during ≥ 0.8 × sent(i)`. Over the same
+//!    duration this is dirty rate ≥ 0.8 × send rate, counted in pages so
+//!    that compression and zero ranges do not distort it. Without deferral
+//!    `sent(i) = remaining(i−1)`, so failing (a) means the dirty set fell by
+//!    more than 20% in one iteration: the guest is recovering, which is what
+//!    keeps a single burst from counting (see rule 4). *Why 0.8:* a guest
+//!    dirtying at ≥ 80% of the link needs more than 10 iterations for every
+//!    10× shrink of its dirty set (0.8¹⁰ ≈ 0.11): the long tail MP exists to
+//!    cut; below that it is left to converge. Or
+//!    (b) from iteration 2 on, at least `wws-ratio` (default 0.5) of the
+//!    pages it sent had been sent in the previous iteration already
+//!    (`redirtied_pages / dirty_pages`): the writable working set of Clark
+//!    et al. (NSDI 2005). Iteration 1 is skipped because its "previous" set
+//!    is the full copy, so its ratio is always 1. *Why 0.5:* "most of what
+//!    was sent is sent again". It also classifies the trough iterations of
+//!    a guest oscillating over the same pages with trough/peak ≥ 0.5 (swings
+//!    up to ±33%), which (a) misses, but not the iteration after a burst
+//!    that more than doubled the dirty set (ratio < 0.5). The clause needs
+//!    no "and remaining is not shrinking" of its own: that is rule 3, which
+//!    a stop requires anyway.
+//! 3. **No progress** (from iteration 1): `remaining(i) ≥ (1 − min-gain) ×
+//!    best(i)`, `min-gain` default 10%. Compared with the *best* so far, not
+//!    the previous iteration: an oscillating guest shows a large gain
+//!    against the previous iteration at every trough, but never beats its
+//!    earlier troughs (KubeVirt's stall detection compares with the best
+//!    value for the same reason). *Why 10%:* below 10% per iteration a 10×
+//!    smaller final copy takes more than 21 iterations (0.9²¹ ≈ 0.11), about
+//!    the whole budget of the iteration net, while each iteration re-sends
+//!    about `remaining` bytes; and per-iteration dirty counts jitter by a
+//!    few percent, so a smaller margin would read noise as progress
+//!    (KubeVirt's 4% is over a window of at least 40 s, not one iteration).
+//! 4. **Stop: memory-intensive without progress.** An iteration where rules
+//!    2 and 3 both hold is *stuck*. When the last `confirm` (default 2)
+//!    iterations were all stuck, answer [`StopReason::MemoryIntensive`] —
+//!    except on a rising edge (`remaining(i) > remaining(i−1)`): then wait
+//!    up to `trough-wait` (default 1) more stuck iterations, so that an
+//!    oscillating guest is paused at a trough, not a peak (KubeVirt switches
+//!    over at a local minimum). *Why confirm = 2:* one stuck iteration may
+//!    be a burst (a storm of new pages); the iteration after it sends the
+//!    storm's pages and, if the guest is otherwise quiet, falls by more than
+//!    20% with few re-sent pages, so rule 2 fails and the count restarts.
+//!    Two stuck iterations in a row mean the dirty set did not shrink over
+//!    two passes, the second of which re-sent the first's leftovers. Each
+//!    extra confirmation costs one more iteration's traffic. So a
+//!    non-converging guest (dirties ≥ the link rate) stops after exactly
+//!    `confirm + 1` iterations (the full copy and `confirm` stuck ones),
+//!    unless a safety net ends it first.
+//!    *Why trough-wait = 1:* one iteration is enough to reach the trough of
+//!    a two-iteration oscillation, and a bound keeps a steadily rising
+//!    guest from waiting forever.
+//! 5. **Safety nets**, like Xen legacy's: completed iterations ≥
+//!    `max-iterations` (default 29: with the final copy, Xen's "30 times
+//!    round loop") → [`StopReason::IterationLimit`]; total bytes sent >
+//!    `max-sent-factor` (default 3, Xen's `DEF_MAX_FACTOR`) × RAM →
+//!    [`StopReason::SentTooMuch`] (skipped when the RAM size is unknown).
+//!    They bound guests that never look stuck (oscillations wider than
+//!    rule 2b accepts over changing pages) — and a guest that converges
+//!    but would need more than 3 × RAM of traffic to do so: that one is
+//!    stopped where `qemu` would go on, by design.
+//! 6. **Deferral.** From the first stuck iteration whose re-sent ratio met
+//!    rule 2b on, [`defer_writable_working_set`](ConvergencePolicy::defer_writable_working_set)
+//!    answers true for the rest of the migration (`defer-wws`, default on):
+//!    the engine then holds pages dirty in two iterations running for the
+//!    final copy instead of sending them again. *Why:* a stuck guest's final
+//!    copy contains them anyway, so each re-send was wasted traffic (Clark et
+//!    al.), and the shorter iterations may shrink `remaining` enough to reset
+//!    the stuck count (rule 3 sees the deferred pages, so deferral cannot
+//!    hide anything). Never before a stuck iteration, so converging guests
+//!    are never deferred and behave exactly like `qemu`; never switched off,
+//!    because the engine keeps what it holds until the final copy anyway,
+//!    and flipping would only make the sent amount swing.
+//!
+//! Every stop after rule 1 reports the predicted downtime: `remaining ÷`
+//! the bandwidth of the last iteration that sent data pages (as `qemu`'s,
+//! except that an iteration which sent no page — e.g. all deferred — is not
+//! taken as a measure of the link), `None` without such an iteration.
+//! Rules 2–4 are replayed over the whole history at every decision, so a
+//! decision depends on the history alone (and the settings).
+
+use std::time::Duration;
+
+use crate::settings::Settings;
+use crate::{
+    ConvergencePolicy, Decision, IterationStats, MigrationHistory, PolicyError, PolicyParams,
+    QemuPolicy, SettingDoc, StopReason,
+};
+
+#[cfg(test)]
+mod tests;
+
+/// The settings of `mp`.
+pub const SETTINGS: &[SettingDoc] = &[
+    SettingDoc {
+        key: "rate-ratio",
+        default: "0.8",
+        meaning: "memory-intensive when the guest dirties at least this share of the pages the link sends",
+    },
+    SettingDoc {
+        key: "wws-ratio",
+        default: "0.5",
+        meaning: "memory-intensive when at least this share of the pages sent were sent in the previous iteration too",
+    },
+    SettingDoc {
+        key: "min-gain",
+        default: "10%",
+        meaning: "no progress unless remaining beats the best so far by this share",
+    },
+    SettingDoc {
+        key: "confirm",
+        default: "2",
+        meaning: "stop after this many memory-intensive iterations without progress in a row",
+    },
+    SettingDoc {
+        key: "trough-wait",
+        default: "1",
+        meaning: "on a rising edge, wait up to this many more iterations for a trough",
+    },
+    SettingDoc {
+        key: "max-iterations",
+        default: "29",
+        meaning: "safety net: stop once this many iterations ran, the full copy included",
+    },
+    SettingDoc {
+        key: "max-sent-factor",
+        default: "3",
+        meaning: "safety net: stop once more than this many times the guest's RAM was sent",
+    },
+    SettingDoc {
+        key: "defer-wws",
+        default: "on",
+        meaning: "hold the writable working set for the final copy once the guest is stuck",
+    },
+];
+
+/// The memory-pattern policy (see the [module docs](self)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MpPolicy {
+    qemu: QemuPolicy,
+    /// Rule 2a: dirtied ÷ sent pages at or above this is memory-intensive.
+    pub rate_ratio: f64,
+    /// Rule 2b: re-sent ÷ sent pages at or above this is memory-intensive.
+    pub wws_ratio: f64,
+    /// Rule 3: progress means beating the best remaining by this fraction.
+    pub min_gain: f64,
+    /// Rule 4: stuck iterations in a row needed to stop (at least 1).
+    pub confirm: u32,
+    /// Rule 4: extra stuck iterations to wait for a trough on a rising edge.
+    pub trough_wait: u32,
+    /// Rule 5: iteration cap (completed iterations, iteration 0 included).
+    pub max_iterations: u32,
+    /// Rule 5: traffic cap, in multiples of the guest's RAM.
+    pub max_sent_factor: f64,
+    /// Rule 6: whether to ask for writable-working-set deferral.
+    pub defer_wws: bool,
+    deferring: bool,
+}
+
+/// What rules 2 to 4 make of a history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Assessment {
+    /// Stuck iterations (rules 2 and 3) in a row, ending with the last.
+    streak: u32,
+    /// The last iteration left more than the one before it.
+    rising: bool,
+    /// Some stuck iteration met rule 2b (starts deferral).
+    wws_stuck: bool,
+}
+
+impl MpPolicy {
+    /// Default of `rate-ratio`.
+    pub const DEFAULT_RATE_RATIO: f64 = 0.8;
+    /// Default of `wws-ratio`.
+    pub const DEFAULT_WWS_RATIO: f64 = 0.5;
+    /// Default of `min-gain`.
+    pub const DEFAULT_MIN_GAIN: f64 = 0.1;
+    /// Default of `confirm`.
+    pub const DEFAULT_CONFIRM: u32 = 2;
+    /// Default of `trough-wait`.
+    pub const DEFAULT_TROUGH_WAIT: u32 = 1;
+    /// Default of `max-iterations` (Xen legacy's `DEF_MAX_ITERS`).
+    pub const DEFAULT_MAX_ITERATIONS: u32 = 29;
+    /// Default of `max-sent-factor` (Xen legacy's `DEF_MAX_FACTOR`).
+    pub const DEFAULT_MAX_SENT_FACTOR: f64 = 3.0;
+
+    /// The defaults with this downtime limit.
+    pub fn new(downtime_limit: Duration) -> Self {
+        Self {
+            qemu: QemuPolicy::new(downtime_limit),
+            rate_ratio: Self::DEFAULT_RATE_RATIO,
+            wws_ratio: Self::DEFAULT_WWS_RATIO,
+            min_gain: Self::DEFAULT_MIN_GAIN,
+            confirm: Self::DEFAULT_CONFIRM,
+            trough_wait: Self::DEFAULT_TROUGH_WAIT,
+            max_iterations: Self::DEFAULT_MAX_ITERATIONS,
+            max_sent_factor: Self::DEFAULT_MAX_SENT_FACTOR,
+            defer_wws: true,
+            deferring: false,
+        }
+    }
+
+    /// Build from `params` (downtime limit and [`SETTINGS`]).
+    pub fn from_params(params: &PolicyParams) -> Result<Self, PolicyError> {
+        let s = Settings::new("mp", SETTINGS, params)?;
+        Ok(Self {
+            rate_ratio: s.fraction("rate-ratio", Self::DEFAULT_RATE_RATIO, 0.0, 1.0)?,
+            wws_ratio: s.fraction("wws-ratio", Self::DEFAULT_WWS_RATIO, 0.0, 1.0)?,
+            min_gain: s.fraction("min-gain", Self::DEFAULT_MIN_GAIN, 0.0, 1.0)?,
+            confirm: s.count_at_least("confirm", Self::DEFAULT_CONFIRM, 1)?,
+            trough_wait: s.count_u32("trough-wait", Self::DEFAULT_TROUGH_WAIT)?,
+            max_iterations: s.count_u32("max-iterations", Self::DEFAULT_MAX_ITERATIONS)?,
+            max_sent_factor: s.factor("max-sent-factor", Self::DEFAULT_MAX_SENT_FACTOR)?,
+            defer_wws: s.switch("defer-wws", true)?,
+            ..Self::new(params.downtime_limit)
+        })
+    }
+
+    /// The downtime limit currently in force.
+    pub fn downtime_limit(&self) -> Duration {
+        self.qemu.downtime_limit()
+    }
+
+    /// Rule 2 for iteration `index` of a history.
+    fn intensive(&self, index: usize, it: &IterationStats) -> (bool, bool) {
+        let sent = it.pages_sent.saturating_add(it.zero_pages);
+        let rate = it.dirtied_during as f64 >= self.rate_ratio * sent as f64;
+        let wws = index >= 2 && it.redirty_ratio() >= self.wws_ratio;
+        (rate, wws)
+    }
+
+    /// Replay rules 2 to 4 over `iterations`.
+    fn assess(&self, iterations: &[IterationStats]) -> Assessment {
+        let mut a = Assessment::default();
+        let mut best = u64::MAX;
+        for (index, it) in iterations.iter().enumerate() {
+            let remaining = it.remaining_bytes();
+            if index > 0 {
+                let no_progress = remaining as f64 >= (1.0 - self.min_gain) * best as f64;
+                let (rate, wws) = self.intensive(index, it);
+                if no_progress && (rate || wws) {
+                    a.streak = a.streak.saturating_add(1);
+                    a.wws_stuck |= wws;
+                } else {
+                    a.streak = 0;
+                }
+            }
+            best = best.min(remaining);
+        }
+        if let [.., previous, last] = iterations {
+            a.rising = last.remaining_bytes() > previous.remaining_bytes();
+        }
+        a
+    }
+}
+
+impl Default for MpPolicy {
+    /// The defaults, with [`DEFAULT_DOWNTIME_LIMIT`](crate::DEFAULT_DOWNTIME_LIMIT).
+    fn default() -> Self {
+        Self::new(crate::DEFAULT_DOWNTIME_LIMIT)
+    }
+}
+
+impl ConvergencePolicy for MpPolicy {
+    fn name(&self) -> &'static str {
+        "mp"
+    }
+
+    fn decide(&mut self, history: &MigrationHistory) -> Decision {
+        // Rule 1.
+        let stop = self.qemu.decide(history);
+        if stop != Decision::Continue {
+            return stop;
+        }
+        let Some(last) = history.last() else {
+            return Decision::Continue;
+        };
+        let a = self.assess(history.iterations());
+        // Rule 6.
+        self.deferring = self.defer_wws && a.wws_stuck;
+        let remaining_bytes = last.remaining_bytes();
+        let predicted_downtime_ms = history
+            .last_page_sample()
+            .and_then(|sample| sample.millis_to_send(remaining_bytes));
+        // Rule 4.
+        let waited_enough = a.streak >= self.confirm.saturating_add(self.trough_wait);
+        if a.streak >= self.confirm && (!a.rising || waited_enough) {
+            return Decision::StopAndCopy(StopReason::MemoryIntensive {
+                iterations: a.streak,
+                remaining_bytes,
+                predicted_downtime_ms,
+            });
+        }
+        // Rule 5.
+        let iterations = history.completed();
+        let sent = history.total_bytes_sent();
+        if iterations >= self.max_iterations {
+            Decision::StopAndCopy(StopReason::IterationLimit {
+                iterations,
+                predicted_downtime_ms,
+            })
+        } else if last.ram_bytes > 0 && sent as f64 > self.max_sent_factor * last.ram_bytes as f64 {
+            Decision::StopAndCopy(StopReason::SentTooMuch {
+                bytes: sent,
+                predicted_downtime_ms,
+            })
+        } else {
+            Decision::Continue
+        }
+    }
+
+    fn defer_writable_working_set(&self) -> bool {
+        self.deferring
+    }
+
+    fn set_downtime_limit(&mut self, limit: Duration) {
+        self.qemu.set_downtime_limit(limit);
+    }
+}
