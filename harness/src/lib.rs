@@ -5,15 +5,18 @@
 //! at [`BOOT_LOAD_ADDR`], applies its [`MemoryFill`]s, and starts the vCPU in
 //! real mode; the guest reports progress on COM1 with single-byte marks
 //! ([`BOOT_MARK`], [`PASS_MARK`], [`MISMATCH_MARK`]). Sizes in specs and on
-//! the command line are parsed by [`parse_size`].
+//! the command line are parsed by [`parse_size`]. The performance study that
+//! migrates these guests under each policy and link is in [`study`] (binary
+//! `vmigrate-study`).
 
 pub mod size;
+pub mod study;
 pub mod workload;
 
 pub use size::{format_size, parse_size, ParseSizeError};
 #[cfg(target_arch = "x86_64")]
 pub use workload::measure_tsc_hz;
 pub use workload::{
-    build, BuildParams, FillContent, GuestImage, MemoryFill, WorkloadError, WorkloadSpec,
-    BOOT_LOAD_ADDR, BOOT_MARK, MISMATCH_EXIT_STATUS, MISMATCH_MARK, PASS_MARK,
+    build, BuildParams, FillContent, GuestImage, MemoryFill, SweepMode, WorkloadError,
+    WorkloadSpec, BOOT_LOAD_ADDR, BOOT_MARK, MISMATCH_EXIT_STATUS, MISMATCH_MARK, PASS_MARK,
 };

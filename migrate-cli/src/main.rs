@@ -27,6 +27,8 @@ enum Command {
     Run(run::RunArgs),
     /// Migrate the guest of a running `vmigrate run` to another one.
     Send(client::SendArgs),
+    /// List the convergence policies and their settings (`send --param`).
+    Policies,
     /// Show the state of a running VM.
     Status(client::StatusArgs),
     /// Stop a running VM; its process exits 0.
@@ -72,6 +74,10 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Send(a) => client::send(a),
         Command::Status(a) => client::status(a),
+        Command::Policies => {
+            policies();
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Shutdown(a) => client::shutdown(a),
         Command::Workload {
             command: WorkloadCommand::Export(a),
@@ -108,4 +114,14 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn policies() {
+    for &name in policy::POLICY_NAMES {
+        println!("{name}");
+        for s in policy::describe(name).unwrap_or_default() {
+            println!("  --param {}={:<8} {}", s.key, s.default, s.meaning);
+        }
+    }
+    println!("every policy also takes --downtime-limit MS (default 300)");
 }

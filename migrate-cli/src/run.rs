@@ -56,10 +56,7 @@ fn serial_sink(path: &str) -> anyhow::Result<SerialSink> {
 /// The TSC rate a paced workload is built for (the host's: KVM guests see
 /// the host TSC rate unless it is scaled, which our hosts cannot do).
 pub fn tsc_hz_for(spec: &harness::WorkloadSpec) -> Option<u64> {
-    match spec {
-        harness::WorkloadSpec::Hotset { rate: Some(_), .. } => Some(harness::measure_tsc_hz()),
-        _ => None,
-    }
+    spec.needs_tsc_hz().then(harness::measure_tsc_hz)
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {

@@ -358,3 +358,11 @@ pub(crate) fn emit_exit_and_halt(a: &mut CodeAssembler, status: u8) -> Result<()
     a.jmp(halt)?;
     Ok(())
 }
+
+/// Emits code that sets `rax` to the full 64-bit TSC (clobbers `rdx`).
+pub(crate) fn emit_rdtsc(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    Ok(())
+}

@@ -18,7 +18,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{emit_mark, imm_i32};
+use super::asm::{emit_mark, emit_rdtsc, imm_i32};
 use super::{WorkloadError, PAGE_SIZE, PASS_MARK};
 
 /// Seed of the pseudo-random content of the hotset working set.
@@ -95,14 +95,6 @@ pub(crate) fn emit(
     emit_mark(a, PASS_MARK)?;
     a.mov(r13d, pages32)?;
     a.jmp(next)?;
-    Ok(())
-}
-
-/// `rax` = full 64-bit TSC (clobbers `rdx`).
-fn emit_rdtsc(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
     Ok(())
 }
 

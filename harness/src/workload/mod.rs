@@ -9,12 +9,15 @@
 //! | spec | what the guest does after boot |
 //! | --- | --- |
 //! | `idle` | nothing but a register-only loop |
-//! | `sweep[:start=S,end=E]` | `inc byte` on every page of `[S, E)`, forever |
+//! | `sweep[:start=S,end=E,mode=M]` | one byte store on every page of `[S, E)`, forever: `inc` (default), the same nonzero byte (`same`) or zero (`zero`) |
 //! | `hotset[:wss=W,rate=R]` | one qword store per page, random order, in a VMM-filled incompressible `[1 MiB, 1 MiB + W)`, optionally `R` pages/s |
+//! | `burst[:start=S,end=E\|wss=W,quiet=Q,storm=T,cycles=N]` | quiet `Q` ms (no stores), then `inc byte` sweeps over `[S, E)` for `T` ms, repeating (`N` storms, default forever) |
 //! | `verify[:start=S,end=E]` | writes then checks address- and pass-dependent values in every page of `[S, E)`, halts on a mismatch |
 //!
 //! Parameters (RAM size, ranges, TSC rate) are baked into the image as
-//! immediates, so [`build`] takes the guest RAM size. The same image boots
+//! immediates, so [`build`] takes the guest RAM size, and for the timed
+//! workloads (a paced `hotset`, `burst`; see [`WorkloadSpec::needs_tsc_hz`])
+//! the guest TSC frequency. The same image boots
 //! unchanged under QEMU/SeaBIOS (`-drive format=raw,file=IMG`), except that
 //! QEMU cannot provide VMM-written content ([`GuestImage::needs_vmm_content`]).
 //!
@@ -30,6 +33,7 @@
 //! ([`GuestImage::dirty_range`]).
 
 mod asm;
+mod burst;
 mod fill;
 mod hotset;
 mod idle;
@@ -44,11 +48,13 @@ use std::str::FromStr;
 use thiserror::Error;
 
 pub use asm::{COM1_DATA, COM1_LSR, EXIT_PORT, PDPT_GPA, PD_GPA, PML4_GPA, STACK_TOP};
+pub use burst::{BURST_CHECK_PAGES, DEFAULT_BURST_QUIET_MS, DEFAULT_BURST_STORM_MS};
 pub use fill::{fill_pseudo_random, FillContent, MemoryFill};
 #[cfg(target_arch = "x86_64")]
 pub use hotset::measure_tsc_hz;
 pub use hotset::{HOTSET_FILL_SEED, HOTSET_MAX_CATCH_UP_MS};
 pub use idle::IDLE_ITERATIONS_PER_PASS;
+pub use sweep::{SweepMode, SWEEP_SAME_BYTE};
 pub use verify::expected_value as verify_expected_value;
 #[doc(hidden)]
 pub use verify::VerifyFault;
@@ -72,6 +78,8 @@ pub const MIN_MEM_SIZE: u64 = 2 * MIB;
 pub const MAX_MEM_SIZE: u64 = 64 * GIB;
 /// Default working-set size of `hotset`.
 pub const DEFAULT_HOTSET_WSS: u64 = 64 * MIB;
+/// Default size of `burst`'s range (from its start) when no `end` is given.
+pub const DEFAULT_BURST_WSS: u64 = 64 * MIB;
 /// Default end of `verify`'s range (clamped to the RAM size).
 pub const DEFAULT_VERIFY_END: u64 = 64 * MIB;
 
@@ -96,6 +104,8 @@ pub enum WorkloadSpec {
         start: Option<u64>,
         /// End of the range, exclusive (default: end of RAM).
         end: Option<u64>,
+        /// What is stored (default [`SweepMode::Inc`]).
+        mode: SweepMode,
     },
     /// Random-order stores into an incompressible working set at 1 MiB.
     Hotset {
@@ -103,6 +113,25 @@ pub enum WorkloadSpec {
         wss: u64,
         /// Pages per second; `None` for as fast as the guest can.
         rate: Option<u64>,
+    },
+    /// Quiet phases alternating with storms of one store per page over
+    /// `[start, end)`; needs [`BuildParams::tsc_hz`].
+    Burst {
+        /// First byte of the range (default 1 MiB).
+        start: Option<u64>,
+        /// End of the range, exclusive; at most one of `end` and `wss` is
+        /// given (default: `start + wss`).
+        end: Option<u64>,
+        /// Size of the range when `end` is not given (default
+        /// [`DEFAULT_BURST_WSS`]).
+        wss: Option<u64>,
+        /// Length of a quiet phase in ms (default [`DEFAULT_BURST_QUIET_MS`]).
+        quiet_ms: u64,
+        /// Length of a storm in ms (default [`DEFAULT_BURST_STORM_MS`]).
+        storm_ms: u64,
+        /// Number of storms, after which the guest stays quiet; 0 (the
+        /// default) for forever.
+        cycles: u64,
     },
     /// Self-checking writes and reads over `[start, end)`.
     Verify {
@@ -114,12 +143,26 @@ pub enum WorkloadSpec {
     },
 }
 
+impl WorkloadSpec {
+    /// Whether [`build`] needs [`BuildParams::tsc_hz`] for this spec: true
+    /// for a `hotset` with a `rate` and for `burst`, which time themselves
+    /// with `rdtsc`.
+    #[must_use]
+    pub fn needs_tsc_hz(&self) -> bool {
+        matches!(
+            self,
+            WorkloadSpec::Hotset { rate: Some(_), .. } | WorkloadSpec::Burst { .. }
+        )
+    }
+}
+
 /// Inputs of [`build`] that come from the VM rather than the spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildParams {
     /// Guest RAM size in bytes (RAM is contiguous from GPA 0).
     pub mem_size: u64,
-    /// Guest TSC frequency in Hz; required by a paced `hotset` only.
+    /// Guest TSC frequency in Hz; required by a paced `hotset` and by
+    /// `burst` (see [`WorkloadSpec::needs_tsc_hz`]).
     pub tsc_hz: Option<u64>,
 }
 
@@ -142,7 +185,7 @@ pub struct GuestImage {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WorkloadError {
     /// The name before `:` is not a known workload.
-    #[error("unknown workload `{0}` (expected idle, sweep, hotset or verify)")]
+    #[error("unknown workload `{0}` (expected idle, sweep, hotset, burst or verify)")]
     UnknownWorkload(String),
     /// A `key=value` parameter the workload does not have.
     #[error("unknown parameter `{key}` for workload `{workload}` (allowed: {allowed})")]
@@ -153,6 +196,26 @@ pub enum WorkloadError {
         key: String,
         /// The keys the workload accepts.
         allowed: &'static str,
+    },
+    /// A `mode=` value the workload does not have.
+    #[error("unknown mode `{mode}` for workload `{workload}` (allowed: {allowed})")]
+    UnknownMode {
+        /// The workload.
+        workload: &'static str,
+        /// The mode given.
+        mode: String,
+        /// The modes the workload accepts.
+        allowed: &'static str,
+    },
+    /// Two parameters that exclude each other.
+    #[error("parameters `{first}` and `{second}` of workload `{workload}` exclude each other")]
+    ConflictingKeys {
+        /// The workload.
+        workload: &'static str,
+        /// One parameter.
+        first: &'static str,
+        /// The other.
+        second: &'static str,
     },
     /// A parameter without `=value`, or an empty one.
     #[error("malformed parameter `{0}`: expected key=value")]
@@ -169,13 +232,17 @@ pub enum WorkloadError {
         #[source]
         source: ParseSizeError,
     },
-    /// A count that is not a positive integer.
-    #[error("bad value `{value}` for `{key}`: expected a positive integer")]
+    /// A count that is not a positive (or, where 0 is allowed, a
+    /// non-negative) integer.
+    #[error("bad value `{value}` for `{key}`: expected {expected}")]
     BadNumber {
         /// The parameter.
         key: &'static str,
         /// The text given.
         value: String,
+        /// What was expected ("a positive integer", "a non-negative
+        /// integer").
+        expected: &'static str,
     },
     /// An address or size that must be a multiple of 4 KiB.
     #[error("{what} {value:#x} is not a multiple of 4 KiB")]
@@ -218,9 +285,20 @@ pub enum WorkloadError {
         /// The space available above 1 MiB.
         available: u64,
     },
-    /// A paced hotset without [`BuildParams::tsc_hz`].
-    #[error("hotset with a rate needs the guest TSC frequency (BuildParams::tsc_hz)")]
+    /// A timed workload (paced hotset, burst) without
+    /// [`BuildParams::tsc_hz`].
+    #[error("hotset with a rate, and burst, need the guest TSC frequency (BuildParams::tsc_hz)")]
     MissingTscHz,
+    /// A duration that is zero TSC ticks, or too many for 64 bits.
+    #[error("`{key}` = {ms} ms is not a usable number of ticks of a {tsc_hz} Hz TSC")]
+    DurationOutOfRange {
+        /// The parameter.
+        key: &'static str,
+        /// The duration given, in ms.
+        ms: u64,
+        /// The TSC frequency.
+        tsc_hz: u64,
+    },
     /// A rate above one page per TSC tick.
     #[error("rate {rate} pages/s is not below the TSC frequency {tsc_hz} Hz")]
     RateTooHigh {
@@ -252,7 +330,8 @@ impl From<iced_x86::IcedError> for WorkloadError {
 /// # Errors
 /// [`WorkloadError`] for a RAM size or parameters the workload cannot use
 /// (range outside RAM or below 1 MiB, empty range, misaligned values, working
-/// set too large, paced hotset without TSC frequency).
+/// set too large, both `end` and `wss` for burst, paced hotset or burst
+/// without TSC frequency, durations that are not a usable tick count).
 pub fn build(spec: &WorkloadSpec, params: &BuildParams) -> Result<GuestImage, WorkloadError> {
     build_inner(spec, params, None).map(|(image, _)| image)
 }
@@ -281,9 +360,26 @@ fn build_inner(
     let mut fills = Vec::new();
     let (sector, dirty_range) = match *spec {
         WorkloadSpec::Idle => (asm::boot_sector(mem, idle::emit)?, None),
-        WorkloadSpec::Sweep { start, end } => {
+        WorkloadSpec::Sweep { start, end, mode } => {
             let r = check_range(start.unwrap_or(MIN_WORKLOAD_ADDR), end.unwrap_or(mem), mem)?;
-            let sector = asm::boot_sector(mem, |a| sweep::emit(a, r.start, r.end))?;
+            let sector = asm::boot_sector(mem, |a| sweep::emit(a, r.start, r.end, mode))?;
+            (sector, Some(r))
+        }
+        WorkloadSpec::Burst {
+            start,
+            end,
+            wss,
+            quiet_ms,
+            storm_ms,
+            cycles,
+        } => {
+            let r = burst_range(start, end, wss, mem)?;
+            let tsc_hz = params.tsc_hz.ok_or(WorkloadError::MissingTscHz)?;
+            let timing = burst::Timing {
+                quiet_ticks: ms_to_ticks("quiet", quiet_ms, tsc_hz)?,
+                storm_ticks: ms_to_ticks("storm", storm_ms, tsc_hz)?,
+            };
+            let sector = asm::boot_sector(mem, |a| burst::emit(a, r.start, r.end, timing, cycles))?;
             (sector, Some(r))
         }
         WorkloadSpec::Hotset { wss, rate } => {
@@ -356,12 +452,59 @@ fn check_range(start: u64, end: u64, mem_size: u64) -> Result<Range<u64>, Worklo
     Ok(start..end)
 }
 
+/// `burst`'s range: from `start` (default 1 MiB) to `end`, or to `start +
+/// wss` (default [`DEFAULT_BURST_WSS`]), with the checks of [`check_range`].
+fn burst_range(
+    start: Option<u64>,
+    end: Option<u64>,
+    wss: Option<u64>,
+    mem_size: u64,
+) -> Result<Range<u64>, WorkloadError> {
+    let start = start.unwrap_or(MIN_WORKLOAD_ADDR);
+    let end = match (end, wss) {
+        (Some(_), Some(_)) => {
+            return Err(WorkloadError::ConflictingKeys {
+                workload: "burst",
+                first: "end",
+                second: "wss",
+            })
+        }
+        (Some(end), None) => end,
+        (None, wss) => {
+            let wss = wss.unwrap_or(DEFAULT_BURST_WSS);
+            if wss == 0 {
+                return Err(WorkloadError::WssZero);
+            }
+            check_aligned("working-set size", wss)?;
+            start.saturating_add(wss)
+        }
+    };
+    check_range(start, end, mem_size)
+}
+
+/// `ms` milliseconds in ticks of a `tsc_hz` TSC: nonzero, fits in 64 bits.
+fn ms_to_ticks(key: &'static str, ms: u64, tsc_hz: u64) -> Result<u64, WorkloadError> {
+    if ms == 0 {
+        return Err(WorkloadError::BadNumber {
+            key,
+            value: "0".into(),
+            expected: "a positive integer",
+        });
+    }
+    let ticks = u128::from(tsc_hz) * u128::from(ms) / 1000;
+    match u64::try_from(ticks) {
+        Ok(t) if t > 0 => Ok(t),
+        _ => Err(WorkloadError::DurationOutOfRange { key, ms, tsc_hz }),
+    }
+}
+
 /// TSC pacing for `rate` pages/s.
 fn pacing(rate: u64, tsc_hz: Option<u64>) -> Result<hotset::Pacing, WorkloadError> {
     if rate == 0 {
         return Err(WorkloadError::BadNumber {
             key: "rate",
             value: "0".into(),
+            expected: "a positive integer",
         });
     }
     let tsc_hz = tsc_hz.ok_or(WorkloadError::MissingTscHz)?;

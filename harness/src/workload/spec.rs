@@ -3,18 +3,40 @@
 //! The spec string is how a person (CLI, scenario files) names a workload;
 //! [`WorkloadSpec`]'s `Display` prints the canonical form, which parses back
 //! to the same value. Only what can be checked without knowing the VM is
-//! checked here (syntax, keys, numbers, start ≥ 1 MiB, end > start); range
-//! versus RAM size is checked by [`build`](super::build). Serde uses the same
-//! string form, so scenario files and reports can hold specs as strings.
+//! checked here (syntax, keys, numbers, modes, start ≥ 1 MiB, end > start,
+//! keys that exclude each other); range versus RAM size and durations versus
+//! the TSC are checked by [`build`](super::build). Serde uses the same string
+//! form, so scenario files and reports can hold specs as strings.
+//!
+//! Grammar (names and keys case-insensitive, blanks around tokens ignored,
+//! keys in any order, each at most once; SIZE as [`parse_size`], COUNT a
+//! decimal or `0x` hex integer):
+//!
+//! ```text
+//! idle
+//! sweep[:start=SIZE,end=SIZE,mode=inc|same|zero]
+//! hotset[:wss=SIZE,rate=COUNT]
+//! burst[:start=SIZE,end=SIZE|wss=SIZE,quiet=COUNT,storm=COUNT,cycles=COUNT]
+//! verify[:start=SIZE,end=SIZE]
+//! ```
+//!
+//! Canonical forms (what `Display` prints) list keys in the order above and
+//! leave out defaults that are represented as "not given": `sweep` omits
+//! `mode=inc`; `hotset` always prints `wss`; `burst` prints `start`, `end` and
+//! `wss` only when given, `quiet` and `storm` always, `cycles` when nonzero.
 
 use std::collections::HashSet;
 
 use super::*;
 
-/// Keys accepted by the range workloads.
+/// Keys accepted by verify.
 const RANGE_KEYS: &str = "start, end";
+/// Keys accepted by sweep.
+const SWEEP_KEYS: &str = "start, end, mode";
 /// Keys accepted by hotset.
 const HOTSET_KEYS: &str = "wss, rate";
+/// Keys accepted by burst.
+const BURST_KEYS: &str = "start, end, wss, quiet, storm, cycles";
 
 impl FromStr for WorkloadSpec {
     type Err = WorkloadError;
@@ -50,13 +72,23 @@ impl FromStr for WorkloadSpec {
                 None => Ok(WorkloadSpec::Idle),
             },
             "sweep" => {
-                let (start, end) = parse_range("sweep", &pairs)?;
-                Ok(WorkloadSpec::Sweep { start, end })
+                let mut mode = SweepMode::Inc;
+                let mut range = Vec::new();
+                for (k, v) in pairs {
+                    if k == "mode" {
+                        mode = v.parse()?;
+                    } else {
+                        range.push((k, v));
+                    }
+                }
+                let (start, end) = parse_range("sweep", &range, SWEEP_KEYS)?;
+                Ok(WorkloadSpec::Sweep { start, end, mode })
             }
             "verify" => {
-                let (start, end) = parse_range("verify", &pairs)?;
+                let (start, end) = parse_range("verify", &pairs, RANGE_KEYS)?;
                 Ok(WorkloadSpec::Verify { start, end })
             }
+            "burst" => parse_burst(&pairs),
             "hotset" => {
                 let mut wss = DEFAULT_HOTSET_WSS;
                 let mut rate = None;
@@ -92,17 +124,29 @@ fn size(key: &'static str, value: &str) -> Result<u64, WorkloadError> {
 
 /// A positive integer count (decimal or `0x` hex, no unit suffix).
 fn count(key: &'static str, value: &str) -> Result<u64, WorkloadError> {
-    let bad = || WorkloadError::BadNumber {
+    match integer(value) {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(WorkloadError::BadNumber {
+            key,
+            value: value.to_owned(),
+            expected: "a positive integer",
+        }),
+    }
+}
+
+/// A non-negative integer count (decimal or `0x` hex, no unit suffix).
+fn count_or_zero(key: &'static str, value: &str) -> Result<u64, WorkloadError> {
+    integer(value).ok_or_else(|| WorkloadError::BadNumber {
         key,
         value: value.to_owned(),
-    };
-    let parsed = match value.get(..2) {
-        Some(p) if p.eq_ignore_ascii_case("0x") => u64::from_str_radix(&value[2..], 16),
-        _ => value.parse::<u64>(),
-    };
-    match parsed {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(bad()),
+        expected: "a non-negative integer",
+    })
+}
+
+fn integer(value: &str) -> Option<u64> {
+    match value.get(..2) {
+        Some(p) if p.eq_ignore_ascii_case("0x") => u64::from_str_radix(&value[2..], 16).ok(),
+        _ => value.parse::<u64>().ok(),
     }
 }
 
@@ -110,15 +154,22 @@ fn count(key: &'static str, value: &str) -> Result<u64, WorkloadError> {
 fn parse_range(
     workload: &'static str,
     pairs: &[(String, &str)],
+    allowed: &'static str,
 ) -> Result<(Option<u64>, Option<u64>), WorkloadError> {
     let (mut start, mut end) = (None, None);
     for (k, v) in pairs {
         match k.as_str() {
             "start" => start = Some(size("start", v)?),
             "end" => end = Some(size("end", v)?),
-            _ => return Err(unknown(workload, k, RANGE_KEYS)),
+            _ => return Err(unknown(workload, k, allowed)),
         }
     }
+    check_start_end(start, end)?;
+    Ok((start, end))
+}
+
+/// The checks of an optional `start`/`end` pair that need no RAM size.
+fn check_start_end(start: Option<u64>, end: Option<u64>) -> Result<(), WorkloadError> {
     if let Some(s) = start {
         check_aligned("start", s)?;
         if s < MIN_WORKLOAD_ADDR {
@@ -132,33 +183,123 @@ fn parse_range(
             return Err(WorkloadError::EmptyRange { start: s, end: e });
         }
     }
-    Ok((start, end))
+    Ok(())
+}
+
+/// The parameters of `burst`.
+fn parse_burst(pairs: &[(String, &str)]) -> Result<WorkloadSpec, WorkloadError> {
+    let (mut start, mut end, mut wss) = (None, None, None);
+    let mut quiet_ms = DEFAULT_BURST_QUIET_MS;
+    let mut storm_ms = DEFAULT_BURST_STORM_MS;
+    let mut cycles = 0;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "start" => start = Some(size("start", v)?),
+            "end" => end = Some(size("end", v)?),
+            "wss" => wss = Some(size("wss", v)?),
+            "quiet" => quiet_ms = count("quiet", v)?,
+            "storm" => storm_ms = count("storm", v)?,
+            "cycles" => cycles = count_or_zero("cycles", v)?,
+            _ => return Err(unknown("burst", k, BURST_KEYS)),
+        }
+    }
+    check_start_end(start, end)?;
+    if end.is_some() && wss.is_some() {
+        return Err(WorkloadError::ConflictingKeys {
+            workload: "burst",
+            first: "end",
+            second: "wss",
+        });
+    }
+    if let Some(w) = wss {
+        if w == 0 {
+            return Err(WorkloadError::WssZero);
+        }
+        check_aligned("working-set size", w)?;
+    }
+    Ok(WorkloadSpec::Burst {
+        start,
+        end,
+        wss,
+        quiet_ms,
+        storm_ms,
+        cycles,
+    })
+}
+
+/// Writes `name`, then `:key=value` for the first parameter and `,key=value`
+/// for the others.
+struct SpecWriter<'a, 'b> {
+    f: &'a mut fmt::Formatter<'b>,
+    sep: char,
+}
+
+impl<'a, 'b> SpecWriter<'a, 'b> {
+    fn new(f: &'a mut fmt::Formatter<'b>, name: &str) -> Result<Self, fmt::Error> {
+        f.write_str(name)?;
+        Ok(SpecWriter { f, sep: ':' })
+    }
+
+    fn param(&mut self, key: &str, value: impl fmt::Display) -> fmt::Result {
+        write!(self.f, "{}{key}={value}", self.sep)?;
+        self.sep = ',';
+        Ok(())
+    }
+
+    fn size(&mut self, key: &str, value: Option<u64>) -> fmt::Result {
+        match value {
+            Some(v) => self.param(key, format_size(v)),
+            None => Ok(()),
+        }
+    }
 }
 
 impl fmt::Display for WorkloadSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (name, start, end) = match *self {
-            WorkloadSpec::Idle => return f.write_str("idle"),
-            WorkloadSpec::Hotset { wss, rate } => {
-                write!(f, "hotset:wss={}", format_size(wss))?;
-                if let Some(rate) = rate {
-                    write!(f, ",rate={rate}")?;
+        match *self {
+            WorkloadSpec::Idle => f.write_str("idle"),
+            WorkloadSpec::Sweep { start, end, mode } => {
+                let mut w = SpecWriter::new(f, "sweep")?;
+                w.size("start", start)?;
+                w.size("end", end)?;
+                if mode != SweepMode::Inc {
+                    w.param("mode", mode)?;
                 }
-                return Ok(());
+                Ok(())
             }
-            WorkloadSpec::Sweep { start, end } => ("sweep", start, end),
-            WorkloadSpec::Verify { start, end } => ("verify", start, end),
-        };
-        f.write_str(name)?;
-        let mut sep = ':';
-        if let Some(start) = start {
-            write!(f, "{sep}start={}", format_size(start))?;
-            sep = ',';
+            WorkloadSpec::Hotset { wss, rate } => {
+                let mut w = SpecWriter::new(f, "hotset")?;
+                w.size("wss", Some(wss))?;
+                if let Some(rate) = rate {
+                    w.param("rate", rate)?;
+                }
+                Ok(())
+            }
+            WorkloadSpec::Burst {
+                start,
+                end,
+                wss,
+                quiet_ms,
+                storm_ms,
+                cycles,
+            } => {
+                let mut w = SpecWriter::new(f, "burst")?;
+                w.size("start", start)?;
+                w.size("end", end)?;
+                w.size("wss", wss)?;
+                w.param("quiet", quiet_ms)?;
+                w.param("storm", storm_ms)?;
+                if cycles != 0 {
+                    w.param("cycles", cycles)?;
+                }
+                Ok(())
+            }
+            WorkloadSpec::Verify { start, end } => {
+                let mut w = SpecWriter::new(f, "verify")?;
+                w.size("start", start)?;
+                w.size("end", end)
+            }
         }
-        if let Some(end) = end {
-            write!(f, "{sep}end={}", format_size(end))?;
-        }
-        Ok(())
     }
 }
 

@@ -13,6 +13,7 @@ fn all_specs() -> Vec<WorkloadSpec> {
         WorkloadSpec::Sweep {
             start: None,
             end: None,
+            mode: SweepMode::Inc,
         },
         WorkloadSpec::Hotset {
             wss: 4096,
@@ -26,7 +27,48 @@ fn all_specs() -> Vec<WorkloadSpec> {
             start: None,
             end: None,
         },
+        WorkloadSpec::Sweep {
+            start: None,
+            end: None,
+            mode: SweepMode::Same,
+        },
+        WorkloadSpec::Sweep {
+            start: None,
+            end: None,
+            mode: SweepMode::Zero,
+        },
+        burst(None, None, None),
+        WorkloadSpec::Burst {
+            start: None,
+            end: None,
+            wss: Some(MIB),
+            quiet_ms: 1,
+            storm_ms: 1,
+            cycles: 3,
+        },
+        // The largest burst: every parameter a 64-bit immediate (on guests
+        // of at least 64 GiB; smaller ones reject the range).
+        WorkloadSpec::Burst {
+            start: Some(60 * GIB),
+            end: Some(64 * GIB),
+            wss: None,
+            quiet_ms: 100_000,
+            storm_ms: 100_000,
+            cycles: 1 << 40,
+        },
     ]
+}
+
+/// A burst with default timing.
+fn burst(start: Option<u64>, end: Option<u64>, wss: Option<u64>) -> WorkloadSpec {
+    WorkloadSpec::Burst {
+        start,
+        end,
+        wss,
+        quiet_ms: DEFAULT_BURST_QUIET_MS,
+        storm_ms: DEFAULT_BURST_STORM_MS,
+        cycles: 0,
+    }
 }
 
 fn params(mem_size: u64) -> BuildParams {
@@ -60,11 +102,16 @@ fn every_image_is_one_boot_sector() {
     for mem in MEM_SIZES {
         for spec in all_specs() {
             let Ok(image) = build(&spec, &params(mem)) else {
-                // Only the hotset specs can be too large for a 2 MiB guest.
-                assert!(
-                    matches!(spec, WorkloadSpec::Hotset { .. }) && mem == 2 * MIB,
-                    "{spec}"
-                );
+                // Only the hotset and burst specs can be too large for a
+                // 2 MiB guest, and the largest burst for any but 64 GiB.
+                let may_fail = match spec {
+                    WorkloadSpec::Hotset { .. } => mem == 2 * MIB,
+                    WorkloadSpec::Burst { start, .. } => {
+                        mem == 2 * MIB || (start.is_some() && mem < 64 * GIB)
+                    }
+                    _ => false,
+                };
+                assert!(may_fail, "{spec} {mem}");
                 continue;
             };
             assert_eq!(image.boot.len(), BOOT_SECTOR_SIZE, "{spec} {mem}");
@@ -178,6 +225,7 @@ fn parses_good_specs() {
             WorkloadSpec::Sweep {
                 start: None,
                 end: None,
+                mode: SweepMode::Inc,
             },
         ),
         (
@@ -185,6 +233,7 @@ fn parses_good_specs() {
             WorkloadSpec::Sweep {
                 start: Some(MIB),
                 end: Some(512 * MIB),
+                mode: SweepMode::Inc,
             },
         ),
         (
@@ -192,6 +241,7 @@ fn parses_good_specs() {
             WorkloadSpec::Sweep {
                 start: None,
                 end: Some(64 * MIB),
+                mode: SweepMode::Inc,
             },
         ),
         (
@@ -239,7 +289,8 @@ fn parses_good_specs() {
     assert_eq!(
         WorkloadSpec::Sweep {
             start: Some(MIB),
-            end: Some(512 * MIB)
+            end: Some(512 * MIB),
+            mode: SweepMode::Inc,
         }
         .to_string(),
         "sweep:start=1M,end=512M"
@@ -325,7 +376,7 @@ fn rejects_bad_specs() {
     // Errors read well.
     assert_eq!(
         err("sweep:size=1M").to_string(),
-        "unknown parameter `size` for workload `sweep` (allowed: start, end)"
+        "unknown parameter `size` for workload `sweep` (allowed: start, end, mode)"
     );
 }
 
@@ -370,6 +421,7 @@ fn build_checks_against_ram() {
     let low = WorkloadSpec::Sweep {
         start: Some(0),
         end: None,
+        mode: SweepMode::Inc,
     };
     assert!(matches!(build(&low, &p), Err(E::StartBelowMin { .. })));
 }
@@ -381,6 +433,7 @@ fn images_describe_their_memory() {
         &WorkloadSpec::Sweep {
             start: None,
             end: None,
+            mode: SweepMode::Inc,
         },
         &p,
     )
@@ -424,6 +477,7 @@ fn images_describe_their_memory() {
         &WorkloadSpec::Sweep {
             start: None,
             end: None,
+            mode: SweepMode::Inc,
         },
         &params(512 * MIB),
     )
@@ -441,6 +495,7 @@ fn fault_injection_changes_only_verify() {
     let sweep = WorkloadSpec::Sweep {
         start: None,
         end: None,
+        mode: SweepMode::Inc,
     };
     for fault in [
         VerifyFault::SkipWrite {
@@ -489,4 +544,501 @@ fn serde_uses_the_spec_string() {
         err.to_string().contains("unknown parameter `bogus`"),
         "{err}"
     );
+}
+
+/// Instructions of the 64-bit code that access memory (not `lea`).
+fn memory_accesses(c64: &[Instruction]) -> Vec<Instruction> {
+    c64.iter()
+        .filter(|i| i.mnemonic() != Mnemonic::Lea)
+        .filter(|i| (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory))
+        .copied()
+        .collect()
+}
+
+/// Decodes the 64-bit code of `spec` built for `p`.
+fn code64(spec: &WorkloadSpec, p: &BuildParams) -> Vec<Instruction> {
+    let (image, sector) = build_inner(spec, p, None).unwrap_or_else(|e| panic!("{spec}: {e}"));
+    decode(&image.boot, &sector.code64, 64)
+}
+
+/// All immediates of `code` (64-bit value of every immediate operand).
+fn immediates(code: &[Instruction]) -> Vec<u64> {
+    code.iter()
+        .flat_map(|i| {
+            (0..i.op_count())
+                .filter(|&n| {
+                    !matches!(
+                        i.op_kind(n),
+                        OpKind::Register
+                            | OpKind::Memory
+                            | OpKind::NearBranch16
+                            | OpKind::NearBranch32
+                            | OpKind::NearBranch64
+                    )
+                })
+                .map(|n| i.immediate(n))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn sweep_modes_store_what_they_say() {
+    let p = params(256 * MIB);
+    for (mode, want) in [
+        (SweepMode::Inc, (Mnemonic::Inc, None)),
+        (SweepMode::Same, (Mnemonic::Mov, Some(0x5A))),
+        (SweepMode::Zero, (Mnemonic::Mov, Some(0))),
+    ] {
+        let spec = WorkloadSpec::Sweep {
+            start: None,
+            end: None,
+            mode,
+        };
+        let c64 = code64(&spec, &p);
+        // Exactly one memory access: a byte store at [rdi].
+        let mem = memory_accesses(&c64);
+        assert_eq!(mem.len(), 1, "{spec}");
+        let store = mem[0];
+        assert_eq!(store.op0_kind(), OpKind::Memory, "{spec}");
+        assert_eq!(store.memory_base(), iced_x86::Register::RDI);
+        assert_eq!(store.memory_size(), iced_x86::MemorySize::UInt8);
+        assert_eq!(store.memory_displacement64(), 0);
+        assert_eq!(store.mnemonic(), want.0, "{spec}");
+        if let Some(byte) = want.1 {
+            assert_eq!(store.op1_kind(), OpKind::Immediate8);
+            assert_eq!(store.immediate8(), byte);
+        }
+        // Same loop otherwise: the images differ only in the store.
+        let image = build(&spec, &p).unwrap();
+        assert_eq!(image.dirty_range, Some(MIB..256 * MIB));
+        assert!(image.fills.is_empty() && !image.needs_vmm_content);
+    }
+    assert_eq!(SWEEP_SAME_BYTE, 0x5A);
+}
+
+#[test]
+fn burst_code_shape() {
+    let tsc_hz = 2_000_000_000;
+    let spec: WorkloadSpec = "burst:wss=16M,quiet=3000,storm=1000".parse().unwrap();
+    let c64 = code64(&spec, &params(256 * MIB));
+    // The only memory access is the storm's byte increment; the quiet phase
+    // and everything else work in registers (and no stack either).
+    let mem = memory_accesses(&c64);
+    assert_eq!(mem.len(), 1);
+    assert_eq!(mem[0].mnemonic(), Mnemonic::Inc);
+    assert_eq!(mem[0].memory_base(), iced_x86::Register::RDI);
+    assert_eq!(mem[0].memory_size(), iced_x86::MemorySize::UInt8);
+    assert!(!c64.iter().any(|i| matches!(
+        i.mnemonic(),
+        Mnemonic::Push | Mnemonic::Pop | Mnemonic::Call | Mnemonic::Ret
+    )));
+    // Four TSC reads: quiet start, quiet poll, storm start, storm check.
+    let count = |m| c64.iter().filter(|i| i.mnemonic() == m).count();
+    assert_eq!(count(Mnemonic::Rdtsc), 4);
+    // Marks: boot, end of quiet phase, end of sweep pass.
+    assert_eq!(count(Mnemonic::Out), 3);
+    // No cycle counter when cycles = 0.
+    assert_eq!(count(Mnemonic::Dec), 0);
+    // Range, phase lengths in ticks and the check interval are baked in.
+    let imms = immediates(&c64);
+    for v in [MIB, 17 * MIB, 3 * tsc_hz, tsc_hz] {
+        assert!(imms.contains(&v), "{v:#x} not in {imms:x?}");
+    }
+    let lea = c64.iter().find(|i| i.mnemonic() == Mnemonic::Lea).unwrap();
+    assert_eq!(lea.memory_displacement64(), BURST_CHECK_PAGES * PAGE_SIZE);
+    assert_eq!(lea.memory_base(), iced_x86::Register::RDI);
+
+    let cycles: WorkloadSpec = "burst:wss=16M,cycles=5".parse().unwrap();
+    let c64 = code64(&cycles, &params(256 * MIB));
+    assert!(immediates(&c64).contains(&5));
+    assert_eq!(
+        c64.iter().filter(|i| i.mnemonic() == Mnemonic::Dec).count(),
+        1
+    );
+}
+
+#[test]
+fn burst_images_describe_their_memory() {
+    let p = params(256 * MIB);
+    let b = |s: &str| build(&s.parse().unwrap(), &p).unwrap();
+    for (s, range) in [
+        ("burst", MIB..65 * MIB),
+        ("burst:wss=4M", MIB..5 * MIB),
+        ("burst:start=2M,wss=4M", 2 * MIB..6 * MIB),
+        ("burst:start=2M", 2 * MIB..66 * MIB),
+        ("burst:end=32M", MIB..32 * MIB),
+        ("burst:start=128M,end=256M", 128 * MIB..256 * MIB),
+    ] {
+        let image = b(s);
+        assert_eq!(image.dirty_range, Some(range), "{s}");
+        assert!(image.fills.is_empty() && !image.needs_vmm_content, "{s}");
+    }
+    // Timing is baked in: different TSC rates give different images.
+    let spec: WorkloadSpec = "burst".parse().unwrap();
+    let other = BuildParams {
+        mem_size: 256 * MIB,
+        tsc_hz: Some(3_000_000_000),
+    };
+    assert_ne!(
+        build(&spec, &p).unwrap().boot,
+        build(&spec, &other).unwrap().boot
+    );
+}
+
+#[test]
+fn burst_build_errors() {
+    use WorkloadError as E;
+    let p = params(64 * MIB);
+    let b = |s: &str| build(&s.parse().unwrap(), &p);
+    // Default range [1M, 65M) does not fit a 64 MiB guest; 63M does.
+    assert!(matches!(b("burst"), Err(E::RangeOutsideRam { end, .. }) if end == 65 * MIB));
+    assert!(b("burst:wss=63M").is_ok());
+    assert!(matches!(
+        b("burst:end=128M"),
+        Err(E::RangeOutsideRam { .. })
+    ));
+    assert!(matches!(
+        b("burst:start=64M"),
+        Err(E::RangeOutsideRam { .. })
+    ));
+    let no_tsc = BuildParams {
+        mem_size: 256 * MIB,
+        tsc_hz: None,
+    };
+    assert!(matches!(
+        build(&"burst".parse().unwrap(), &no_tsc),
+        Err(E::MissingTscHz)
+    ));
+    // 1 ms of a 500 Hz TSC is no tick at all; a huge duration overflows.
+    let slow = BuildParams {
+        mem_size: 256 * MIB,
+        tsc_hz: Some(500),
+    };
+    assert!(matches!(
+        build(&"burst:quiet=1".parse().unwrap(), &slow),
+        Err(E::DurationOutOfRange {
+            key: "quiet",
+            ms: 1,
+            tsc_hz: 500
+        })
+    ));
+    assert!(build(&"burst:quiet=2".parse().unwrap(), &slow).is_ok());
+    assert!(matches!(
+        build(
+            &"burst:storm=0xFFFFFFFFFFFFFFFF".parse().unwrap(),
+            &params(256 * MIB)
+        ),
+        Err(E::DurationOutOfRange { key: "storm", .. })
+    ));
+    // Hand-built specs get the checks the parser does.
+    let hand = |f: &dyn Fn(&mut WorkloadSpec)| {
+        let mut spec = burst(None, None, None);
+        f(&mut spec);
+        build(&spec, &params(256 * MIB))
+    };
+    assert!(matches!(
+        hand(&|s| if let WorkloadSpec::Burst { end, wss, .. } = s {
+            *end = Some(8 * MIB);
+            *wss = Some(4 * MIB);
+        }),
+        Err(E::ConflictingKeys { .. })
+    ));
+    assert!(matches!(
+        hand(&|s| if let WorkloadSpec::Burst { quiet_ms, .. } = s {
+            *quiet_ms = 0;
+        }),
+        Err(E::BadNumber { key: "quiet", .. })
+    ));
+    assert!(matches!(
+        hand(&|s| if let WorkloadSpec::Burst { wss, .. } = s {
+            *wss = Some(0);
+        }),
+        Err(E::WssZero)
+    ));
+    assert!(matches!(
+        hand(&|s| if let WorkloadSpec::Burst { start, .. } = s {
+            *start = Some(4096);
+        }),
+        Err(E::StartBelowMin { .. })
+    ));
+}
+
+#[test]
+fn knows_which_specs_need_the_tsc() {
+    let needs = |s: &str| s.parse::<WorkloadSpec>().unwrap().needs_tsc_hz();
+    assert!(needs("burst"));
+    assert!(needs("hotset:rate=1000"));
+    for s in ["idle", "sweep", "sweep:mode=zero", "hotset", "verify"] {
+        assert!(!needs(s), "{s}");
+        // ... and indeed build without one.
+        let p = BuildParams {
+            mem_size: 256 * MIB,
+            tsc_hz: None,
+        };
+        assert!(build(&s.parse().unwrap(), &p).is_ok(), "{s}");
+    }
+}
+
+#[test]
+fn parses_new_spec_forms() {
+    let cases: &[(&str, WorkloadSpec, &str)] = &[
+        (
+            "sweep:mode=same",
+            WorkloadSpec::Sweep {
+                start: None,
+                end: None,
+                mode: SweepMode::Same,
+            },
+            "sweep:mode=same",
+        ),
+        (
+            " Sweep : Mode = ZERO , end = 64M , start = 2M ",
+            WorkloadSpec::Sweep {
+                start: Some(2 * MIB),
+                end: Some(64 * MIB),
+                mode: SweepMode::Zero,
+            },
+            "sweep:start=2M,end=64M,mode=zero",
+        ),
+        (
+            "sweep:mode=inc",
+            WorkloadSpec::Sweep {
+                start: None,
+                end: None,
+                mode: SweepMode::Inc,
+            },
+            "sweep",
+        ),
+        (
+            "burst",
+            burst(None, None, None),
+            "burst:quiet=3000,storm=1000",
+        ),
+        (
+            "burst:cycles=0",
+            burst(None, None, None),
+            "burst:quiet=3000,storm=1000",
+        ),
+        (
+            "burst:storm=250,wss=1G,cycles=0x10,quiet=500",
+            WorkloadSpec::Burst {
+                start: None,
+                end: None,
+                wss: Some(GIB),
+                quiet_ms: 500,
+                storm_ms: 250,
+                cycles: 16,
+            },
+            "burst:wss=1G,quiet=500,storm=250,cycles=16",
+        ),
+        (
+            "BURST:END=0x2000000,START=2M,STORM=2000",
+            WorkloadSpec::Burst {
+                start: Some(2 * MIB),
+                end: Some(32 * MIB),
+                wss: None,
+                quiet_ms: 3000,
+                storm_ms: 2000,
+                cycles: 0,
+            },
+            "burst:start=2M,end=32M,quiet=3000,storm=2000",
+        ),
+        (
+            "burst:start=4M,wss=12K",
+            burst(Some(4 * MIB), None, Some(12 * KIB)),
+            "burst:start=4M,wss=12K,quiet=3000,storm=1000",
+        ),
+    ];
+    for (s, want, canonical) in cases {
+        let got: WorkloadSpec = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert_eq!(got, *want, "{s}");
+        assert_eq!(got.to_string(), *canonical, "{s}");
+        assert_eq!(canonical.parse::<WorkloadSpec>(), Ok(got), "{s}");
+        let json = serde_json::to_string(&got).unwrap();
+        assert_eq!(json, format!("\"{canonical}\""));
+        assert_eq!(serde_json::from_str::<WorkloadSpec>(&json).unwrap(), got);
+    }
+    // Every spec of the image tests round-trips through Display too.
+    for spec in all_specs() {
+        assert_eq!(spec.to_string().parse::<WorkloadSpec>(), Ok(spec), "{spec}");
+    }
+    // Existing canonical forms are unchanged.
+    for s in [
+        "idle",
+        "sweep",
+        "sweep:start=1M,end=512M",
+        "hotset:wss=64M",
+        "hotset:wss=256M,rate=50000",
+        "verify",
+        "verify:end=1G",
+    ] {
+        assert_eq!(s.parse::<WorkloadSpec>().unwrap().to_string(), s);
+    }
+    for mode in [SweepMode::Inc, SweepMode::Same, SweepMode::Zero] {
+        assert_eq!(mode.to_string().parse::<SweepMode>(), Ok(mode));
+    }
+    assert_eq!(SweepMode::default(), SweepMode::Inc);
+}
+
+#[test]
+fn rejects_bad_new_specs() {
+    use WorkloadError as E;
+    let err = |s: &str| s.parse::<WorkloadSpec>().unwrap_err();
+    assert!(matches!(
+        err("sweep:mode=fast"),
+        E::UnknownMode { workload: "sweep", ref mode, .. } if mode == "fast"
+    ));
+    assert_eq!(
+        err("sweep:mode=fast").to_string(),
+        "unknown mode `fast` for workload `sweep` (allowed: inc, same, zero)"
+    );
+    assert!(matches!(err("sweep:mode="), E::MalformedParam(_)));
+    assert!(matches!(
+        err("sweep:mode=zero,mode=same"),
+        E::DuplicateKey(_)
+    ));
+    assert!(matches!(
+        err("sweep:mode=same,start=512K"),
+        E::StartBelowMin { .. }
+    ));
+    assert!(matches!(
+        err("verify:mode=zero"),
+        E::UnknownKey {
+            workload: "verify",
+            allowed: "start, end",
+            ..
+        }
+    ));
+    assert!(matches!(
+        err("hotset:mode=zero"),
+        E::UnknownKey {
+            workload: "hotset",
+            ..
+        }
+    ));
+    assert!(matches!(
+        err("burst:rate=5"),
+        E::UnknownKey {
+            workload: "burst",
+            allowed: "start, end, wss, quiet, storm, cycles",
+            ..
+        }
+    ));
+    assert!(matches!(
+        err("burst:mode=zero"),
+        E::UnknownKey {
+            workload: "burst",
+            ..
+        }
+    ));
+    assert!(matches!(
+        err("burst:end=8M,wss=4M"),
+        E::ConflictingKeys {
+            workload: "burst",
+            first: "end",
+            second: "wss"
+        }
+    ));
+    assert_eq!(
+        err("burst:wss=4M,end=8M").to_string(),
+        "parameters `end` and `wss` of workload `burst` exclude each other"
+    );
+    assert!(matches!(
+        err("burst:quiet=0"),
+        E::BadNumber { key: "quiet", .. }
+    ));
+    assert!(matches!(
+        err("burst:storm=0"),
+        E::BadNumber { key: "storm", .. }
+    ));
+    assert!(matches!(
+        err("burst:storm=1s"),
+        E::BadNumber { key: "storm", .. }
+    ));
+    assert!(matches!(
+        err("burst:quiet=-5"),
+        E::BadNumber { key: "quiet", .. }
+    ));
+    assert_eq!(
+        err("burst:quiet=0").to_string(),
+        "bad value `0` for `quiet`: expected a positive integer"
+    );
+    assert_eq!(
+        err("burst:cycles=-1").to_string(),
+        "bad value `-1` for `cycles`: expected a non-negative integer"
+    );
+    assert!(matches!(
+        err("burst:cycles=many"),
+        E::BadNumber { key: "cycles", .. }
+    ));
+    assert!(matches!(err("burst:wss=0"), E::WssZero));
+    assert!(matches!(err("burst:wss=1000"), E::NotPageAligned { .. }));
+    assert!(matches!(
+        err("burst:wss=big"),
+        E::BadSize { key: "wss", .. }
+    ));
+    assert!(matches!(err("burst:start=512K"), E::StartBelowMin { .. }));
+    assert!(matches!(err("burst:start=8M,end=8M"), E::EmptyRange { .. }));
+    assert!(matches!(
+        err("burst:end=0x100100"),
+        E::NotPageAligned { what: "end", .. }
+    ));
+    assert!(matches!(err("burst:quiet=1,quiet=2"), E::DuplicateKey(_)));
+    assert!(matches!(err("bursty"), E::UnknownWorkload(_)));
+    assert!(err("bursty").to_string().contains("burst"));
+    let serde_err = serde_json::from_str::<WorkloadSpec>(r#""sweep:mode=bogus""#).unwrap_err();
+    assert!(
+        serde_err.to_string().contains("unknown mode `bogus`"),
+        "{serde_err}"
+    );
+}
+
+/// The ranges the performance study uses: hotset working sets of 16 MiB to
+/// 1 GiB, paced at 1,000 to 250,000 pages/s, at plausible TSC rates.
+#[test]
+fn hotset_covers_the_study_range() {
+    for (wss, mem) in [
+        (16 * MIB, 32 * MIB),
+        (16 * MIB, 17 * MIB),
+        (GIB, GIB + MIB),
+        (GIB, 2 * GIB),
+        (GIB, 8 * GIB),
+    ] {
+        let pages = wss / PAGE_SIZE;
+        let mask = pages.next_power_of_two() - 1;
+        for rate in [None, Some(1000), Some(250_000)] {
+            for tsc_hz in [1_000_000_000, 2_000_000_000, 4_000_000_000] {
+                let spec = WorkloadSpec::Hotset { wss, rate };
+                let p = BuildParams {
+                    mem_size: mem,
+                    tsc_hz: Some(tsc_hz),
+                };
+                let image = build(&spec, &p).unwrap_or_else(|e| panic!("{spec} {mem}: {e}"));
+                assert_eq!(image.boot.len(), BOOT_SECTOR_SIZE);
+                assert_eq!(&image.boot[510..], &[0x55, 0xAA]);
+                assert_eq!(image.dirty_range, Some(MIB..MIB + wss));
+                assert_eq!(image.fills.len(), 1);
+                assert_eq!(image.fills[0].len, wss);
+                let imms = immediates(&code64(&spec, &p));
+                assert!(imms.contains(&pages), "{spec}: page count");
+                assert!(imms.contains(&mask), "{spec}: LCG mask");
+                if let Some(rate) = rate {
+                    assert!(imms.contains(&(tsc_hz / rate)), "{spec}: ticks per page");
+                    let lag = (tsc_hz / 1000 * HOTSET_MAX_CATCH_UP_MS).max(tsc_hz / rate);
+                    assert!(imms.contains(&lag), "{spec}: max lag");
+                }
+                assert_eq!(spec.to_string().parse::<WorkloadSpec>(), Ok(spec));
+            }
+        }
+    }
+    for s in ["hotset:wss=16M,rate=1000", "hotset:wss=1G,rate=250000"] {
+        let spec: WorkloadSpec = s.parse().unwrap();
+        assert_eq!(spec.to_string(), s);
+    }
+    // A working set needs 1 MiB more RAM than its size.
+    assert!(matches!(
+        build(&"hotset:wss=1G".parse().unwrap(), &params(GIB)),
+        Err(WorkloadError::WssTooLarge { .. })
+    ));
 }

@@ -104,8 +104,11 @@ pub(super) fn run<V: MigratableVm, W: Write>(
         report.ram.page_mbps = mbps(precopy_raw, precopy_time);
         history.push(stats);
         let decision = opts.policy.decide(&history);
-        let bw = history.last().map_or(0.0, IterationStats::transfer_rate);
-        report.expected_downtime = (bw > 0.0).then(|| report.ram.remaining as f64 / bw * 1000.0);
+        // Predicted downtime from the last iteration that sent page data: a
+        // fully deferred iteration's few bytes say nothing about the link.
+        report.expected_downtime = history
+            .last_page_sample()
+            .and_then(|s| s.millis_to_send(report.ram.remaining));
         if let Some(p) = opts.progress.as_mut() {
             p(report);
         }
