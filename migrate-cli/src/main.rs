@@ -120,7 +120,8 @@ fn policies() {
     for &name in policy::POLICY_NAMES {
         println!("{name}");
         for s in policy::describe(name).unwrap_or_default() {
-            println!("  --param {}={:<8} {}", s.key, s.default, s.meaning);
+            let kv = format!("{}={}", s.key, s.default);
+            println!("  --param {kv:<24} {}", s.meaning);
         }
     }
     println!("every policy also takes --downtime-limit MS (default 300)");

@@ -138,7 +138,9 @@ impl DirtyBitmap {
         let mut pos = 0;
         std::iter::from_fn(move || {
             let start = pos + self.bits.get(pos..)?.first_one()?;
-            let len = self.bits[start..].first_zero().unwrap_or(self.bits.len() - start);
+            let len = self.bits[start..]
+                .first_zero()
+                .unwrap_or(self.bits.len() - start);
             pos = start + len;
             Some((start, len))
         })
@@ -213,7 +215,10 @@ mod tests {
         }
         let runs: Vec<_> = b.runs().collect();
         assert_eq!(runs, vec![(0, 3), (63, 3), (200, 1), (299, 1)]);
-        assert_eq!(DirtyBitmap::all(130).runs().collect::<Vec<_>>(), vec![(0, 130)]);
+        assert_eq!(
+            DirtyBitmap::all(130).runs().collect::<Vec<_>>(),
+            vec![(0, 130)]
+        );
         assert_eq!(DirtyBitmap::new(130).runs().count(), 0);
     }
 
