@@ -280,3 +280,48 @@ fn big_mostly_untouched_guest_costs_what_it_used() {
     assert!(rss_mib < 400, "destination resident {rss_mib} MiB");
     drop(dst.child.kill());
 }
+
+/// auto-converge really throttles the vCPUs: a sweep guest that outruns a
+/// capped link converges once throttled, and runs on at full speed on the
+/// destination.
+#[test]
+fn auto_converge_throttles_a_sweep_guest_until_it_converges() {
+    if !kvm_available("auto_converge_throttles_a_sweep_guest_until_it_converges") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("autoconv");
+    let mut src = VmProcess::source(bin(), &dir, "src", "sweep", "128M");
+    src.wait_api();
+    src.wait_marks(PASS_MARK, 2, T);
+    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let args = [
+        "--policy",
+        "auto-converge",
+        "--max-bandwidth",
+        "64M",
+        "--param",
+        "initial=99%",
+        "--param",
+        "period=0",
+        "--timeout",
+        "60",
+    ];
+    let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &args);
+    let r = report.unwrap_or_else(|| panic!("{stderr}"));
+    assert!(ok, "{r:#}");
+    assert_eq!(r["policy"], "auto-converge");
+    assert_eq!(r["cpu-throttle-percentage"], 99.0, "{r:#}");
+    assert_eq!(r["digest"]["equal"], true);
+    // Throttled, the guest dirties far less than the link carries.
+    let iters = r["iterations"].as_array().unwrap();
+    let throttled: Vec<_> = iters
+        .iter()
+        .filter(|i| i["throttle"].as_f64().unwrap() > 0.9 && i["final-pass"] == false)
+        .collect();
+    assert!(!throttled.is_empty(), "{r:#}");
+    let before = dst.count(PASS_MARK);
+    dst.wait_marks(PASS_MARK, before + 2, T);
+    assert!(src.wait_exit(T).success());
+    drop(dst.child.kill());
+}
