@@ -325,3 +325,38 @@ fn auto_converge_throttles_a_sweep_guest_until_it_converges() {
     assert!(src.wait_exit(T).success());
     drop(dst.child.kill());
 }
+
+/// mp recognises a sweep guest that outruns the link and switches to
+/// stop-and-copy early instead of iterating until the timeout.
+#[test]
+fn mp_stops_early_on_a_guest_that_never_converges() {
+    if !kvm_available("mp_stops_early_on_a_guest_that_never_converges") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("mp");
+    let mut src = VmProcess::source(bin(), &dir, "src", "sweep", "128M");
+    src.wait_api();
+    src.wait_marks(PASS_MARK, 2, T);
+    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let args = [
+        "--policy",
+        "mp",
+        "--max-bandwidth",
+        "64M",
+        "--timeout",
+        "60",
+    ];
+    let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &args);
+    let r = report.unwrap_or_else(|| panic!("{stderr}"));
+    assert!(ok, "{r:#}");
+    let reason = r["stop-reason"].as_str().unwrap();
+    assert!(reason.contains("memory-intensive"), "{reason}");
+    assert_eq!(r["cpu-throttle-percentage"], 0.0, "mp never throttles");
+    assert!(r["iterations"].as_array().unwrap().len() <= 8, "{r:#}");
+    assert_eq!(r["digest"]["equal"], true);
+    let before = dst.count(PASS_MARK);
+    dst.wait_marks(PASS_MARK, before + 2, T);
+    assert!(src.wait_exit(T).success());
+    drop(dst.child.kill());
+}
