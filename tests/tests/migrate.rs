@@ -18,15 +18,29 @@ fn bin() -> &'static Path {
     Path::new(BIN)
 }
 
+/// A source running `workload` that has printed `marks.1` of `marks.0`, and
+/// a destination listening on `incoming`; returns both and the address.
+fn running_pair(
+    dir: &Scratch,
+    workload: &str,
+    mem: &str,
+    marks: (u8, usize),
+    incoming: &str,
+) -> (VmProcess, VmProcess, String) {
+    let mut src = VmProcess::source(bin(), dir, "src", workload, mem);
+    src.wait_api();
+    src.wait_marks(marks.0, marks.1, T);
+    let (dst, uri) = VmProcess::destination(bin(), dir, "dst", incoming);
+    (src, dst, uri)
+}
+
 /// Migrate a running `verify` guest and check it goes on cleanly on the
 /// destination. Returns the report.
 fn migrate_verify(test: &str, incoming: &str, extra: &[&str]) -> Value {
     let dir = Scratch::new(test);
     let incoming = incoming.replace("DIR", dir.0.to_str().unwrap());
-    let mut src = VmProcess::source(bin(), &dir, "src", "verify:end=32M", "64M");
-    src.wait_api();
-    src.wait_marks(PASS_MARK, 2, T);
-    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", &incoming);
+    let (mut src, mut dst, uri) =
+        running_pair(&dir, "verify:end=32M", "64M", (PASS_MARK, 2), &incoming);
 
     let (ok, report, stderr) = send_json(bin(), &src.api, &uri, extra);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr} {}", src.stderr_text()));
@@ -112,10 +126,13 @@ fn idle_guest_sends_zero_pages_as_ranges() {
     }
     let _g = one_at_a_time();
     let dir = Scratch::new("idle");
-    let mut src = VmProcess::source(bin(), &dir, "src", "idle", "256M");
-    src.wait_api();
-    src.wait_marks(harness::BOOT_MARK, 1, T);
-    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let (mut src, mut dst, uri) = running_pair(
+        &dir,
+        "idle",
+        "256M",
+        (harness::BOOT_MARK, 1),
+        "tcp:127.0.0.1:0",
+    );
     let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &[]);
     let r = report.unwrap_or_else(|| panic!("{stderr}"));
     assert!(ok, "{r:#}");
@@ -140,10 +157,8 @@ fn sweep_guest_with_xen_policy_stops_at_the_iteration_cap() {
     }
     let _g = one_at_a_time();
     let dir = Scratch::new("sweep-xen");
-    let mut src = VmProcess::source(bin(), &dir, "src", "sweep", "256M");
-    src.wait_api();
-    src.wait_marks(PASS_MARK, 1, T);
-    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let (mut src, mut dst, uri) =
+        running_pair(&dir, "sweep", "256M", (PASS_MARK, 1), "tcp:127.0.0.1:0");
     let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &["--policy", "xen"]);
     let r = report.unwrap_or_else(|| panic!("{stderr}"));
     assert!(ok, "{r:#}");
@@ -170,10 +185,13 @@ fn vanished_destination_leaves_the_source_running() {
     }
     let _g = one_at_a_time();
     let dir = Scratch::new("vanish");
-    let mut src = VmProcess::source(bin(), &dir, "src", "verify:end=32M", "256M");
-    src.wait_api();
-    src.wait_marks(PASS_MARK, 1, T);
-    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let (mut src, mut dst, uri) = running_pair(
+        &dir,
+        "verify:end=32M",
+        "256M",
+        (PASS_MARK, 1),
+        "tcp:127.0.0.1:0",
+    );
     // A capped link makes the pre-copy last seconds; kill the destination in
     // the middle of it.
     let api = src.api.clone();
@@ -244,10 +262,13 @@ fn big_mostly_untouched_guest_costs_what_it_used() {
     }
     let _g = one_at_a_time();
     let dir = Scratch::new("untouched");
-    let mut src = VmProcess::source(bin(), &dir, "src", "verify:start=1M,end=64M", "16G");
-    src.wait_api();
-    src.wait_marks(PASS_MARK, 1, T);
-    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let (mut src, mut dst, uri) = running_pair(
+        &dir,
+        "verify:start=1M,end=64M",
+        "16G",
+        (PASS_MARK, 1),
+        "tcp:127.0.0.1:0",
+    );
     let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &[]);
     let r = report.unwrap_or_else(|| panic!("{stderr}"));
     assert!(ok, "{r:#}");
@@ -291,10 +312,8 @@ fn auto_converge_throttles_a_sweep_guest_until_it_converges() {
     }
     let _g = one_at_a_time();
     let dir = Scratch::new("autoconv");
-    let mut src = VmProcess::source(bin(), &dir, "src", "sweep", "128M");
-    src.wait_api();
-    src.wait_marks(PASS_MARK, 2, T);
-    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let (mut src, mut dst, uri) =
+        running_pair(&dir, "sweep", "128M", (PASS_MARK, 2), "tcp:127.0.0.1:0");
     let args = [
         "--policy",
         "auto-converge",
@@ -335,10 +354,8 @@ fn mp_stops_early_on_a_guest_that_never_converges() {
     }
     let _g = one_at_a_time();
     let dir = Scratch::new("mp");
-    let mut src = VmProcess::source(bin(), &dir, "src", "sweep", "128M");
-    src.wait_api();
-    src.wait_marks(PASS_MARK, 2, T);
-    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let (mut src, mut dst, uri) =
+        running_pair(&dir, "sweep", "128M", (PASS_MARK, 2), "tcp:127.0.0.1:0");
     let args = [
         "--policy",
         "mp",
