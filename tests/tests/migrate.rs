@@ -99,7 +99,9 @@ fn verify_guest_over_tcp() {
         return;
     }
     let _g = one_at_a_time();
-    let r = migrate_verify("tcp", "tcp:127.0.0.1:0", &[]);
+    // The default policy (qemu) with room for a slow shared machine: this
+    // test is about correctness, not convergence.
+    let r = migrate_verify("tcp", "tcp:127.0.0.1:0", &["--downtime-limit", "2000"]);
     assert_eq!(r["compression"], "none");
     assert!(r["ram"]["normal"].as_u64().unwrap() > 0);
 }
@@ -110,7 +112,13 @@ fn verify_guest_over_unix_with_zstd() {
         return;
     }
     let _g = one_at_a_time();
-    let r = migrate_verify("unix", "unix:DIR/mig.sock", &["--compress", "zstd"]);
+    // xen ends after at most 5 iterations whatever zstd's speed on a busy
+    // machine; the qemu rule is covered over TCP.
+    let r = migrate_verify(
+        "unix",
+        "unix:DIR/mig.sock",
+        &["--compress", "zstd", "--policy", "xen"],
+    );
     assert_eq!(r["compression"], "zstd:1");
     // The verify guest's pages are mostly zeros plus a few words: zstd must
     // shrink them well below their raw size.
