@@ -20,7 +20,7 @@ pub use server::{ApiError, ApiServer, ProcessEvent, VmController};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::MigrationReport;
+use crate::engine::{MigrationReport, TimeoutAction};
 
 /// A request on the API socket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +60,10 @@ pub struct SendRequest {
     /// Give up after this many seconds (default: never).
     #[serde(default)]
     pub timeout: Option<f64>,
+    /// What the timeout does: `cancel` (default; the source runs on) or
+    /// `force` (stop-and-copy whatever the downtime).
+    #[serde(default)]
+    pub timeout_action: TimeoutAction,
     /// Digest all guest memory on both ends at the switch-over and commit
     /// only if they agree (default false: hashing all RAM lengthens the
     /// downtime by the time it takes, reported as `digest-time`).
@@ -88,6 +92,7 @@ impl SendRequest {
             max_bandwidth: None,
             compress: default_compress(),
             timeout: None,
+            timeout_action: TimeoutAction::Cancel,
             verify: false,
         }
     }

@@ -162,6 +162,7 @@ impl VmController {
                 compress,
                 max_bandwidth: req.max_bandwidth,
                 timeout,
+                timeout_action: req.timeout_action,
                 verify_digest: req.verify,
                 io_timeout: IO_TIMEOUT,
                 cancel: Arc::new(AtomicBool::new(false)),

@@ -27,6 +27,20 @@ pub enum CompressMode {
     Zstd(i32),
 }
 
+/// What a migration does when its `timeout` passes (Cloud Hypervisor's
+/// `timeout_strategy`: cancel, or `ignore` and finish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeoutAction {
+    /// Fail the migration; the source keeps running (the default, as in
+    /// Cloud Hypervisor: the VM stays where it is).
+    #[default]
+    Cancel,
+    /// Stop iterating and go to stop-and-copy whatever the downtime: the
+    /// migration completes, paying the downtime of what is left.
+    Force,
+}
+
 /// Called with the report after every iteration.
 pub type ProgressFn = Box<dyn FnMut(&MigrationReport) + Send>;
 
@@ -38,8 +52,10 @@ pub struct SendOptions {
     pub compress: CompressMode,
     /// Cap on bytes per second written (`None`: unlimited).
     pub max_bandwidth: Option<u64>,
-    /// Give up (leaving the source running) after this long.
+    /// After this long, do `timeout_action` (checked at iteration ends).
     pub timeout: Option<Duration>,
+    /// What the timeout does: fail (source runs on) or force the stop.
+    pub timeout_action: TimeoutAction,
     /// Compare memory digests of both ends before committing.
     pub verify_digest: bool,
     /// Read/write timeout on the stream.
