@@ -28,7 +28,7 @@ mod report;
 mod source;
 
 pub use dest::{receive_migration, ReceiveOptions, ReceiveOutcome};
-pub use report::{IterationRecord, MigrationReport, MigrationStatus, RamReport};
+pub use report::{DowntimeBreakdown, IterationRecord, MigrationReport, MigrationStatus, RamReport};
 pub use source::{
     error_chain, send_migration, CompressMode, ProgressFn, SendOptions, TimeoutAction,
 };
