@@ -22,12 +22,16 @@
 //! destination resumes only on `Commit`, so the guest never runs twice.
 
 mod dest;
+#[cfg(feature = "memory-vm")]
+mod memory_vm;
 mod pages;
 mod precopy;
 mod report;
 mod source;
 
 pub use dest::{receive_migration, ReceiveOptions, ReceiveOutcome};
+#[cfg(feature = "memory-vm")]
+pub use memory_vm::MemoryVm;
 pub use report::{DowntimeBreakdown, IterationRecord, MigrationReport, MigrationStatus, RamReport};
 pub use source::{
     error_chain, send_migration, CompressMode, ProgressFn, SendOptions, TimeoutAction,
