@@ -145,6 +145,7 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         policy: a.policy.clone(),
         params,
         downtime_limit: a.downtime_limit,
+        downtime_ramp: None,
         max_bandwidth,
         compress: a.compress.clone(),
         timeout: a.timeout,

@@ -67,6 +67,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     // Remove the socket file however this function returns.
     let _api_path = api.as_ref().map(|s| RemoveOnDrop(s.path().to_path_buf()));
 
+    let mut arrived_paused = false;
     let vm = if let Some(uri) = &a.incoming {
         let uri: MigrationUri = uri.parse()?;
         let listener = Listener::bind(&uri)?;
@@ -96,11 +97,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         })
         .context("incoming migration failed; the guest was not started here")?;
         eprintln!(
-            "vmigrate: migration received ({} iterations, {} pages; resident memory {} MiB before resume); guest running",
+            "vmigrate: migration received ({} iterations, {} pages; resident memory {} MiB before resume); {}",
             outcome.iterations,
             outcome.pages,
-            outcome.rss_before_resume.unwrap_or(0) >> 20
+            outcome.rss_before_resume.unwrap_or(0) >> 20,
+            if outcome.paused {
+                "guest paused, as it was on the source (`vmigrate resume` starts it)"
+            } else {
+                "guest running"
+            }
         );
+        arrived_paused = outcome.paused;
         outcome.vm
     } else {
         let Some(mem_size) = mem else {
@@ -149,7 +156,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     });
-    let controller = Arc::new(VmController::new(vm.clone(), tx));
+    let controller = Arc::new(if arrived_paused {
+        VmController::new_paused(vm.clone(), tx)
+    } else {
+        VmController::new(vm.clone(), tx)
+    });
     if let Some(server) = api {
         server.spawn(controller.clone())?;
     }

@@ -21,12 +21,14 @@
 //! Anything that fails before `Commit` is sent resumes the source guest; the
 //! destination resumes only on `Commit`, so the guest never runs twice.
 
+mod control;
 mod dest;
 mod pages;
 mod precopy;
 mod report;
 mod source;
 
+pub use control::{DowntimeRamp, MigrationControl, RampError};
 pub use dest::{receive_migration, ReceiveOptions, ReceiveOutcome};
 pub use report::{IterationRecord, MigrationReport, MigrationStatus, RamReport};
 pub use source::{error_chain, send_migration, CompressMode, ProgressFn, SendOptions};

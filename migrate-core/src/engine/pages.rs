@@ -2,9 +2,11 @@
 //! (zero pages become ranges without data), the receiver writes them back.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::control::MigrationControl;
 use super::MigrationError;
 use crate::dirty::DirtyBitmap;
 use crate::wire::{
@@ -38,6 +40,9 @@ pub struct PageSender {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     data: Vec<u8>,
     gpas: Vec<u64>,
+    /// Checked before each batch goes out, so a cancel does not wait for
+    /// the end of a long iteration on a slow link.
+    cancel: Option<Arc<MigrationControl>>,
 }
 
 fn wire_err(phase: &str) -> impl Fn(WireError) -> MigrationError + '_ {
@@ -61,7 +66,14 @@ impl PageSender {
             compressor,
             data: Vec::with_capacity(BATCH_PAGES * PAGE_SIZE),
             gpas: Vec::with_capacity(BATCH_PAGES),
+            cancel: None,
         })
+    }
+
+    /// Fail with [`MigrationError::Cancelled`] before the next batch once
+    /// `control` is cancelled (`None`: never).
+    pub fn cancel_with(&mut self, control: Option<Arc<MigrationControl>>) {
+        self.cancel = control;
     }
 
     /// Send every page set in `dirty`, reading it from `memory` now. Pages
@@ -131,6 +143,9 @@ impl PageSender {
     ) -> Result<u64, MigrationError> {
         if self.gpas.is_empty() {
             return Ok(0);
+        }
+        if self.cancel.as_ref().is_some_and(|c| c.cancelled()) {
+            return Err(MigrationError::Cancelled);
         }
         let data = std::mem::take(&mut self.data);
         let gpas = std::mem::take(&mut self.gpas);

@@ -118,6 +118,13 @@ pub struct MigrationReport {
     pub cpu_throttle_percentage: f64,
     /// Convergence policy name.
     pub policy: String,
+    /// Downtime limit in force at the last policy decision, ms (changes with
+    /// `send --downtime-ramp` and `set-parameters`; `None` before the first).
+    #[serde(default)]
+    pub downtime_limit: Option<f64>,
+    /// Bandwidth cap in force at the last decision, bytes/s (`None`: none).
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
     /// Why the policy stopped iterating (or why the migration failed).
     pub stop_reason: Option<String>,
     /// Destination address.
@@ -160,6 +167,8 @@ impl MigrationReport {
             },
             cpu_throttle_percentage: 0.0,
             policy: policy.to_string(),
+            downtime_limit: None,
+            max_bandwidth: None,
             stop_reason: None,
             destination: destination.to_string(),
             compression: compression.to_string(),

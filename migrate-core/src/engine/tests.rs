@@ -107,11 +107,13 @@ fn options(compress: CompressMode) -> SendOptions {
     SendOptions {
         policy: policy::by_name("xen", &policy::PolicyParams::default()).unwrap(),
         compress,
-        max_bandwidth: None,
         timeout: None,
         verify_digest: true,
         io_timeout: Duration::from_secs(10),
-        cancel: Arc::new(AtomicBool::new(false)),
+        downtime_limit: policy::DEFAULT_DOWNTIME_LIMIT,
+        control: Arc::new(MigrationControl::new(None)),
+        downtime_ramp: None,
+        guest_paused: false,
         progress: None,
         destination: "test".into(),
     }
