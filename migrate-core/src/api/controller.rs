@@ -92,7 +92,7 @@ pub enum ControlError {
     ZeroSize,
     /// `memsave` of a range that leaves guest RAM.
     #[error(
-        "memsave range {addr:#x}..{addr:#x}+{size:#x} is outside guest memory (0..{mem_size:#x})"
+        "memsave of {size:#x} bytes at {addr:#x} runs past the end of guest memory ({mem_size:#x} bytes)"
     )]
     OutOfRange {
         /// First byte asked for.
@@ -328,7 +328,7 @@ impl VmController {
     /// `query-migrate`.
     pub fn query_migrate(&self) -> MigrationQuery {
         match self.last_report() {
-            Some(r) => MigrationQuery::Report(r),
+            Some(r) => MigrationQuery::Report(Box::new(r)),
             None => MigrationQuery::None {
                 status: NoMigration::None,
             },

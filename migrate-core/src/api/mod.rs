@@ -179,7 +179,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<ApiResponse>(&s).unwrap(), none);
 
         let report = crate::engine::MigrationReport::new("qemu", "tcp:h:1", "none", 1 << 20);
-        let some = ApiResponse::QueryMigrate(MigrationQuery::Report(report));
+        let some = ApiResponse::QueryMigrate(MigrationQuery::Report(Box::new(report)));
         let s = serde_json::to_string(&some).unwrap();
         assert!(
             s.starts_with(r#"{"response":"query-migrate","status":"setup""#),

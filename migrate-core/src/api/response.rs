@@ -51,7 +51,7 @@ pub struct VersionInfo {
 #[serde(untagged)]
 pub enum MigrationQuery {
     /// The running migration so far, or the last one.
-    Report(MigrationReport),
+    Report(Box<MigrationReport>),
     /// No migration ever ran here.
     None {
         /// Always `none`.

@@ -186,6 +186,13 @@ fn run<V: MigratableVm>(
     }
     report.setup_time = ms(start.elapsed());
     report.status = MigrationStatus::Active;
+    report.downtime_limit = Some(ms(opts.downtime_limit));
+    report.max_bandwidth = opts.control.rate().get();
+    // One report before the first (long) iteration, so that watchers see
+    // `active` rather than `setup` for all of the full copy.
+    if let Some(p) = opts.progress.as_mut() {
+        p(report);
+    }
 
     let result = transfer(vm, &mut w, &mut reader, opts, report, start, paused);
     if let Err(e) = &result {
