@@ -36,7 +36,8 @@ pub struct RunArgs {
     /// Where guest serial output goes: a file, or `-` for stdout.
     #[arg(long)]
     serial: String,
-    /// Control socket (JSON lines) for `send`, `status`, `shutdown`.
+    /// Control socket (JSON lines; docs/API.md) for `send`, `info`,
+    /// `pause`, `memsave`, `cancel`, ….
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// With --incoming: seconds to wait on a silent source.

@@ -121,6 +121,8 @@ pub(super) fn run<V: MigratableVm, W: Write>(
         report.expected_downtime = history
             .last_page_sample()
             .and_then(|s| s.millis_to_send(report.ram.remaining));
+        // Live reports carry the time so far; the final one is set at the end.
+        report.total_time = ms(start.elapsed());
         if let Some(p) = opts.progress.as_mut() {
             p(report);
         }

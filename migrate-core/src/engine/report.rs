@@ -100,7 +100,8 @@ pub struct RamReport {
 pub struct MigrationReport {
     /// Outcome.
     pub status: MigrationStatus,
-    /// Milliseconds, start of `send` to `Commit` written (or failure).
+    /// Milliseconds, start of `send` to `Commit` written (or failure); in a
+    /// progress report or `query-migrate` of a running migration, so far.
     pub total_time: f64,
     /// Milliseconds the guest was paused (`None` if it never was).
     pub downtime: Option<f64>,

@@ -190,6 +190,8 @@ fn run<V: MigratableVm>(
     report.max_bandwidth = opts.control.rate().get();
     // One report before the first (long) iteration, so that watchers see
     // `active` rather than `setup` for all of the full copy.
+    // Live reports carry the time so far; the final one is set at the end.
+    report.total_time = ms(start.elapsed());
     if let Some(p) = opts.progress.as_mut() {
         p(report);
     }
