@@ -47,6 +47,9 @@ enum Command {
     SetParameters(client::SetParametersArgs),
     /// Stop a running VM; its process exits 0.
     Shutdown(client::SocketArgs),
+    /// Print the VM's events (state changes, iterations, migration end,
+    /// guest stopped) as JSON lines until its process ends.
+    Events(client::EventsArgs),
     /// Built-in guest workloads.
     Workload {
         #[command(subcommand)]
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         Command::QueryMigrate(a) => client::query_migrate(a),
         Command::Cancel(a) => client::cancel(a),
         Command::SetParameters(a) => client::set_parameters(a),
+        Command::Events(a) => client::events(a),
         Command::Policies => {
             policies();
             Ok(ExitCode::SUCCESS)

@@ -184,17 +184,17 @@ fn main_loop(rx: &mpsc::Receiver<ProcessEvent>, controller: &VmController) -> Ex
     };
     match ev {
         ProcessEvent::Guest(VmEvent::Exited { status }) => {
-            controller.set_stopped();
+            controller.set_stopped(&format!("guest exited with status {status}"));
             eprintln!("vmigrate: guest exited with status {status}");
             ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX))
         }
         ProcessEvent::Guest(VmEvent::Halted { vcpu }) => {
-            controller.set_stopped();
+            controller.set_stopped(&format!("vCPU {vcpu} halted with interrupts off"));
             eprintln!("vmigrate: vCPU {vcpu} halted with interrupts off; VM stopped");
             ExitCode::SUCCESS
         }
         ProcessEvent::Guest(VmEvent::Failed { vcpu, reason }) => {
-            controller.set_stopped();
+            controller.set_stopped(&format!("vCPU {vcpu} failed: {reason}"));
             eprintln!("vmigrate: error: vCPU {vcpu}: {reason}");
             ExitCode::from(1)
         }

@@ -451,3 +451,102 @@ fn bad_control_arguments_are_refused() {
     );
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn events_follow_a_detached_send_that_status_watch_sees_to_the_end() {
+    if !kvm_available("events_follow_a_detached_send_that_status_watch_sees_to_the_end") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("events");
+    let mut src = source(&dir);
+    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+
+    // Subscribed once `ok` is read: no event after this can be missed.
+    let mut sub = UnixStream::connect(&src.api).unwrap();
+    sub.write_all(b"{\"command\":\"events\"}\n").unwrap();
+    let mut lines = BufReader::new(sub).lines();
+    let ok: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(ok["response"], "ok");
+    let reader = std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .map(|l| serde_json::from_str::<Value>(&l).unwrap())
+            .collect::<Vec<_>>()
+    });
+
+    assert!(verb(&src.api, "pause", &[]).0);
+    assert!(verb(&src.api, "resume", &[]).0);
+    let out = vmigrate(
+        bin(),
+        &[
+            "send",
+            "--api-socket",
+            s(&src.api),
+            "--to",
+            &uri,
+            "--detach",
+            "--policy",
+            "qemu",
+            "--max-bandwidth",
+            "16M",
+            "--downtime-ramp",
+            "100:30000:2",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("started"),
+        "{text} {:?}",
+        out.stderr
+    );
+    let watch = vmigrate(bin(), &["status", "--watch", "--api-socket", s(&src.api)]);
+    let text = String::from_utf8_lossy(&watch.stdout);
+    assert!(
+        watch.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
+    assert!(text.contains("migration completed"), "{text}");
+    assert!(src.wait_exit(T).success(), "{}", src.stderr_text());
+
+    // The stream ends with the source process.
+    let events = reader.join().unwrap();
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(e["response"], "event");
+            match e["event"].as_str().unwrap() {
+                "state-changed" => format!("state:{}", e["to"].as_str().unwrap()),
+                "migration-ended" => format!("ended:{}", e["status"].as_str().unwrap()),
+                k => k.to_string(),
+            }
+        })
+        .collect();
+    let pos = |k: &str| {
+        kinds
+            .iter()
+            .position(|x| x == k)
+            .unwrap_or_else(|| panic!("{k} in {kinds:?}"))
+    };
+    assert!(pos("state:paused") < pos("state:running"));
+    assert!(pos("state:running") < pos("state:migrating"));
+    assert!(pos("state:migrating") < pos("migration-progress"));
+    assert!(pos("migration-progress") < pos("ended:completed"));
+    assert!(pos("ended:completed") < pos("state:postmigrate"));
+    assert!(
+        kinds.iter().filter(|k| *k == "migration-progress").count() >= 3,
+        "{kinds:?}"
+    );
+    let times: Vec<f64> = events
+        .iter()
+        .map(|e| e["timestamp"].as_f64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    assert!(times[0] > 1.6e9, "timestamps are Unix seconds: {times:?}");
+
+    dst.wait_marks(PASS_MARK, 2, T);
+    assert_eq!(dst.count(MISMATCH_MARK), 0);
+    assert!(verb(&dst.api, "shutdown", &[]).0);
+    assert!(dst.wait_exit(T).success());
+}

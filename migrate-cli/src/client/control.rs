@@ -29,8 +29,12 @@ pub struct StatusArgs {
     #[arg(long)]
     api_socket: PathBuf,
     /// Print JSON.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     json: bool,
+    /// Follow the running migration until it ends, one line per iteration;
+    /// exit 0 if it completed, 1 if not.
+    #[arg(long)]
+    watch: bool,
 }
 
 #[derive(Args)]
@@ -74,6 +78,9 @@ pub fn info(a: StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn show_status(a: StatusArgs, req: &ApiRequest) -> anyhow::Result<ExitCode> {
+    if a.watch {
+        return super::watch::watch(&a.api_socket);
+    }
     match one(&a.api_socket, req)? {
         ApiResponse::Status(s) | ApiResponse::Info(s) if a.json => {
             println!("{}", serde_json::to_string_pretty(&s)?)

@@ -4,12 +4,14 @@
 
 mod control;
 mod send;
+mod watch;
 
 pub use control::{
     cancel, info, memsave, pause, query_migrate, resume, set_parameters, shutdown, status,
     MemsaveArgs, SetParametersArgs, SocketArgs, StatusArgs,
 };
 pub use send::{print_report, send, send_with_progress, SendArgs};
+pub use watch::{events, EventsArgs};
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -54,6 +54,10 @@ pub struct SendArgs {
     /// Print the final report as JSON (QEMU `query-migrate` field names).
     #[arg(long)]
     json: bool,
+    /// Return once the handshake succeeded, leaving the migration running
+    /// in the VM process (follow it with `status --watch`).
+    #[arg(long, conflicts_with = "json")]
+    detach: bool,
 }
 
 pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
@@ -87,6 +91,9 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         timeout: a.timeout,
         verify: a.verify,
     };
+    if a.detach {
+        return detach(&a.api_socket, req);
+    }
     let report = send_with_progress(&a.api_socket, req, !a.json)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -98,6 +105,30 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Start a migration and return after its first progress line (the
+/// handshake succeeded); the VM process carries on alone.
+fn detach(socket: &Path, req: SendRequest) -> anyhow::Result<ExitCode> {
+    let to = req.to.clone();
+    match request(socket, &ApiRequest::Send(req))?.next() {
+        Some(Ok(ApiResponse::Progress(_))) => {
+            println!("migration to {to} started; follow it with `vmigrate status --watch`");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Ok(ApiResponse::Done(report))) => {
+            print_report(&report);
+            Ok(if report.status == MigrationStatus::Completed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Some(Ok(ApiResponse::Error { message })) => bail!("migration refused: {message}"),
+        Some(Ok(other)) => bail!("unexpected answer {other:?}"),
+        Some(Err(e)) => Err(e),
+        None => bail!("the source closed the API socket before the migration started"),
+    }
 }
 
 /// Run a migration through the API, drawing a progress bar on a terminal.

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::events::{self, Event, EventBus};
 use super::{
     ExitSummary, MemsaveRequest, MigrationQuery, NoMigration, ProcessEvent, RunState, SendRequest,
     SetParameters, VmStatus, API_VERSION,
@@ -149,6 +150,8 @@ pub struct VmController {
     migration: Arc<Mutex<Option<MigrationReport>>>,
     /// Steering handle of the running migration (`None`: none runs).
     current: Mutex<Option<Arc<MigrationControl>>>,
+    /// Connections that asked for `events`.
+    bus: Arc<EventBus>,
 }
 
 impl VmController {
@@ -170,6 +173,7 @@ impl VmController {
             events,
             migration: Arc::new(Mutex::new(None)),
             current: Mutex::new(None),
+            bus: Arc::new(EventBus::default()),
         }
     }
 
@@ -183,13 +187,35 @@ impl VmController {
         &self.events
     }
 
+    /// Subscribers of `events`.
+    pub fn bus(&self) -> &EventBus {
+        &self.bus
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Record that the guest stopped.
-    pub fn set_stopped(&self) {
-        *self.state() = RunState::Stopped;
+    /// Change the state (the caller holds the lock) and tell subscribers.
+    fn transition(&self, state: &mut RunState, to: RunState) {
+        let from = std::mem::replace(state, to);
+        if from != to {
+            self.bus.emit(Event::StateChanged {
+                timestamp: events::now(),
+                from,
+                to,
+            });
+        }
+    }
+
+    /// Record that the guest stopped by itself, and why.
+    pub fn set_stopped(&self, reason: &str) {
+        self.bus.emit(Event::GuestStopped {
+            timestamp: events::now(),
+            reason: reason.to_string(),
+        });
+        let mut state = self.state();
+        self.transition(&mut state, RunState::Stopped);
     }
 
     /// Current status (`status` and `info`).
@@ -249,7 +275,7 @@ impl VmController {
             op: "pause",
             source,
         })?;
-        *state = RunState::Paused;
+        self.transition(&mut state, RunState::Paused);
         Ok(())
     }
 
@@ -273,7 +299,7 @@ impl VmController {
             op: "resume",
             source,
         })?;
-        *state = RunState::Running;
+        self.transition(&mut state, RunState::Running);
         Ok(())
     }
 
@@ -434,7 +460,7 @@ impl VmController {
                     })
                 }
             };
-            *state = RunState::Migrating;
+            self.transition(&mut state, RunState::Migrating);
             *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(control.clone());
             let compression = match compress {
                 CompressMode::None => "none".to_string(),
@@ -458,6 +484,7 @@ impl VmController {
             }
         };
         let live = self.migration.clone();
+        let bus = self.bus.clone();
         let opts = SendOptions {
             policy,
             compress,
@@ -470,12 +497,14 @@ impl VmController {
             guest_paused: before == RunState::Paused,
             progress: Some(Box::new(move |r: &MigrationReport| {
                 *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
+                bus.emit(Event::progress(r));
                 progress(r)
             })),
             destination: uri.to_string(),
         };
         let report = send_migration(&*self.vm, stream, opts);
         *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+        self.bus.emit(Event::ended(&report));
         // After a completed migration, or one whose Commit may have reached
         // the destination, the source must not run the guest again.
         let gone = report.status == MigrationStatus::Completed
@@ -490,7 +519,7 @@ impl VmController {
     fn finish(&self, to: RunState) {
         let mut state = self.state();
         if *state == RunState::Migrating {
-            *state = to;
+            self.transition(&mut state, to);
         }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }

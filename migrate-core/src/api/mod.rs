@@ -19,11 +19,13 @@
 //! than the `send`, which blocks until the migration ends.
 
 mod controller;
+mod events;
 mod request;
 mod response;
 mod server;
 
 pub use controller::{ControlError, VmController};
+pub use events::{Event, EventBus};
 pub use request::{
     parse_request, ApiRequest, MemsaveRequest, RequestError, SendRequest, SetParameters, COMMANDS,
 };
@@ -186,5 +188,27 @@ mod tests {
             "{s}"
         );
         assert_eq!(serde_json::from_str::<ApiResponse>(&s).unwrap(), some);
+
+        let ev = ApiResponse::Event(Event::StateChanged {
+            timestamp: 1.5,
+            from: RunState::Running,
+            to: RunState::Paused,
+        });
+        let s = serde_json::to_string(&ev).unwrap();
+        assert_eq!(
+            s,
+            r#"{"response":"event","event":"state-changed","timestamp":1.5,"from":"running","to":"paused"}"#
+        );
+        assert_eq!(serde_json::from_str::<ApiResponse>(&s).unwrap(), ev);
+        let p = ApiResponse::Event(Event::MigrationProgress {
+            timestamp: 2.0,
+            iteration: Some(3),
+            remaining: 4096,
+            transferred: 8192,
+            downtime_limit: Some(300.0),
+        });
+        let s = serde_json::to_string(&p).unwrap();
+        assert!(s.contains(r#""downtime-limit":300.0"#), "{s}");
+        assert_eq!(serde_json::from_str::<ApiResponse>(&s).unwrap(), p);
     }
 }

@@ -40,6 +40,9 @@ pub enum ApiRequest {
     Send(SendRequest),
     /// Stop the VM and end the process (exit status 0).
     Shutdown {},
+    /// Turn this connection into an event stream: `ok`, then one line per
+    /// event until the VM process ends. No further requests are read on it.
+    Events {},
 }
 
 /// Every command name [`ApiRequest`] accepts (aliases after the names).
@@ -55,6 +58,7 @@ pub const COMMANDS: &[&str] = &[
     "migrate-set-parameters",
     "send",
     "shutdown",
+    "events",
     "stop",
     "cont",
     "pmemsave",

@@ -27,6 +27,8 @@ pub enum ApiResponse {
     Progress(MigrationReport),
     /// A migration ended (see the report's status).
     Done(MigrationReport),
+    /// One event on a connection that sent `events`.
+    Event(super::Event),
 }
 
 /// Answer to `version`.

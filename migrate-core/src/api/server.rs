@@ -69,6 +69,10 @@ fn handle(c: &VmController, req: ApiRequest, out: &mut UnixStream) -> std::io::R
         ApiRequest::QueryMigrate {} => reply(out, &ApiResponse::QueryMigrate(c.query_migrate())),
         ApiRequest::MigrateCancel {} => done(out, c.cancel()),
         ApiRequest::MigrateSetParameters(p) => done(out, c.set_parameters(&p)),
+        ApiRequest::Events {} => {
+            reply(out, &ApiResponse::Ok)?;
+            c.bus().subscribe(out.try_clone()?)
+        }
         ApiRequest::Shutdown {} => {
             reply(out, &ApiResponse::Ok)?;
             let _ = c.events().send(ProcessEvent::Shutdown);
@@ -163,7 +167,15 @@ fn serve_client(c: &VmController, conn: UnixStream) {
             continue;
         }
         let r = match parse_request(&line) {
-            Ok(req) => handle(c, req, &mut out),
+            Ok(req) => {
+                // After `events` this connection only carries events.
+                let subscribed = matches!(req, ApiRequest::Events {});
+                let r = handle(c, req, &mut out);
+                if subscribed {
+                    return;
+                }
+                r
+            }
             Err(e) => reply(
                 &mut out,
                 &ApiResponse::Error {
