@@ -13,6 +13,7 @@
 //! failure); cancel the migration first.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
@@ -332,7 +333,15 @@ impl VmController {
             path: path.to_path_buf(),
             source,
         };
-        let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(file_err)?);
+        // Owner-only, as guest memory may hold the guest's secrets.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(file_err)?;
+        let mut out = std::io::BufWriter::new(file);
         let mut buf = vec![0u8; usize::try_from(MEMSAVE_CHUNK).expect("1 MiB fits usize")];
         let mut done = 0u64;
         while done < req.size {
@@ -446,7 +455,7 @@ impl VmController {
             t => t.map(Duration::from_secs_f64),
         };
         let control = Arc::new(MigrationControl::new(req.max_bandwidth));
-        let before = {
+        let (before, previous) = {
             let mut state = self.state();
             let before = match *state {
                 s @ (RunState::Running | RunState::Paused) => s,
@@ -466,19 +475,24 @@ impl VmController {
                 CompressMode::None => "none".to_string(),
                 CompressMode::Zstd(l) => format!("zstd:{l}"),
             };
-            // query-migrate shows `setup` until the first iteration ends.
-            *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(MigrationReport::new(
-                &req.policy,
-                &uri.to_string(),
-                &compression,
-                self.vm.mem_size(),
-            ));
-            before
+            // query-migrate shows `setup` until the handshake is done.
+            let previous = self
+                .migration
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(MigrationReport::new(
+                    &req.policy,
+                    &uri.to_string(),
+                    &compression,
+                    self.vm.mem_size(),
+                ));
+            (before, previous)
         };
         let stream = match Stream::connect(&uri, CONNECT_TIMEOUT) {
             Ok(s) => s,
             Err(e) => {
-                *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                // Nothing started: the last migration stays the last one.
+                *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = previous;
                 self.finish(before);
                 return Err(ControlError::Connect(e));
             }
