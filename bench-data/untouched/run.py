@@ -3,9 +3,10 @@
 between two vmigrate processes, beside QEMU migrating an idle 8 GiB guest
 (the same `idle` boot sector) in the same run, over loopback TCP.
 
-    python3 bench-data/untouched/run.py        # about a minute
+    python3 bench-data/untouched/run.py        # about two minutes (REPS=5)
 
-Writes bench-data/untouched/results.json and prints a table. QEMU rows say
+Writes bench-data/untouched/results.json (every run, and medians) and
+prints the medians. QEMU rows say
 "not installed" when qemu-system-x86_64 is missing; nothing is made up.
 """
 import json, os, shutil, socket, subprocess, sys, tempfile, time
@@ -53,6 +54,7 @@ def vmigrate_idle(vm, mem, tmp):
         "bytes": r["ram"]["transferred"], "page_bytes": r["ram"]["normal-bytes"],
         "skipped_pages": r["ram"]["skipped"], "scanned_zero_pages": r["ram"]["duplicate"] - r["ram"]["skipped"],
         "src_rss_kib": src_rss, "dst_rss_before_resume_kib": dst_rss_before, "dst_rss_after_kib": dst_rss_now,
+        "downtime_breakdown": r.get("downtime-breakdown"),
     }
 
 
@@ -118,27 +120,55 @@ def qemu_idle(vm, mem, tmp):
             p.kill(); p.wait()
 
 
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def main():
+    reps = int(os.environ.get("REPS", "5"))
     vm = os.path.join(ROOT, "target", "release", "vmigrate")
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "migrate-cli", "--bin", "vmigrate"],
                    cwd=ROOT, check=True, capture_output=True)
-    rows = []
-    for mem in ["1G", "8G", "16G"]:
+    runs = []
+    # Interleaved repetitions: every system and size sees the same machine load.
+    for rep in range(reps):
+        for mem in ["1G", "8G", "16G"]:
+            with tempfile.TemporaryDirectory() as tmp:
+                runs.append({"rep": rep, **vmigrate_idle(vm, mem, tmp)})
         with tempfile.TemporaryDirectory() as tmp:
-            rows.append(vmigrate_idle(vm, mem, tmp))
-    with tempfile.TemporaryDirectory() as tmp:
-        rows.append(qemu_idle(vm, "8G", tmp))
-    json.dump(rows, open(OUT, "w"), indent=1)
-    print(f"{'system':12} {'guest':10} {'status':10} {'total ms':>9} {'down ms':>8} {'sent KiB':>9} {'skipped':>9} "
-          f"{'scanned0':>9} {'src RSS MiB':>11} {'dst RSS MiB':>11}")
-    for r in rows:
+            runs.append({"rep": rep, **qemu_idle(vm, "8G", tmp)})
+    keys = ["total_ms", "downtime_ms", "setup_ms", "bytes", "page_bytes", "skipped_pages",
+            "scanned_zero_pages", "src_rss_kib", "dst_rss_before_resume_kib", "dst_rss_after_kib"]
+    summary = []
+    for system, guest in dict.fromkeys((r["system"], r["guest"]) for r in runs):
+        group = [r for r in runs if r["system"] == system and r["guest"] == guest]
+        row = {"system": system, "guest": guest, "runs": len(group),
+               "completed": sum(r["status"] == "completed" for r in group)}
+        if "total_ms" not in group[0]:
+            row["status"] = group[0]["status"]
+        else:
+            for k in keys:
+                row[k] = median([r.get(k) for r in group])
+            row["downtime_ms_max"] = max(r["downtime_ms"] for r in group)
+        summary.append(row)
+    json.dump({"note": f"medians over {reps} interleaved repetitions, one machine, one run",
+               "summary": summary, "runs": runs}, open(OUT, "w"), indent=1)
+    print(f"medians over {reps} repetitions")
+    print(f"{'system':12} {'guest':10} {'done':>5} {'total ms':>9} {'down ms':>8} {'down max':>8} {'sent KiB':>9} "
+          f"{'skipped':>9} {'scanned0':>9} {'src RSS MiB':>11} {'dst RSS MiB':>11}")
+    for r in summary:
         if "total_ms" not in r:
             print(f"{r['system']:12} {r['guest']:10} {r['status']}")
             continue
         dst = r["dst_rss_before_resume_kib"] or r["dst_rss_after_kib"]
-        print(f"{r['system']:12} {r['guest']:10} {r['status']:10} {r['total_ms']:9.1f} {r['downtime_ms']:8.1f} "
-              f"{r['bytes'] // 1024:9} {r['skipped_pages'] if r['skipped_pages'] is not None else '-':>9} "
-              f"{r['scanned_zero_pages']:9} {r['src_rss_kib'] / 1024:11.1f} {dst / 1024:11.1f}")
+        skipped = int(r["skipped_pages"]) if r["skipped_pages"] is not None else "-"
+        print(f"{r['system']:12} {r['guest']:10} {r['completed']:>2}/{r['runs']:<2} {r['total_ms']:9.1f} "
+              f"{r['downtime_ms']:8.2f} {r['downtime_ms_max']:8.2f} {int(r['bytes']) // 1024:9} {skipped:>9} "
+              f"{int(r['scanned_zero_pages']):9} {r['src_rss_kib'] / 1024:11.1f} {dst / 1024:11.1f}")
 
 
 if __name__ == "__main__":

@@ -8,25 +8,34 @@
 //!
 //! Policies, by their [`by_name`] names: `qemu` ([`qemu`]), `auto-converge`
 //! ([`auto_converge`]), `xen` ([`xen`], migration v2), `xen-legacy`
-//! ([`xen_legacy`]) and `mp` ([`mp`], the memory-pattern policy). Each
+//! ([`xen_legacy`]), `mp` ([`mp`], the memory-pattern policy), and the newer
+//! answers a reviewer compares MP with: `ch` ([`ch`], Cloud Hypervisor's
+//! rule), `stall` ([`stall`], KubeVirt's stall detection) and `ramp`
+//! ([`ramp`], the orchestrators' stepped downtime limit). Each
 //! module's docs number its rules and give their source; [`describe`] lists
 //! each policy's settings.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod auto_converge;
+pub mod ch;
 mod history;
 pub mod mp;
 pub mod qemu;
+pub mod ramp;
 mod settings;
+pub mod stall;
 pub mod xen;
 pub mod xen_legacy;
 
 pub use auto_converge::AutoConvergePolicy;
+pub use ch::ChPolicy;
 pub use history::{IterationStats, MigrationHistory};
 pub use mp::MpPolicy;
 pub use qemu::QemuPolicy;
+pub use ramp::RampPolicy;
 pub use settings::SettingDoc;
+pub use stall::StallPolicy;
 pub use xen::XenPolicy;
 pub use xen_legacy::XenLegacyPolicy;
 
@@ -175,9 +184,10 @@ pub trait ConvergencePolicy: Send {
     }
 
     /// Change the downtime limit from the next decision on (orchestrators
-    /// raise it in steps while a migration runs). `qemu`, `auto-converge`
-    /// and `mp` use it; `xen` and `xen-legacy`, which have no downtime
-    /// limit, ignore it.
+    /// raise it in steps while a migration runs). `qemu`, `auto-converge`,
+    /// `mp`, `ch` and `stall` use it; `ramp` takes it as a floor under its
+    /// schedule; `xen` and `xen-legacy`, which have no downtime limit,
+    /// ignore it.
     fn set_downtime_limit(&mut self, _limit: Duration) {}
 }
 
@@ -236,7 +246,16 @@ pub enum PolicyError {
 }
 
 /// Names accepted by [`by_name`].
-pub const POLICY_NAMES: &[&str] = &["qemu", "auto-converge", "xen", "xen-legacy", "mp"];
+pub const POLICY_NAMES: &[&str] = &[
+    "qemu",
+    "auto-converge",
+    "xen",
+    "xen-legacy",
+    "mp",
+    "ch",
+    "stall",
+    "ramp",
+];
 
 /// Build a policy from its command-line name, with `params.downtime_limit`
 /// (for the policies that have one) and its `params.settings` (see
@@ -254,6 +273,9 @@ pub fn by_name(
         "xen" => Box::new(XenPolicy::from_params(params)?),
         "xen-legacy" => Box::new(XenLegacyPolicy::from_params(params)?),
         "mp" => Box::new(MpPolicy::from_params(params)?),
+        "ch" => Box::new(ChPolicy::from_params(params)?),
+        "stall" => Box::new(StallPolicy::from_params(params)?),
+        "ramp" => Box::new(RampPolicy::from_params(params)?),
         _ => {
             return Err(PolicyError::Unknown {
                 name: name.to_string(),
@@ -274,6 +296,9 @@ pub fn describe(name: &str) -> Option<&'static [SettingDoc]> {
         "xen" => xen::SETTINGS,
         "xen-legacy" => xen_legacy::SETTINGS,
         "mp" => mp::SETTINGS,
+        "ch" => ch::SETTINGS,
+        "stall" => stall::SETTINGS,
+        "ramp" => ramp::SETTINGS,
         _ => return None,
     })
 }
@@ -297,7 +322,8 @@ mod tests {
             let err = by_name(name, &PolicyParams::default()).err();
             assert!(
                 matches!(&err, Some(PolicyError::Unknown { name: n, known })
-                    if n == name && known == "qemu, auto-converge, xen, xen-legacy, mp"),
+                    if n == name
+                        && known == "qemu, auto-converge, xen, xen-legacy, mp, ch, stall, ramp"),
                 "{name:?}: {err:?}"
             );
         }
@@ -387,7 +413,7 @@ mod tests {
             ..Default::default()
         }]
         .into();
-        for name in ["qemu", "auto-converge", "mp"] {
+        for name in ["qemu", "auto-converge", "mp", "ch", "stall", "ramp"] {
             let mut p = by_name(name, &PolicyParams::default()).unwrap();
             assert_eq!(p.decide(&h), Decision::Continue, "{name}");
             p.set_downtime_limit(Duration::from_millis(1000));
@@ -398,6 +424,10 @@ mod tests {
                 }),
                 "{name}"
             );
+            if name == "ramp" {
+                // Its schedule replaces `--downtime-limit` (see `ramp`).
+                continue;
+            }
             let mut p = by_name(
                 name,
                 &PolicyParams {

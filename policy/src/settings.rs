@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | fraction | a decimal in 0..=1, or a percentage | `0.5`, `50%`, `12.5%` |
 //! | duration | whole milliseconds, optional `ms` suffix | `1000`, `1000ms` |
+//! | seconds | a non-negative decimal, optional `s` suffix | `40`, `2.5s` |
 //! | count | a non-negative integer | `29` |
 //! | factor | a non-negative decimal | `3`, `2.5` |
 //! | switch | `on`/`off`, `true`/`false`, `yes`/`no`, `1`/`0` | `off` |
@@ -146,6 +147,15 @@ impl<'a> Settings<'a> {
     /// A non-negative finite decimal.
     pub(crate) fn factor(&self, key: &str, default: f64) -> Result<f64, PolicyError> {
         self.get(key, default, parse_factor)
+    }
+
+    /// A non-negative number of seconds (decimal, optional `s` suffix).
+    pub(crate) fn seconds(&self, key: &str, default: Duration) -> Result<Duration, PolicyError> {
+        self.get(key, default, |s| {
+            let number = s.strip_suffix('s').unwrap_or(s);
+            Duration::try_from_secs_f64(parse_decimal(number)?)
+                .map_err(|_| "too many seconds".to_string())
+        })
     }
 
     /// An on/off switch.
@@ -307,6 +317,20 @@ mod tests {
         let s = Settings::new("t", &docs, &empty).unwrap();
         assert_eq!(s.fraction("k", 0.25, 0.0, 1.0), Ok(0.25));
         assert_eq!(s.switch("k", true), Ok(true));
+        assert_eq!(s.seconds("k", Duration::ZERO), Ok(Duration::ZERO));
+        for (v, want) in [("40", 40_000), ("2.5s", 2_500), (" 0.25 ", 250)] {
+            let p = with(v);
+            let s = Settings::new("t", &docs, &p).unwrap();
+            assert_eq!(
+                s.seconds("k", Duration::ZERO),
+                Ok(Duration::from_millis(want))
+            );
+        }
+        for v in ["-1", "1 s", "s", "1e3", "inf"] {
+            let p = with(v);
+            let s = Settings::new("t", &docs, &p).unwrap();
+            assert!(s.seconds("k", Duration::ZERO).is_err(), "{v}");
+        }
     }
 
     #[test]

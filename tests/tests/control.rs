@@ -174,6 +174,14 @@ fn pause_stops_the_guest_and_resume_restarts_it() {
     );
     let r = api(&src.api, r#"{"command":"pasue"}"#);
     assert!(r["message"].as_str().unwrap().contains("\"pasue\""), "{r}");
+    let r = api(
+        &src.api,
+        r#"{"command":"send","to":"tcp:127.0.0.1:1","policy":"ramp","downtime-ramp":{"start-ms":1,"end-ms":2,"steps":1}}"#,
+    );
+    assert!(
+        r["message"].as_str().unwrap().contains("ramp policy"),
+        "{r}"
+    );
 
     let (ok, err) = verb(&src.api, "resume", &[]);
     assert!(ok, "{err}");

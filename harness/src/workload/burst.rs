@@ -8,7 +8,12 @@
 //!
 //! 1. **Quiet** for `quiet` ms: a register-only loop polling the TSC (no
 //!    store, no stack), so the guest dirties no page. When the time is up it
-//!    prints one [`PASS_MARK`].
+//!    prints one [`PASS_MARK`]. With `quiet-wss = Q`, the quiet phase
+//!    instead keeps sweeping the first `Q` bytes of the range, in chunks of
+//!    [`BURST_CHECK_PAGES`] pages between TSC checks, with its own position
+//!    (no marks per pass): the dirty rate then alternates between a small
+//!    and a large working set, a sawtooth of remaining bytes rather than an
+//!    on/off burst (the case that broke Nova's progress timeout).
 //! 2. **Storm** for `storm` ms: `inc byte [page]` into one page after
 //!    another of `[start, end)`, in address order, wrapping around from `end`
 //!    to `start` (the same 4-instruction-per-page loop as `sweep`, so at
@@ -50,14 +55,17 @@ pub(crate) struct Timing {
 }
 
 /// Emits the burst loop over `[start, end)` (page-aligned, `end > start`);
-/// `cycles` storms, 0 for forever. Never returns. Registers: rbx = end, rbp =
-/// start, rdi = sweep position, rsi = end of the current chunk, r8/r9 =
-/// quiet/storm ticks, r12 = storms left, r15 = TSC at the phase start, rax and
-/// rdx for `rdtsc` and marks.
+/// `quiet_end`: the quiet phases sweep `[start, quiet_end)` (`None`: they
+/// store nothing); `cycles` storms, 0 for forever. Never returns. Registers:
+/// rbx = end, rbp = start, rdi = sweep position, rsi = end of the current
+/// chunk, r8/r9 = quiet/storm ticks, r12 = storms left, r13/r14 = quiet
+/// sweep position/end, r15 = TSC at the phase start, rax and rdx for
+/// `rdtsc` and marks.
 pub(crate) fn emit(
     a: &mut CodeAssembler,
     start: u64,
     end: u64,
+    quiet_end: Option<u64>,
     timing: Timing,
     cycles: u64,
 ) -> Result<(), WorkloadError> {
@@ -76,12 +84,32 @@ pub(crate) fn emit(
     if cycles > 0 {
         emit_mov_imm(a, r12, cycles)?;
     }
+    if let Some(q) = quiet_end {
+        a.mov(r13, rbp)?;
+        emit_mov_imm(a, r14, q)?;
+    }
 
-    // ---- quiet: poll the TSC, registers only
+    // ---- quiet: poll the TSC, registers only (or sweep the quiet range)
     a.set_label(&mut cycle)?;
     emit_rdtsc(a)?;
     a.mov(r15, rax)?;
     a.set_label(&mut quiet)?;
+    if quiet_end.is_some() {
+        let mut quiet_page = a.create_label();
+        let mut quiet_check = a.create_label();
+        a.lea(rsi, ptr(r13 + chunk))?;
+        a.cmp(rsi, r14)?;
+        a.cmova(rsi, r14)?;
+        a.set_label(&mut quiet_page)?;
+        a.inc(byte_ptr(r13))?;
+        a.add(r13, imm_i32(PAGE_SIZE)?)?;
+        a.cmp(r13, rsi)?;
+        a.jb(quiet_page)?;
+        a.cmp(r13, r14)?;
+        a.jb(quiet_check)?;
+        a.mov(r13, rbp)?;
+        a.set_label(&mut quiet_check)?;
+    }
     emit_rdtsc(a)?;
     a.sub(rax, r15)?;
     a.cmp(rax, r8)?;

@@ -127,6 +127,11 @@ pub enum WorkloadSpec {
         wss: Option<u64>,
         /// Length of a quiet phase in ms (default [`DEFAULT_BURST_QUIET_MS`]).
         quiet_ms: u64,
+        /// Bytes at the start of the range that the guest keeps sweeping
+        /// during the quiet phases (`None`: quiet phases store nothing). A
+        /// nonzero value makes the dirty rate a sawtooth between a small and
+        /// a large working set instead of an on/off burst.
+        quiet_wss: Option<u64>,
         /// Length of a storm in ms (default [`DEFAULT_BURST_STORM_MS`]).
         storm_ms: u64,
         /// Number of storms, after which the guest stays quiet; 0 (the
@@ -370,16 +375,29 @@ fn build_inner(
             end,
             wss,
             quiet_ms,
+            quiet_wss,
             storm_ms,
             cycles,
         } => {
             let r = burst_range(start, end, wss, mem)?;
+            let quiet_end = match quiet_wss {
+                None => None,
+                Some(q) if q > r.end - r.start => {
+                    return Err(WorkloadError::WssTooLarge {
+                        wss: q,
+                        available: r.end - r.start,
+                    })
+                }
+                Some(q) => Some(r.start + q),
+            };
             let tsc_hz = params.tsc_hz.ok_or(WorkloadError::MissingTscHz)?;
             let timing = burst::Timing {
                 quiet_ticks: ms_to_ticks("quiet", quiet_ms, tsc_hz)?,
                 storm_ticks: ms_to_ticks("storm", storm_ms, tsc_hz)?,
             };
-            let sector = asm::boot_sector(mem, |a| burst::emit(a, r.start, r.end, timing, cycles))?;
+            let sector = asm::boot_sector(mem, |a| {
+                burst::emit(a, r.start, r.end, quiet_end, timing, cycles)
+            })?;
             (sector, Some(r))
         }
         WorkloadSpec::Hotset { wss, rate } => {

@@ -16,14 +16,15 @@
 //! idle
 //! sweep[:start=SIZE,end=SIZE,mode=inc|same|zero]
 //! hotset[:wss=SIZE,rate=COUNT]
-//! burst[:start=SIZE,end=SIZE|wss=SIZE,quiet=COUNT,storm=COUNT,cycles=COUNT]
+//! burst[:start=SIZE,end=SIZE|wss=SIZE,quiet=COUNT,quiet-wss=SIZE,storm=COUNT,cycles=COUNT]
 //! verify[:start=SIZE,end=SIZE]
 //! ```
 //!
 //! Canonical forms (what `Display` prints) list keys in the order above and
 //! leave out defaults that are represented as "not given": `sweep` omits
 //! `mode=inc`; `hotset` always prints `wss`; `burst` prints `start`, `end` and
-//! `wss` only when given, `quiet` and `storm` always, `cycles` when nonzero.
+//! `wss` only when given, `quiet` and `storm` always, `quiet-wss` when given,
+//! `cycles` when nonzero.
 
 use std::collections::HashSet;
 
@@ -36,7 +37,7 @@ const SWEEP_KEYS: &str = "start, end, mode";
 /// Keys accepted by hotset.
 const HOTSET_KEYS: &str = "wss, rate";
 /// Keys accepted by burst.
-const BURST_KEYS: &str = "start, end, wss, quiet, storm, cycles";
+const BURST_KEYS: &str = "start, end, wss, quiet, quiet-wss, storm, cycles";
 
 impl FromStr for WorkloadSpec {
     type Err = WorkloadError;
@@ -192,12 +193,14 @@ fn parse_burst(pairs: &[(String, &str)]) -> Result<WorkloadSpec, WorkloadError> 
     let mut quiet_ms = DEFAULT_BURST_QUIET_MS;
     let mut storm_ms = DEFAULT_BURST_STORM_MS;
     let mut cycles = 0;
+    let mut quiet_wss = None;
     for (k, v) in pairs {
         match k.as_str() {
             "start" => start = Some(size("start", v)?),
             "end" => end = Some(size("end", v)?),
             "wss" => wss = Some(size("wss", v)?),
             "quiet" => quiet_ms = count("quiet", v)?,
+            "quiet-wss" => quiet_wss = Some(size("quiet-wss", v)?),
             "storm" => storm_ms = count("storm", v)?,
             "cycles" => cycles = count_or_zero("cycles", v)?,
             _ => return Err(unknown("burst", k, BURST_KEYS)),
@@ -217,11 +220,18 @@ fn parse_burst(pairs: &[(String, &str)]) -> Result<WorkloadSpec, WorkloadError> 
         }
         check_aligned("working-set size", w)?;
     }
+    if let Some(q) = quiet_wss {
+        if q == 0 {
+            return Err(WorkloadError::WssZero);
+        }
+        check_aligned("quiet working-set size", q)?;
+    }
     Ok(WorkloadSpec::Burst {
         start,
         end,
         wss,
         quiet_ms,
+        quiet_wss,
         storm_ms,
         cycles,
     })
@@ -280,6 +290,7 @@ impl fmt::Display for WorkloadSpec {
                 end,
                 wss,
                 quiet_ms,
+                quiet_wss,
                 storm_ms,
                 cycles,
             } => {
@@ -288,6 +299,7 @@ impl fmt::Display for WorkloadSpec {
                 w.size("end", end)?;
                 w.size("wss", wss)?;
                 w.param("quiet", quiet_ms)?;
+                w.size("quiet-wss", quiet_wss)?;
                 w.param("storm", storm_ms)?;
                 if cycles != 0 {
                     w.param("cycles", cycles)?;

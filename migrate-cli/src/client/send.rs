@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Args;
 use migrate_core::api::{ApiRequest, ApiResponse, SendRequest};
-use migrate_core::engine::{DowntimeRamp, MigrationReport, MigrationStatus};
+use migrate_core::engine::{DowntimeRamp, MigrationReport, MigrationStatus, TimeoutAction};
 
 use super::{human, request};
 
@@ -44,9 +44,13 @@ pub struct SendArgs {
     /// Page compression: none or zstd.
     #[arg(long, default_value = "none", value_parser = ["none", "zstd"])]
     compress: String,
-    /// Give up after this many seconds; the source keeps running.
+    /// After this many seconds, do --timeout-action.
     #[arg(long)]
     timeout: Option<f64>,
+    /// At the timeout: cancel (the source keeps running) or force (pause
+    /// and finish, whatever the downtime).
+    #[arg(long, default_value = "cancel", value_parser = ["cancel", "force"])]
+    timeout_action: String,
     /// Digest all guest memory on both ends at the switch-over and commit
     /// only if the digests agree (lengthens the downtime by `digest-time`).
     #[arg(long)]
@@ -89,6 +93,10 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         max_bandwidth,
         compress: a.compress.clone(),
         timeout: a.timeout,
+        timeout_action: match a.timeout_action.as_str() {
+            "force" => TimeoutAction::Force,
+            _ => TimeoutAction::Cancel,
+        },
         verify: a.verify,
     };
     if a.detach {

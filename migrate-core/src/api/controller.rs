@@ -425,6 +425,15 @@ impl VmController {
             .map_err(|e: TransportError| ControlError::BadSend(e.to_string()))?;
         if let Some(r) = &req.downtime_ramp {
             r.validate().map_err(ControlError::BadRamp)?;
+            if req.policy == "ramp" {
+                // Two schedules for one limit: the per-iteration ramp would
+                // keep overriding the policy's time-based one.
+                return Err(ControlError::BadSend(
+                    "downtime-ramp steps the limit per iteration; the ramp policy has its own \
+                     time-based schedule (--param start/end/steps): use one of them"
+                        .into(),
+                ));
+            }
         }
         if req.downtime_limit == 0 {
             return Err(ControlError::ZeroDowntime);
@@ -503,6 +512,7 @@ impl VmController {
             policy,
             compress,
             timeout,
+            timeout_action: req.timeout_action,
             verify_digest: req.verify,
             io_timeout: IO_TIMEOUT,
             downtime_limit,

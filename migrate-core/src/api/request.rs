@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::DowntimeRamp;
+use crate::engine::{DowntimeRamp, TimeoutAction};
 
 /// A request on the API socket. Empty struct variants, not unit ones, so
 /// that unknown fields are refused. QEMU's QMP names are accepted as
@@ -126,6 +126,10 @@ pub struct SendRequest {
     /// Give up after this many seconds (default: never).
     #[serde(default)]
     pub timeout: Option<f64>,
+    /// What the timeout does: `cancel` (default; the source runs on) or
+    /// `force` (stop-and-copy whatever the downtime).
+    #[serde(default)]
+    pub timeout_action: TimeoutAction,
     /// Digest all guest memory on both ends at the switch-over and commit
     /// only if they agree (default false: hashing all RAM lengthens the
     /// downtime by the time it takes, reported as `digest-time`).
@@ -155,6 +159,7 @@ impl SendRequest {
             max_bandwidth: None,
             compress: default_compress(),
             timeout: None,
+            timeout_action: TimeoutAction::Cancel,
             verify: false,
         }
     }

@@ -332,11 +332,13 @@ impl Receiver {
                         c.total_pages
                     )));
                 }
+                let t0 = std::time::Instant::now();
                 vm.restore_vcpus(blobs)
                     .map_err(|source| MigrationError::Vm {
                         op: "restore vCPU state",
                         source,
                     })?;
+                tracing::debug!(restore = ?t0.elapsed(), "vCPU state restored");
                 if self.digest_wanted != c.digest.is_some() {
                     return Err(MigrationError::InvalidData(
                         "digest presence differs from the negotiated features".into(),

@@ -30,8 +30,10 @@ mod source;
 
 pub use control::{DowntimeRamp, MigrationControl, RampError};
 pub use dest::{receive_migration, ReceiveOptions, ReceiveOutcome};
-pub use report::{IterationRecord, MigrationReport, MigrationStatus, RamReport};
-pub use source::{error_chain, send_migration, CompressMode, ProgressFn, SendOptions};
+pub use report::{DowntimeBreakdown, IterationRecord, MigrationReport, MigrationStatus, RamReport};
+pub use source::{
+    error_chain, send_migration, CompressMode, ProgressFn, SendOptions, TimeoutAction,
+};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 

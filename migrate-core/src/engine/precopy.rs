@@ -13,7 +13,7 @@ use policy::{Decision, IterationStats, MigrationHistory};
 
 use super::pages::PageSender;
 use super::report::{mbps, ms, MigrationReport};
-use super::source::{send_iteration, vm_err, SendOptions};
+use super::source::{send_iteration, vm_err, SendOptions, TimeoutAction};
 use super::{MigratableVm, MigrationError};
 use crate::dirty::DirtyBitmap;
 use crate::vm::ram_pages;
@@ -148,9 +148,24 @@ pub(super) fn run<V: MigratableVm, W: Write>(
             Decision::Continue => {}
         }
         if let Some(limit) = opts.timeout {
+            let secs = start.elapsed().as_secs_f64();
             if start.elapsed() >= limit {
-                return Err(MigrationError::Timeout {
-                    secs: start.elapsed().as_secs_f64(),
+                if opts.timeout_action == TimeoutAction::Cancel {
+                    return Err(MigrationError::Timeout { secs });
+                }
+                let predicted = report
+                    .expected_downtime
+                    .map_or_else(|| "unknown".to_string(), |ms| format!("{ms:.1} ms"));
+                report.stop_reason = Some(format!(
+                    "timeout after {secs:.1} s: stop-and-copy forced \
+                     (predicted downtime {predicted})"
+                ));
+                return Ok(PrecopyEnd {
+                    iteration,
+                    dirty: next,
+                    deferred,
+                    last_found: found,
+                    syncs,
                 });
             }
         }

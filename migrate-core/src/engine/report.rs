@@ -112,6 +112,9 @@ pub struct MigrationReport {
     pub digest_time: f64,
     /// Predicted downtime at the last decision, in milliseconds.
     pub expected_downtime: Option<f64>,
+    /// Where the downtime went (`None` until the guest was paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_breakdown: Option<DowntimeBreakdown>,
     /// Memory figures.
     pub ram: RamReport,
     /// Highest vCPU throttle applied, in percent (QEMU's name; 0 when the
@@ -140,6 +143,30 @@ pub struct MigrationReport {
     pub iterations: Vec<IterationRecord>,
 }
 
+/// The parts of `downtime`, in milliseconds, in the order they happen on
+/// the source; they add up to `downtime`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DowntimeBreakdown {
+    /// Stopping every vCPU (kick out of `KVM_RUN`, finish pending I/O).
+    pub pause: f64,
+    /// The final dirty-log harvest (grows with RAM size with the bitmap).
+    pub harvest: f64,
+    /// Reading and encoding the final pass into the stream buffer.
+    pub final_pass: f64,
+    /// Saving every vCPU's state.
+    pub vcpu_save: f64,
+    /// The source's memory digest (`verify` only; = `digest-time`).
+    pub digest: f64,
+    /// Flushing the stream: the link carrying what is still buffered.
+    pub flush: f64,
+    /// Waiting for `Accepted`: the destination applying what it has not
+    /// yet applied, restoring the vCPUs, its digest, and the round trip.
+    pub accept: f64,
+    /// Writing and flushing `Commit`.
+    pub commit: f64,
+}
+
 /// Both ends' memory digests at the pause.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -162,6 +189,7 @@ impl MigrationReport {
             setup_time: 0.0,
             digest_time: 0.0,
             expected_downtime: None,
+            downtime_breakdown: None,
             ram: RamReport {
                 total: ram_total,
                 ..Default::default()

@@ -8,7 +8,7 @@ use policy::{ConvergencePolicy, IterationStats};
 
 use super::control::{DowntimeRamp, MigrationControl};
 use super::pages::{PageSender, SentCounts};
-use super::report::{ms, DigestReport, MigrationReport, MigrationStatus};
+use super::report::{ms, DigestReport, DowntimeBreakdown, MigrationReport, MigrationStatus};
 use super::{memory_digest, precopy, MigratableVm, MigrationError};
 use crate::dirty::DirtyBitmap;
 use crate::transport::{RateLimited, Stream};
@@ -28,6 +28,20 @@ pub enum CompressMode {
     Zstd(i32),
 }
 
+/// What a migration does when its `timeout` passes (Cloud Hypervisor's
+/// `timeout_strategy`: cancel, or `ignore` and finish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeoutAction {
+    /// Fail the migration; the source keeps running (the default, as in
+    /// Cloud Hypervisor: the VM stays where it is).
+    #[default]
+    Cancel,
+    /// Stop iterating and go to stop-and-copy whatever the downtime: the
+    /// migration completes, paying the downtime of what is left.
+    Force,
+}
+
 /// Called with the report after every iteration.
 pub type ProgressFn = Box<dyn FnMut(&MigrationReport) + Send>;
 
@@ -37,8 +51,10 @@ pub struct SendOptions {
     pub policy: Box<dyn ConvergencePolicy>,
     /// Page compression.
     pub compress: CompressMode,
-    /// Give up (leaving the source running) after this long.
+    /// After this long, do `timeout_action` (checked at iteration ends).
     pub timeout: Option<Duration>,
+    /// What the timeout does: fail (source runs on) or force the stop.
+    pub timeout_action: TimeoutAction,
     /// Compare memory digests of both ends before committing.
     pub verify_digest: bool,
     /// Read/write timeout on the stream.
@@ -257,6 +273,7 @@ fn transfer<V: MigratableVm, W: Write>(
     let pause_start = Instant::now();
     vm.pause().map_err(vm_err("pause"))?;
     *paused = true;
+    let paused_at = pause_start.elapsed();
     iteration += 1;
     let phase = "stop-and-copy".to_string();
     let t0 = Instant::now();
@@ -265,8 +282,11 @@ fn transfer<V: MigratableVm, W: Write>(
     syncs += 1;
     next.union_with(&end.deferred);
     let final_set = next;
+    let harvested_at = pause_start.elapsed();
     let sent = send_iteration(&mut sender, &mut w, vm, iteration, &final_set, None, &phase)?;
+    let sent_at = pause_start.elapsed();
     let blobs = vm.save_vcpus().map_err(vm_err("save vCPU state"))?;
+    let saved_at = pause_start.elapsed();
     for (index, blob) in (0u32..).zip(blobs) {
         write_message(&mut w, &Message::VcpuState(VcpuState { index, blob }))
             .map_err(wire(&phase))?;
@@ -305,9 +325,23 @@ fn transfer<V: MigratableVm, W: Write>(
     report.record_iteration(&stats, true);
     report.ram.dirty_sync_count = syncs;
 
+    let flushed_at = pause_start.elapsed();
     // Completion.
     let phase = "completion";
-    match read_message(&mut reader, &limits).map_err(wire(phase))? {
+    let answer = read_message(&mut reader, &limits).map_err(wire(phase))?;
+    let accepted_at = pause_start.elapsed();
+    let gap = |a: Duration, b: Duration| ms(b.saturating_sub(a));
+    report.downtime_breakdown = Some(DowntimeBreakdown {
+        pause: ms(paused_at),
+        harvest: gap(paused_at, harvested_at),
+        final_pass: gap(harvested_at, sent_at),
+        vcpu_save: gap(sent_at, saved_at),
+        digest: report.digest_time,
+        flush: (gap(saved_at, flushed_at) - report.digest_time).max(0.0),
+        accept: gap(flushed_at, accepted_at),
+        commit: 0.0,
+    });
+    match answer {
         Message::Accepted(acc) => {
             if let (Some(s), Some(d)) = (digest, acc.digest) {
                 report.digest = Some(DigestReport {
@@ -343,6 +377,9 @@ fn transfer<V: MigratableVm, W: Write>(
         .map_err(|e| e.to_string())
         .and_then(|_| w.flush().map_err(|e| e.to_string()));
     report.downtime = Some(ms(pause_start.elapsed()));
+    if let Some(b) = report.downtime_breakdown.as_mut() {
+        b.commit = ms(pause_start.elapsed().saturating_sub(accepted_at));
+    }
     report.ram.remaining = 0;
     committed.map_err(MigrationError::OutcomeUnknown)?;
     Ok(())

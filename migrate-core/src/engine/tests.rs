@@ -108,6 +108,7 @@ fn options(compress: CompressMode) -> SendOptions {
         policy: policy::by_name("xen", &policy::PolicyParams::default()).unwrap(),
         compress,
         timeout: None,
+        timeout_action: Default::default(),
         verify_digest: true,
         io_timeout: Duration::from_secs(10),
         downtime_limit: policy::DEFAULT_DOWNTIME_LIMIT,
@@ -297,6 +298,41 @@ fn timeout_fails_the_migration_and_the_source_runs_on() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn timeout_with_force_finishes_byte_identical() {
+    let src = Arc::new(FakeVm::new(SIZE));
+    src.running.store(true, Ordering::SeqCst);
+    let guest_vm = src.clone();
+    let guest = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while guest_vm.guest_step(|vm| {
+            n += 1;
+            vm.guest_write(usize::try_from(n * 13 % 2048).unwrap(), n);
+        }) {}
+    });
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        receive_migration(Stream::Unix(b), &ReceiveOptions::default(), |_| {
+            Ok(FakeVm::new(SIZE))
+        })
+    });
+    let mut opts = options(CompressMode::None);
+    opts.policy = Box::new(Never);
+    opts.timeout = Some(Duration::from_millis(300));
+    opts.timeout_action = TimeoutAction::Force;
+    let report = send_migration(&*src, Stream::Unix(a), opts);
+    guest.join().unwrap();
+    let dst = dest.join().unwrap().unwrap().vm;
+    assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
+    assert!(
+        report.stop_reason.as_deref().unwrap().contains("forced"),
+        "{report:?}"
+    );
+    assert!(report.downtime.is_some());
+    assert!(report.digest.as_ref().unwrap().equal);
+    assert_same_memory(&src, &dst);
 }
 
 /// Throttles from iteration 1, defers the writable working set, stops after

@@ -44,6 +44,7 @@ fn all_specs() -> Vec<WorkloadSpec> {
             end: None,
             wss: Some(MIB),
             quiet_ms: 1,
+            quiet_wss: None,
             storm_ms: 1,
             cycles: 3,
         },
@@ -54,6 +55,7 @@ fn all_specs() -> Vec<WorkloadSpec> {
             end: Some(64 * GIB),
             wss: None,
             quiet_ms: 100_000,
+            quiet_wss: Some(2 * GIB),
             storm_ms: 100_000,
             cycles: 1 << 40,
         },
@@ -67,6 +69,7 @@ fn burst(start: Option<u64>, end: Option<u64>, wss: Option<u64>) -> WorkloadSpec
         end,
         wss,
         quiet_ms: DEFAULT_BURST_QUIET_MS,
+        quiet_wss: None,
         storm_ms: DEFAULT_BURST_STORM_MS,
         cycles: 0,
     }

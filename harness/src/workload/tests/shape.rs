@@ -317,6 +317,24 @@ fn burst_code_shape() {
         c64.iter().filter(|i| i.mnemonic() == Mnemonic::Dec).count(),
         1
     );
+
+    // With quiet-wss the quiet phase sweeps the start of the range through
+    // its own register (r13, bounded by r14 = start + 4 MiB), marks nothing
+    // per pass, and the storm is unchanged.
+    let saw: WorkloadSpec = "burst:wss=16M,quiet-wss=4M".parse().unwrap();
+    let c64 = code64(&saw, &params(256 * MIB));
+    let mem = memory_accesses(&c64);
+    let bases: Vec<_> = mem.iter().map(|i| i.memory_base()).collect();
+    assert_eq!(
+        bases,
+        [iced_x86::Register::R13, iced_x86::Register::RDI],
+        "{mem:?}"
+    );
+    assert!(mem.iter().all(|i| i.mnemonic() == Mnemonic::Inc));
+    assert!(immediates(&c64).contains(&(5 * MIB)));
+    let count = |m| c64.iter().filter(|i| i.mnemonic() == m).count();
+    assert_eq!(count(Mnemonic::Rdtsc), 4);
+    assert_eq!(count(Mnemonic::Out), 3);
 }
 
 #[test]
@@ -355,6 +373,12 @@ fn burst_build_errors() {
     // Default range [1M, 65M) does not fit a 64 MiB guest; 63M does.
     assert!(matches!(b("burst"), Err(E::RangeOutsideRam { end, .. }) if end == 65 * MIB));
     assert!(b("burst:wss=63M").is_ok());
+    // The quiet sweep lies inside the range.
+    assert!(b("burst:wss=32M,quiet-wss=32M").is_ok());
+    assert!(matches!(
+        b("burst:wss=32M,quiet-wss=36M"),
+        Err(E::WssTooLarge { wss, available }) if wss == 36 * MIB && available == 32 * MIB
+    ));
     assert!(matches!(
         b("burst:end=128M"),
         Err(E::RangeOutsideRam { .. })

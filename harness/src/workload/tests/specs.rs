@@ -259,6 +259,7 @@ fn parses_new_spec_forms() {
                 end: None,
                 wss: Some(GIB),
                 quiet_ms: 500,
+                quiet_wss: None,
                 storm_ms: 250,
                 cycles: 16,
             },
@@ -271,10 +272,24 @@ fn parses_new_spec_forms() {
                 end: Some(32 * MIB),
                 wss: None,
                 quiet_ms: 3000,
+                quiet_wss: None,
                 storm_ms: 2000,
                 cycles: 0,
             },
             "burst:start=2M,end=32M,quiet=3000,storm=2000",
+        ),
+        (
+            "burst:quiet-wss=16M,wss=256M,quiet=3000",
+            WorkloadSpec::Burst {
+                start: None,
+                end: None,
+                wss: Some(256 * MIB),
+                quiet_ms: 3000,
+                quiet_wss: Some(16 * MIB),
+                storm_ms: 1000,
+                cycles: 0,
+            },
+            "burst:wss=256M,quiet=3000,quiet-wss=16M,storm=1000",
         ),
         (
             "burst:start=4M,wss=12K",
@@ -353,9 +368,14 @@ fn rejects_bad_new_specs() {
         err("burst:rate=5"),
         E::UnknownKey {
             workload: "burst",
-            allowed: "start, end, wss, quiet, storm, cycles",
+            allowed: "start, end, wss, quiet, quiet-wss, storm, cycles",
             ..
         }
+    ));
+    assert!(matches!(err("burst:quiet-wss=0"), E::WssZero));
+    assert!(matches!(
+        err("burst:quiet-wss=5000"),
+        E::NotPageAligned { value: 5000, .. }
     ));
     assert!(matches!(
         err("burst:mode=zero"),
