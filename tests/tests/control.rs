@@ -294,7 +294,12 @@ fn cancel_leaves_the_source_running_and_the_destination_empty() {
         &uri,
         &["--policy", "qemu", "--max-bandwidth", "4M"],
     );
-    wait_report(&src.api, "an active migration", |r| r["status"] == "active");
+    // The full copy takes seconds at 4 MB/s: the report moves meanwhile.
+    wait_report(&src.api, "bytes sent within iteration 0", |r| {
+        r["status"] == "active"
+            && live_iterations(r) == 0
+            && r["ram"]["transferred"].as_u64() > Some(0)
+    });
     assert_eq!(info(&src.api)["state"], "migrating");
     let (ok, err) = verb(&src.api, "cancel", &[]);
     assert!(ok, "{err}");

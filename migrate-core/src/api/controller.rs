@@ -251,11 +251,17 @@ impl VmController {
         }
     }
 
+    /// The running migration's report brought up to now, or the last one.
     fn last_report(&self) -> Option<MigrationReport> {
-        self.migration
+        let mut r = self
+            .migration
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone()?;
+        if let Some(c) = self.current() {
+            c.refresh(&mut r);
+        }
+        Some(r)
     }
 
     /// `pause`: stop the vCPUs (Running → Paused).

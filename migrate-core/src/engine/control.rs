@@ -10,9 +10,11 @@
 //! [`SharedRate`]).
 
 use std::str::FromStr;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
+use super::report::{ms, MigrationReport, MigrationStatus};
 use crate::transport::SharedRate;
 
 /// Shared between the engine and whoever steers the migration.
@@ -21,6 +23,10 @@ pub struct MigrationControl {
     gate: Mutex<Gate>,
     rate: SharedRate,
     downtime_limit: Mutex<Option<Duration>>,
+    /// When `send_migration` started its clock.
+    started: OnceLock<Instant>,
+    /// Page-frame bytes written so far (live iterations), for live reports.
+    sent: AtomicU64,
 }
 
 impl MigrationControl {
@@ -30,6 +36,8 @@ impl MigrationControl {
             gate: Mutex::new(Gate::default()),
             rate: SharedRate::new(max_bandwidth),
             downtime_limit: Mutex::new(None),
+            started: OnceLock::new(),
+            sent: AtomicU64::new(0),
         }
     }
 
@@ -83,6 +91,33 @@ impl MigrationControl {
             .downtime_limit
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(limit);
+    }
+
+    /// The engine's clock started now (the first call counts).
+    pub(crate) fn start_clock(&self, at: Instant) {
+        let _ = self.started.set(at);
+    }
+
+    /// Bytes of page frames just written.
+    pub(crate) fn note_sent(&self, bytes: u64) {
+        self.sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bring the latest per-iteration report of a migration still running
+    /// up to now: `total-time` from the clock, `ram.transferred` from the
+    /// bytes written so far. Reports only change at iteration boundaries,
+    /// which on a slow link can be minutes apart.
+    pub fn refresh(&self, r: &mut MigrationReport) {
+        if !matches!(
+            r.status,
+            MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Device
+        ) {
+            return;
+        }
+        if let Some(t) = self.started.get() {
+            r.total_time = r.total_time.max(ms(t.elapsed()));
+        }
+        r.ram.transferred = r.ram.transferred.max(self.sent.load(Ordering::Relaxed));
     }
 
     /// The downtime limit set since the last call, if any.
@@ -232,6 +267,17 @@ mod tests {
         assert!(c.cancel());
         assert!(c.cancelled());
         assert!(!c.begin_switchover(), "a cancel came first");
+
+        let mut r = MigrationReport::new("qemu", "x", "none", 1 << 20);
+        r.status = MigrationStatus::Active;
+        c.start_clock(Instant::now() - Duration::from_secs(2));
+        c.note_sent(5000);
+        c.refresh(&mut r);
+        assert!(r.total_time >= 2000.0 && r.ram.transferred == 5000, "{r:?}");
+        r.status = MigrationStatus::Completed;
+        r.total_time = 1.0;
+        c.refresh(&mut r);
+        assert_eq!(r.total_time, 1.0, "a final report is left alone");
 
         let late = MigrationControl::new(None);
         assert!(late.begin_switchover());

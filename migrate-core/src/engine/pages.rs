@@ -41,7 +41,8 @@ pub struct PageSender {
     data: Vec<u8>,
     gpas: Vec<u64>,
     /// Checked before each batch goes out, so a cancel does not wait for
-    /// the end of a long iteration on a slow link.
+    /// the end of a long iteration on a slow link; also told the bytes
+    /// sent, so `query-migrate` moves during such an iteration.
     cancel: Option<Arc<MigrationControl>>,
 }
 
@@ -155,6 +156,9 @@ impl PageSender {
         }
         let msg = Message::Pages(batch);
         let n = write_message(w, &msg).map_err(wire_err(phase))?;
+        if let Some(c) = &self.cancel {
+            c.note_sent(n);
+        }
         // Take the buffers back to reuse their capacity.
         if let Message::Pages(b) = msg {
             self.gpas = b.gpas;
@@ -179,7 +183,11 @@ impl PageSender {
         }
         let iteration = zeros.iteration;
         let msg = Message::ZeroPages(std::mem::replace(zeros, ZeroPages::new(iteration)));
-        write_message(w, &msg).map_err(wire_err(phase))
+        let n = write_message(w, &msg).map_err(wire_err(phase))?;
+        if let Some(c) = &self.cancel {
+            c.note_sent(n);
+        }
+        Ok(n)
     }
 }
 

@@ -98,6 +98,7 @@ pub fn send_migration<V: MigratableVm>(
         ram_total,
     );
     let start = Instant::now();
+    opts.control.start_clock(start);
     let mut paused = false;
     let result = run(vm, stream, &mut opts, &mut report, start, &mut paused);
     report.total_time = ms(start.elapsed());
