@@ -31,8 +31,25 @@ enum Command {
     Policies,
     /// Show the state of a running VM.
     Status(client::StatusArgs),
+    /// Show the state of a running VM (same as status; ch-remote's name).
+    Info(client::StatusArgs),
+    /// Stop the vCPUs of a running VM (QMP `stop`).
+    Pause(client::SocketArgs),
+    /// Start the vCPUs of a paused VM again (QMP `cont`).
+    Resume(client::SocketArgs),
+    /// Write guest-physical memory to a file (QMP `pmemsave`).
+    Memsave(client::MemsaveArgs),
+    /// Show the running migration's report so far, or the last one.
+    QueryMigrate(client::StatusArgs),
+    /// Cancel the running migration; the source keeps the guest.
+    Cancel(client::SocketArgs),
+    /// Change the downtime limit or bandwidth cap of the running migration.
+    SetParameters(client::SetParametersArgs),
     /// Stop a running VM; its process exits 0.
-    Shutdown(client::ShutdownArgs),
+    Shutdown(client::SocketArgs),
+    /// Print the VM's events (state changes, iterations, migration end,
+    /// guest stopped) as JSON lines until its process ends.
+    Events(client::EventsArgs),
     /// Built-in guest workloads.
     Workload {
         #[command(subcommand)]
@@ -74,6 +91,14 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Send(a) => client::send(a),
         Command::Status(a) => client::status(a),
+        Command::Info(a) => client::info(a),
+        Command::Pause(a) => client::pause(a),
+        Command::Resume(a) => client::resume(a),
+        Command::Memsave(a) => client::memsave(a),
+        Command::QueryMigrate(a) => client::query_migrate(a),
+        Command::Cancel(a) => client::cancel(a),
+        Command::SetParameters(a) => client::set_parameters(a),
+        Command::Events(a) => client::events(a),
         Command::Policies => {
             policies();
             Ok(ExitCode::SUCCESS)

@@ -36,7 +36,8 @@ pub struct RunArgs {
     /// Where guest serial output goes: a file, or `-` for stdout.
     #[arg(long)]
     serial: String,
-    /// Control socket (JSON lines) for `send`, `status`, `shutdown`.
+    /// Control socket (JSON lines; docs/API.md) for `send`, `info`,
+    /// `pause`, `memsave`, `cancel`, ….
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// With --incoming: seconds to wait on a silent source.
@@ -67,6 +68,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     // Remove the socket file however this function returns.
     let _api_path = api.as_ref().map(|s| RemoveOnDrop(s.path().to_path_buf()));
 
+    let mut arrived_paused = false;
     let vm = if let Some(uri) = &a.incoming {
         let uri: MigrationUri = uri.parse()?;
         let listener = Listener::bind(&uri)?;
@@ -96,11 +98,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         })
         .context("incoming migration failed; the guest was not started here")?;
         eprintln!(
-            "vmigrate: migration received ({} iterations, {} pages; resident memory {} MiB before resume); guest running",
+            "vmigrate: migration received ({} iterations, {} pages; resident memory {} MiB before resume); {}",
             outcome.iterations,
             outcome.pages,
-            outcome.rss_before_resume.unwrap_or(0) >> 20
+            outcome.rss_before_resume.unwrap_or(0) >> 20,
+            if outcome.paused {
+                "guest paused, as it was on the source (`vmigrate resume` starts it)"
+            } else {
+                "guest running"
+            }
         );
+        arrived_paused = outcome.paused;
         outcome.vm
     } else {
         let Some(mem_size) = mem else {
@@ -149,7 +157,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     });
-    let controller = Arc::new(VmController::new(vm.clone(), tx));
+    let controller = Arc::new(if arrived_paused {
+        VmController::new_paused(vm.clone(), tx)
+    } else {
+        VmController::new(vm.clone(), tx)
+    });
     if let Some(server) = api {
         server.spawn(controller.clone())?;
     }
@@ -172,17 +184,17 @@ fn main_loop(rx: &mpsc::Receiver<ProcessEvent>, controller: &VmController) -> Ex
     };
     match ev {
         ProcessEvent::Guest(VmEvent::Exited { status }) => {
-            controller.set_stopped();
+            controller.set_stopped(&format!("guest exited with status {status}"));
             eprintln!("vmigrate: guest exited with status {status}");
             ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX))
         }
         ProcessEvent::Guest(VmEvent::Halted { vcpu }) => {
-            controller.set_stopped();
+            controller.set_stopped(&format!("vCPU {vcpu} halted with interrupts off"));
             eprintln!("vmigrate: vCPU {vcpu} halted with interrupts off; VM stopped");
             ExitCode::SUCCESS
         }
         ProcessEvent::Guest(VmEvent::Failed { vcpu, reason }) => {
-            controller.set_stopped();
+            controller.set_stopped(&format!("vCPU {vcpu} failed: {reason}"));
             eprintln!("vmigrate: error: vCPU {vcpu}: {reason}");
             ExitCode::from(1)
         }

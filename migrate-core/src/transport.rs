@@ -11,6 +11,8 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Errors from parsing an address or opening a stream.
@@ -284,11 +286,35 @@ impl Drop for Listener {
     }
 }
 
+/// A bandwidth cap that can change while a migration runs
+/// (`migrate-set-parameters`): bytes per second, 0 for no cap. Cloned
+/// handles share one value; the writer reads it before every write.
+#[derive(Debug, Clone, Default)]
+pub struct SharedRate(Arc<AtomicU64>);
+
+impl SharedRate {
+    /// A cap of `bytes_per_sec` (`None` or `Some(0)`: unlimited).
+    pub fn new(bytes_per_sec: Option<u64>) -> Self {
+        Self(Arc::new(AtomicU64::new(bytes_per_sec.unwrap_or(0))))
+    }
+
+    /// Change the cap for every holder, from their next write on.
+    pub fn set(&self, bytes_per_sec: Option<u64>) {
+        self.0.store(bytes_per_sec.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// The cap in force (`None`: unlimited).
+    pub fn get(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&r| r > 0)
+    }
+}
+
 /// A writer that keeps its average rate under a cap (token bucket with a
-/// burst of 50 ms worth of bytes), for `--max-bandwidth`.
+/// burst of 50 ms worth of bytes), for `--max-bandwidth`. The cap is a
+/// [`SharedRate`], so the API can change it mid-migration.
 pub struct RateLimited<W> {
     inner: W,
-    bytes_per_sec: Option<u64>,
+    rate: SharedRate,
     tokens: f64,
     last: Instant,
 }
@@ -296,9 +322,14 @@ pub struct RateLimited<W> {
 impl<W: Write> RateLimited<W> {
     /// Wrap `inner`; `None` means no cap.
     pub fn new(inner: W, bytes_per_sec: Option<u64>) -> Self {
+        Self::shared(inner, SharedRate::new(bytes_per_sec))
+    }
+
+    /// Wrap `inner` under a cap others may change.
+    pub fn shared(inner: W, rate: SharedRate) -> Self {
         Self {
             inner,
-            bytes_per_sec,
+            rate,
             tokens: 0.0,
             last: Instant::now(),
         }
@@ -306,7 +337,7 @@ impl<W: Write> RateLimited<W> {
 
     /// Change the cap from now on.
     pub fn set_rate(&mut self, bytes_per_sec: Option<u64>) {
-        self.bytes_per_sec = bytes_per_sec;
+        self.rate.set(bytes_per_sec);
     }
 
     /// The wrapped writer.
@@ -315,12 +346,15 @@ impl<W: Write> RateLimited<W> {
     }
 
     fn wait_for(&mut self, want: usize) -> usize {
-        let Some(rate) = self.bytes_per_sec.filter(|&r| r > 0) else {
-            return want;
-        };
-        let rate = rate as f64;
-        let burst = (rate * 0.05).max(4096.0);
         loop {
+            // Re-read every round: a cap lifted while we sleep frees us.
+            let Some(rate) = self.rate.get() else {
+                self.tokens = 0.0;
+                self.last = Instant::now();
+                return want;
+            };
+            let rate = rate as f64;
+            let burst = (rate * 0.05).max(4096.0);
             let now = Instant::now();
             self.tokens =
                 (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
@@ -333,7 +367,8 @@ impl<W: Write> RateLimited<W> {
                 return n;
             }
             let need = (1.0f64.min(want as f64) - self.tokens) / rate;
-            std::thread::sleep(Duration::from_secs_f64(need.max(0.0005)));
+            // Sleep at most 50 ms at a time so a new cap applies quickly.
+            std::thread::sleep(Duration::from_secs_f64(need.clamp(0.0005, 0.05)));
         }
     }
 }
@@ -342,7 +377,7 @@ impl<W: Write> Write for RateLimited<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.wait_for(buf.len());
         let written = self.inner.write(&buf[..n])?;
-        if self.bytes_per_sec.is_some() {
+        if self.rate.get().is_some() {
             // Return the tokens of a short write.
             self.tokens += (n - written) as f64;
         }
@@ -405,6 +440,21 @@ mod tests {
         // 512 KiB at 2 MB/s takes at least ~0.2 s (minus the 50 ms burst).
         assert!(start.elapsed() >= Duration::from_millis(150));
         assert_eq!(w.get_mut().len(), 8 * 64 * 1024);
+    }
+
+    #[test]
+    fn shared_rate_changes_apply_to_the_writer() {
+        let rate = SharedRate::new(Some(1000));
+        let mut w = RateLimited::shared(Vec::new(), rate.clone());
+        assert_eq!(rate.get(), Some(1000));
+        // Lifting the cap from another handle lets a large write through at once.
+        rate.set(None);
+        let start = Instant::now();
+        w.write_all(&vec![0u8; 1 << 20]).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(rate.get(), None);
+        rate.set(Some(0));
+        assert_eq!(rate.get(), None, "0 means no cap");
     }
 
     #[test]

@@ -1,179 +1,44 @@
 //! The control socket: one JSON object per line each way, in the spirit of
-//! QEMU's QMP and Cloud Hypervisor's `--api-socket`.
+//! QEMU's QMP and Cloud Hypervisor's `--api-socket` (`docs/API.md` has every
+//! command with an example exchange).
 //!
 //! ```text
-//! -> {"command":"status"}
-//! <- {"response":"status", ...VmStatus...}
+//! -> {"command":"info"}                     <- {"response":"info", ...VmStatus...}
+//! -> {"command":"pause"}                    <- {"response":"ok"}
 //! -> {"command":"send","to":"tcp:127.0.0.1:4444","policy":"qemu"}
 //! <- {"response":"progress", ...MigrationReport...}     (one per iteration)
 //! <- {"response":"done", ...MigrationReport...}
-//! -> {"command":"shutdown"}
-//! <- {"response":"ok"}
+//! -> {"command":"query-migrate"}            <- {"response":"query-migrate", ...}
+//! -> {"command":"migrate-cancel"}           <- {"response":"ok"}
 //! <- {"response":"error","message":"..."}               (any refusal)
 //! ```
-//! Unknown commands and unknown fields are refused, not ignored: a typo in a
-//! script must not silently fall back to a default.
+//! Unknown commands and unknown fields are refused, not ignored, with an
+//! error naming them: a typo in a script must not silently fall back to a
+//! default. Commands that steer a migration (`query-migrate`,
+//! `migrate-cancel`, `migrate-set-parameters`) come on another connection
+//! than the `send`, which blocks until the migration ends.
 
+mod controller;
+mod events;
+mod request;
+mod response;
 mod server;
 
-pub use server::{ApiError, ApiServer, ProcessEvent, VmController};
+pub use controller::{ControlError, VmController};
+pub use events::{Event, EventBus};
+pub use request::{
+    parse_request, ApiRequest, MemsaveRequest, RequestError, SendRequest, SetParameters, COMMANDS,
+};
+pub use response::{
+    ApiResponse, ExitSummary, MigrationQuery, NoMigration, RunState, VersionInfo, VmStatus,
+};
+pub use server::{ApiError, ApiServer, ProcessEvent};
 
-use serde::{Deserialize, Serialize};
-
-use crate::engine::{MigrationReport, TimeoutAction};
-
-/// A request on the API socket.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum ApiRequest {
-    /// State of the VM (and of a running migration). (Empty struct
-    /// variants, not unit ones, so that unknown fields are refused.)
-    Status {},
-    /// Migrate the VM to another vmigrate process.
-    Send(SendRequest),
-    /// Stop the VM and end the process (exit status 0).
-    Shutdown {},
-}
-
-/// Parameters of a migration (`vmigrate send`). Defaults as QEMU's where
-/// QEMU has the knob.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct SendRequest {
-    /// Destination, `tcp:HOST:PORT` or `unix:PATH`.
-    pub to: String,
-    /// Convergence policy name (default `qemu`).
-    #[serde(default = "default_policy")]
-    pub policy: String,
-    /// Policy-specific settings, `key -> value` (default none).
-    #[serde(default)]
-    pub params: std::collections::BTreeMap<String, String>,
-    /// Downtime limit in milliseconds (default 300, as QEMU).
-    #[serde(default = "default_downtime")]
-    pub downtime_limit: u64,
-    /// Bytes per second cap (default: none).
-    #[serde(default)]
-    pub max_bandwidth: Option<u64>,
-    /// `none` or `zstd` (default `none`).
-    #[serde(default = "default_compress")]
-    pub compress: String,
-    /// Give up after this many seconds (default: never).
-    #[serde(default)]
-    pub timeout: Option<f64>,
-    /// What the timeout does: `cancel` (default; the source runs on) or
-    /// `force` (stop-and-copy whatever the downtime).
-    #[serde(default)]
-    pub timeout_action: TimeoutAction,
-    /// Digest all guest memory on both ends at the switch-over and commit
-    /// only if they agree (default false: hashing all RAM lengthens the
-    /// downtime by the time it takes, reported as `digest-time`).
-    #[serde(default)]
-    pub verify: bool,
-}
-
-fn default_policy() -> String {
-    "qemu".into()
-}
-fn default_downtime() -> u64 {
-    300
-}
-fn default_compress() -> String {
-    "none".into()
-}
-
-impl SendRequest {
-    /// A request with every default, to `to`.
-    pub fn new(to: impl Into<String>) -> Self {
-        Self {
-            to: to.into(),
-            policy: default_policy(),
-            params: Default::default(),
-            downtime_limit: default_downtime(),
-            max_bandwidth: None,
-            compress: default_compress(),
-            timeout: None,
-            timeout_action: TimeoutAction::Cancel,
-            verify: false,
-        }
-    }
-}
-
-/// A response line on the API socket.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "response", rename_all = "kebab-case")]
-pub enum ApiResponse {
-    /// The request was carried out.
-    Ok,
-    /// The request was refused or failed.
-    Error {
-        /// Why.
-        message: String,
-    },
-    /// Answer to `status`.
-    Status(VmStatus),
-    /// A migration finished an iteration.
-    Progress(MigrationReport),
-    /// A migration ended (see the report's status).
-    Done(MigrationReport),
-}
-
-/// Run state of the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RunState {
-    /// The guest runs.
-    Running,
-    /// The guest runs while being migrated.
-    Migrating,
-    /// Migrated away: paused for good, the destination runs it.
-    Postmigrate,
-    /// The guest stopped (halt, exit port, error).
-    Stopped,
-}
-
-/// Answer to `status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct VmStatus {
-    /// Run state.
-    pub state: RunState,
-    /// Guest RAM in bytes.
-    pub memory: u64,
-    /// KVM memory slots.
-    pub slots: usize,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// Seconds since the VM started (or arrived).
-    pub uptime: f64,
-    /// CPU model name.
-    pub cpu_model: String,
-    /// How the dirty log is read.
-    pub dirty_log: String,
-    /// Bytes the guest wrote to COM1.
-    pub serial_bytes: u64,
-    /// VM exits by kind, over all vCPUs.
-    pub exits: ExitSummary,
-    /// Accesses to ports no device claims, as "port:count".
-    pub unhandled_ports: Vec<String>,
-    /// The running or last migration.
-    pub migration: Option<MigrationReport>,
-}
-
-/// VM exits by kind.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct ExitSummary {
-    /// Port writes.
-    pub io_out: u64,
-    /// Port reads.
-    pub io_in: u64,
-    /// MMIO accesses.
-    pub mmio: u64,
-    /// HLT.
-    pub hlt: u64,
-    /// Kicks out of KVM_RUN.
-    pub interrupted: u64,
-}
+/// Version of the JSON API, in `version` and `info`: raised when a command,
+/// field or answer changes incompatibly (additions keep it; clients should
+/// ignore answer fields they do not know, while the server refuses request
+/// fields it does not know).
+pub const API_VERSION: u32 = 1;
 
 #[cfg(test)]
 mod tests {
@@ -181,14 +46,122 @@ mod tests {
 
     #[test]
     fn requests_parse_with_defaults_and_refuse_unknown_fields() {
-        let r: ApiRequest = serde_json::from_str(r#"{"command":"send","to":"unix:/x"}"#).unwrap();
+        let r = parse_request(r#"{"command":"send","to":"unix:/x"}"#).unwrap();
         assert_eq!(r, ApiRequest::Send(SendRequest::new("unix:/x")));
-        assert!(serde_json::from_str::<ApiRequest>(r#"{"command":"status","x":1}"#).is_err());
-        assert!(serde_json::from_str::<ApiRequest>(r#"{"command":"sned"}"#).is_err());
+        assert!(parse_request(r#"{"command":"status","x":1}"#).is_err());
+        assert!(parse_request(r#"{"command":"send","to":"x","downtime":5}"#).is_err());
+    }
+
+    #[test]
+    fn refusals_name_the_command_and_the_field() {
+        let e = parse_request(r#"{"command":"sned","to":"x"}"#).unwrap_err();
+        assert!(matches!(&e, RequestError::UnknownCommand { command } if command == "sned"));
+        assert!(e.to_string().contains("\"sned\""), "{e}");
         assert!(
-            serde_json::from_str::<ApiRequest>(r#"{"command":"send","to":"x","downtime":5}"#)
-                .is_err()
+            e.to_string().contains("migrate-cancel"),
+            "lists the known: {e}"
         );
+
+        let e = parse_request(r#"{"command":"send","to":"x","downtime":5}"#).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(&e, RequestError::BadArguments { command, .. } if command == "send"));
+        assert!(
+            text.contains("\"send\"") && text.contains("`downtime`"),
+            "{text}"
+        );
+
+        let e = parse_request(r#"{"command":"pause","force":true}"#).unwrap_err();
+        assert!(e.to_string().contains("`force`"), "{e}");
+        let e = parse_request(r#"{"command":"memsave","addr":0,"size":1}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("`file`"),
+            "a missing field is named: {e}"
+        );
+        let e = parse_request(r#"{"command":"memsave","addr":"0x10","size":1,"file":"/f"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("memsave"), "{e}");
+
+        assert!(matches!(
+            parse_request(r#"{"verb":"status"}"#),
+            Err(RequestError::NoCommand)
+        ));
+        assert!(matches!(
+            parse_request("[1]"),
+            Err(RequestError::NotAnObject { .. })
+        ));
+        assert!(matches!(
+            parse_request("status"),
+            Err(RequestError::NotAnObject { .. })
+        ));
+    }
+
+    #[test]
+    fn every_listed_command_parses_and_qmp_aliases_map() {
+        let args = |c: &str| match c {
+            "memsave" | "pmemsave" => r#","addr":0,"size":4096,"file":"/tmp/m""#,
+            "send" => r#","to":"tcp:127.0.0.1:1""#,
+            "migrate-set-parameters" | "set-parameters" => r#","downtime-limit":500"#,
+            _ => "",
+        };
+        for c in COMMANDS {
+            let line = format!(r#"{{"command":"{c}"{}}}"#, args(c));
+            assert!(
+                parse_request(&line).is_ok(),
+                "{line}: {:?}",
+                parse_request(&line)
+            );
+        }
+        assert_eq!(
+            parse_request(r#"{"command":"stop"}"#).unwrap(),
+            ApiRequest::Pause {}
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"cont"}"#).unwrap(),
+            ApiRequest::Resume {}
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"cancel"}"#).unwrap(),
+            ApiRequest::MigrateCancel {}
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"pmemsave","val":4096,"size":8,"filename":"/f"}"#).unwrap(),
+            ApiRequest::Memsave(MemsaveRequest {
+                addr: 4096,
+                size: 8,
+                file: "/f".into()
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"set-parameters","max-bandwidth":0}"#).unwrap(),
+            ApiRequest::MigrateSetParameters(SetParameters {
+                downtime_limit: None,
+                max_bandwidth: Some(0)
+            })
+        );
+    }
+
+    #[test]
+    fn send_takes_a_downtime_ramp_and_refuses_unknown_ramp_fields() {
+        let r = parse_request(
+            r#"{"command":"send","to":"unix:/x","downtime-ramp":{"start-ms":150,"end-ms":1050,"steps":10}}"#,
+        )
+        .unwrap();
+        let ApiRequest::Send(s) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            s.downtime_ramp,
+            Some(crate::engine::DowntimeRamp {
+                start_ms: 150,
+                end_ms: 1050,
+                steps: 10
+            })
+        );
+        let e = parse_request(
+            r#"{"command":"send","to":"unix:/x","downtime-ramp":{"start-ms":1,"end-ms":2,"step":1}}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`step`"), "{e}");
     }
 
     #[test]
@@ -199,5 +172,43 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"response":"error","message":"no"}"#);
         assert_eq!(serde_json::from_str::<ApiResponse>(&s).unwrap(), r);
+
+        let none = ApiResponse::QueryMigrate(MigrationQuery::None {
+            status: NoMigration::None,
+        });
+        let s = serde_json::to_string(&none).unwrap();
+        assert_eq!(s, r#"{"response":"query-migrate","status":"none"}"#);
+        assert_eq!(serde_json::from_str::<ApiResponse>(&s).unwrap(), none);
+
+        let report = crate::engine::MigrationReport::new("qemu", "tcp:h:1", "none", 1 << 20);
+        let some = ApiResponse::QueryMigrate(MigrationQuery::Report(Box::new(report)));
+        let s = serde_json::to_string(&some).unwrap();
+        assert!(
+            s.starts_with(r#"{"response":"query-migrate","status":"setup""#),
+            "{s}"
+        );
+        assert_eq!(serde_json::from_str::<ApiResponse>(&s).unwrap(), some);
+
+        let ev = ApiResponse::Event(Event::StateChanged {
+            timestamp: 1.5,
+            from: RunState::Running,
+            to: RunState::Paused,
+        });
+        let s = serde_json::to_string(&ev).unwrap();
+        assert_eq!(
+            s,
+            r#"{"response":"event","event":"state-changed","timestamp":1.5,"from":"running","to":"paused"}"#
+        );
+        assert_eq!(serde_json::from_str::<ApiResponse>(&s).unwrap(), ev);
+        let p = ApiResponse::Event(Event::MigrationProgress {
+            timestamp: 2.0,
+            iteration: Some(3),
+            remaining: 4096,
+            transferred: 8192,
+            downtime_limit: Some(300.0),
+        });
+        let s = serde_json::to_string(&p).unwrap();
+        assert!(s.contains(r#""downtime-limit":300.0"#), "{s}");
+        assert_eq!(serde_json::from_str::<ApiResponse>(&s).unwrap(), p);
     }
 }

@@ -1,22 +1,16 @@
-//! The API socket server and the controller it drives.
+//! The API socket server: one thread per client, one request at a time per
+//! connection, answers as JSON lines.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use super::{ApiRequest, ApiResponse, ExitSummary, RunState, SendRequest, VmStatus};
-use crate::engine::{send_migration, CompressMode, MigrationReport, MigrationStatus, SendOptions};
-use crate::transport::{MigrationUri, Stream};
-use crate::vm::Vm;
-
-/// Connect timeout for an outgoing migration.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Read/write timeout on the migration stream.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
+use super::controller::{ControlError, VmController};
+use super::request::{parse_request, ApiRequest, COMMANDS};
+use super::{ApiResponse, VersionInfo, API_VERSION};
+use crate::engine::{error_chain, MigrationStatus};
+use crate::wire::PROTOCOL_VERSION;
 
 /// Errors from setting up the API socket.
 #[derive(Debug, thiserror::Error)]
@@ -51,186 +45,62 @@ pub enum ProcessEvent {
     Shutdown,
 }
 
-/// Owns the running VM on behalf of the API.
-pub struct VmController {
-    vm: Arc<Vm>,
-    state: Mutex<RunState>,
-    started: Instant,
-    events: Sender<ProcessEvent>,
-    migration: Arc<Mutex<Option<MigrationReport>>>,
-    migrating: AtomicBool,
+/// Carry out one request, writing its answer lines to `out`.
+fn handle(c: &VmController, req: ApiRequest, out: &mut UnixStream) -> std::io::Result<()> {
+    let done = |out: &mut UnixStream, r: Result<(), ControlError>| match r {
+        Ok(()) => reply(out, &ApiResponse::Ok),
+        Err(e) => reply(out, &error(&e)),
+    };
+    match req {
+        ApiRequest::Version {} => reply(
+            out,
+            &ApiResponse::Version(VersionInfo {
+                api: API_VERSION,
+                vmigrate: env!("CARGO_PKG_VERSION").into(),
+                wire_protocol: PROTOCOL_VERSION,
+                commands: COMMANDS.iter().map(|s| s.to_string()).collect(),
+            }),
+        ),
+        ApiRequest::Status {} => reply(out, &ApiResponse::Status(c.status())),
+        ApiRequest::Info {} => reply(out, &ApiResponse::Info(c.status())),
+        ApiRequest::Pause {} => done(out, c.pause()),
+        ApiRequest::Resume {} => done(out, c.resume()),
+        ApiRequest::Memsave(m) => done(out, c.memsave(&m)),
+        ApiRequest::QueryMigrate {} => reply(out, &ApiResponse::QueryMigrate(c.query_migrate())),
+        ApiRequest::MigrateCancel {} => done(out, c.cancel()),
+        ApiRequest::MigrateSetParameters(p) => done(out, c.set_parameters(&p)),
+        ApiRequest::Events {} => {
+            reply(out, &ApiResponse::Ok)?;
+            c.bus().subscribe(out.try_clone()?)
+        }
+        ApiRequest::Shutdown {} => {
+            reply(out, &ApiResponse::Ok)?;
+            let _ = c.events().send(ProcessEvent::Shutdown);
+            Ok(())
+        }
+        ApiRequest::Send(req) => {
+            let mut progress_out = out.try_clone()?;
+            let result = c.send(&req, move |r| {
+                let _ = reply(&mut progress_out, &ApiResponse::Progress(r.clone()));
+            });
+            match result {
+                Ok(report) => {
+                    let completed = report.status == MigrationStatus::Completed;
+                    let r = reply(out, &ApiResponse::Done(report));
+                    if completed {
+                        let _ = c.events().send(ProcessEvent::MigratedAway);
+                    }
+                    r
+                }
+                Err(e) => reply(out, &error(&e)),
+            }
+        }
+    }
 }
 
-impl VmController {
-    /// Wrap a running VM; process-level events go to `events`.
-    pub fn new(vm: Arc<Vm>, events: Sender<ProcessEvent>) -> Self {
-        Self {
-            vm,
-            state: Mutex::new(RunState::Running),
-            started: Instant::now(),
-            events,
-            migration: Arc::new(Mutex::new(None)),
-            migrating: AtomicBool::new(false),
-        }
-    }
-
-    /// The VM.
-    pub fn vm(&self) -> &Arc<Vm> {
-        &self.vm
-    }
-
-    /// Record that the guest stopped.
-    pub fn set_stopped(&self) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = RunState::Stopped;
-    }
-
-    /// Current status.
-    pub fn status(&self) -> VmStatus {
-        let mut exits = ExitSummary::default();
-        for c in self.vm.exit_counts() {
-            exits.io_out += c.io_out.load(Ordering::Relaxed);
-            exits.io_in += c.io_in.load(Ordering::Relaxed);
-            exits.mmio += c.mmio.load(Ordering::Relaxed);
-            exits.hlt += c.hlt.load(Ordering::Relaxed);
-            exits.interrupted += c.interrupted.load(Ordering::Relaxed);
-        }
-        VmStatus {
-            state: *self.state.lock().unwrap_or_else(|e| e.into_inner()),
-            memory: self.vm.mem_size(),
-            slots: self.vm.slots().len(),
-            vcpus: self.vm.vcpu_count(),
-            uptime: self.started.elapsed().as_secs_f64(),
-            cpu_model: self.vm.cpu_model().to_string(),
-            dirty_log: format!("{:?}", self.vm.dirty_log_mode()),
-            serial_bytes: self.vm.ports().serial_bytes(),
-            exits,
-            unhandled_ports: self
-                .vm
-                .ports()
-                .unhandled()
-                .iter()
-                .map(|(p, n)| format!("{p:#x}:{n}"))
-                .collect(),
-            migration: self
-                .migration
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        }
-    }
-
-    /// Run a migration, calling `progress` after each iteration. Refused
-    /// while another runs or once the guest has stopped or left.
-    pub fn send(
-        &self,
-        req: &SendRequest,
-        mut progress: impl FnMut(&MigrationReport) + Send + 'static,
-    ) -> Result<MigrationReport, String> {
-        let uri: MigrationUri = req.to.parse().map_err(|e| format!("{e}"))?;
-        let params = policy::PolicyParams {
-            downtime_limit: Duration::from_millis(req.downtime_limit),
-            settings: req.params.clone(),
-        };
-        let policy = policy::by_name(&req.policy, &params).map_err(|e| e.to_string())?;
-        let compress = match req.compress.as_str() {
-            "none" => CompressMode::None,
-            "zstd" => CompressMode::Zstd(1),
-            other => return Err(format!("unknown compression {other:?} (none, zstd)")),
-        };
-        let timeout = match req.timeout {
-            Some(t) if !(t > 0.0 && t.is_finite()) => {
-                return Err(format!(
-                    "timeout must be a positive number of seconds, got {t}"
-                ))
-            }
-            t => t.map(Duration::from_secs_f64),
-        };
-        {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if *state != RunState::Running {
-                return Err(format!("cannot migrate a VM that is {state:?}"));
-            }
-            if self.migrating.swap(true, Ordering::SeqCst) {
-                return Err("a migration is already running".into());
-            }
-            *state = RunState::Migrating;
-        }
-        let live = self.migration.clone();
-        let result = Stream::connect(&uri, CONNECT_TIMEOUT).map(|stream| {
-            let opts = SendOptions {
-                policy,
-                compress,
-                max_bandwidth: req.max_bandwidth,
-                timeout,
-                timeout_action: req.timeout_action,
-                verify_digest: req.verify,
-                io_timeout: IO_TIMEOUT,
-                cancel: Arc::new(AtomicBool::new(false)),
-                progress: Some(Box::new(move |r: &MigrationReport| {
-                    *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
-                    progress(r)
-                })),
-                destination: uri.to_string(),
-            };
-            send_migration(&*self.vm, stream, opts)
-        });
-        let report = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.finish(RunState::Running);
-                return Err(crate::engine::error_chain(&e));
-            }
-        };
-        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
-        // After a completed migration, or one whose Commit may have reached
-        // the destination, the source must not run the guest again.
-        let gone = report.status == MigrationStatus::Completed
-            || report
-                .error
-                .as_deref()
-                .is_some_and(|e| e.contains("outcome unknown"));
-        if gone {
-            self.finish(RunState::Postmigrate);
-        } else {
-            self.finish(RunState::Running);
-        }
-        Ok(report)
-    }
-
-    fn finish(&self, to: RunState) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if *state == RunState::Migrating {
-            *state = to;
-        }
-        self.migrating.store(false, Ordering::SeqCst);
-    }
-
-    fn handle(&self, req: ApiRequest, out: &mut UnixStream) -> std::io::Result<()> {
-        match req {
-            ApiRequest::Status {} => reply(out, &ApiResponse::Status(self.status())),
-            ApiRequest::Shutdown {} => {
-                reply(out, &ApiResponse::Ok)?;
-                let _ = self.events.send(ProcessEvent::Shutdown);
-                Ok(())
-            }
-            ApiRequest::Send(req) => {
-                let mut progress_out = out.try_clone()?;
-                let result = self.send(&req, move |r| {
-                    let _ = reply(&mut progress_out, &ApiResponse::Progress(r.clone()));
-                });
-                match result {
-                    Ok(report) => {
-                        let done = report.status == MigrationStatus::Completed;
-                        let r = reply(out, &ApiResponse::Done(report));
-                        if done {
-                            let _ = self.events.send(ProcessEvent::MigratedAway);
-                        }
-                        r
-                    }
-                    Err(message) => reply(out, &ApiResponse::Error { message }),
-                }
-            }
-        }
+fn error(e: &ControlError) -> ApiResponse {
+    ApiResponse::Error {
+        message: error_chain(e),
     }
 }
 
@@ -296,12 +166,20 @@ fn serve_client(c: &VmController, conn: UnixStream) {
         if line.trim().is_empty() {
             continue;
         }
-        let r = match serde_json::from_str::<ApiRequest>(&line) {
-            Ok(req) => c.handle(req, &mut out),
+        let r = match parse_request(&line) {
+            Ok(req) => {
+                // After `events` this connection only carries events.
+                let subscribed = matches!(req, ApiRequest::Events {});
+                let r = handle(c, req, &mut out);
+                if subscribed {
+                    return;
+                }
+                r
+            }
             Err(e) => reply(
                 &mut out,
                 &ApiResponse::Error {
-                    message: format!("bad request: {e}"),
+                    message: e.to_string(),
                 },
             ),
         };

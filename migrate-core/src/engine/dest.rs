@@ -4,7 +4,8 @@
 //!  AwaitHello --Hello ok--> Memory --Pages/ZeroPages/IterationEnd--> Memory
 //!  Memory --VcpuState--> State --VcpuState--> State
 //!  State --Complete (all vCPUs)--> Committing (vCPUs restored, Accepted sent)
-//!  Committing --Commit--> Done (guest resumed)
+//!  Committing --Commit--> Done (guest resumed, or kept paused when the
+//!                                Hello had FEATURE_GUEST_PAUSED)
 //!  any --Error--> failed (peer aborted);  any --other--> failed (protocol)
 //! ```
 //! The guest is resumed only on `Commit`; every failure before that drops
@@ -20,7 +21,7 @@ use crate::transport::Stream;
 use crate::vm::memory::slot_layout;
 use crate::wire::{
     read_message, write_message, Accepted, ErrorCode, ErrorMessage, Hello, HelloAck, Limits,
-    Message, MessageKind, FEATURES_KNOWN, FEATURE_MEMORY_DIGEST,
+    Message, MessageKind, FEATURES_KNOWN, FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST,
 };
 
 /// Limits and expectations of the receiving side.
@@ -49,7 +50,7 @@ impl Default for ReceiveOptions {
 
 /// A received, running guest.
 pub struct ReceiveOutcome<V> {
-    /// The VM, resumed.
+    /// The VM, resumed (unless `paused`).
     pub vm: V,
     /// Iterations received (the final pass included).
     pub iterations: u32,
@@ -59,6 +60,9 @@ pub struct ReceiveOutcome<V> {
     pub digest: Option<u64>,
     /// This process's resident memory just before the guest resumed, bytes.
     pub rss_before_resume: Option<u64>,
+    /// The guest arrived paused (it was paused on the source) and was not
+    /// resumed: `resume` on the API starts it.
+    pub paused: bool,
 }
 
 /// Where the receiver is in the exchange.
@@ -160,16 +164,22 @@ pub fn receive_migration<V: MigratableVm>(
             }
             Ok(Step::Resume) => {
                 let rss_before_resume = resident_bytes();
-                vm.resume().map_err(|source| MigrationError::Vm {
-                    op: "resume",
-                    source,
-                })?;
+                // A guest paused on the source stays paused here until
+                // the operator resumes it.
+                let paused = hello.features & FEATURE_GUEST_PAUSED != 0;
+                if !paused {
+                    vm.resume().map_err(|source| MigrationError::Vm {
+                        op: "resume",
+                        source,
+                    })?;
+                }
                 return Ok(ReceiveOutcome {
                     vm,
                     iterations: rx.iterations,
                     pages: rx.total_pages,
                     digest: rx.digest,
                     rss_before_resume,
+                    paused,
                 });
             }
             Err(e) => {

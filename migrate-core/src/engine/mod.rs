@@ -21,6 +21,7 @@
 //! Anything that fails before `Commit` is sent resumes the source guest; the
 //! destination resumes only on `Commit`, so the guest never runs twice.
 
+mod control;
 mod dest;
 #[cfg(feature = "memory-vm")]
 mod memory_vm;
@@ -29,6 +30,7 @@ mod precopy;
 mod report;
 mod source;
 
+pub use control::{DowntimeRamp, MigrationControl, RampError};
 pub use dest::{receive_migration, ReceiveOptions, ReceiveOutcome};
 #[cfg(feature = "memory-vm")]
 pub use memory_vm::MemoryVm;

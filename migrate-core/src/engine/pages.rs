@@ -2,9 +2,11 @@
 //! (zero pages become ranges without data), the receiver writes them back.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::control::MigrationControl;
 use super::MigrationError;
 use crate::dirty::DirtyBitmap;
 use crate::wire::{
@@ -38,6 +40,10 @@ pub struct PageSender {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     data: Vec<u8>,
     gpas: Vec<u64>,
+    /// Checked before each batch goes out, so a cancel does not wait for
+    /// the end of a long iteration on a slow link; also told the bytes
+    /// sent, so `query-migrate` moves during such an iteration.
+    cancel: Option<Arc<MigrationControl>>,
 }
 
 fn wire_err(phase: &str) -> impl Fn(WireError) -> MigrationError + '_ {
@@ -61,7 +67,14 @@ impl PageSender {
             compressor,
             data: Vec::with_capacity(BATCH_PAGES * PAGE_SIZE),
             gpas: Vec::with_capacity(BATCH_PAGES),
+            cancel: None,
         })
+    }
+
+    /// Fail with [`MigrationError::Cancelled`] before the next batch once
+    /// `control` is cancelled (`None`: never).
+    pub fn cancel_with(&mut self, control: Option<Arc<MigrationControl>>) {
+        self.cancel = control;
     }
 
     /// Send every page set in `dirty`, reading it from `memory` now. Pages
@@ -132,6 +145,9 @@ impl PageSender {
         if self.gpas.is_empty() {
             return Ok(0);
         }
+        if self.cancel.as_ref().is_some_and(|c| c.cancelled()) {
+            return Err(MigrationError::Cancelled);
+        }
         let data = std::mem::take(&mut self.data);
         let gpas = std::mem::take(&mut self.gpas);
         let mut batch = PageBatch::raw(iteration, gpas, data).map_err(wire_err(phase))?;
@@ -140,6 +156,9 @@ impl PageSender {
         }
         let msg = Message::Pages(batch);
         let n = write_message(w, &msg).map_err(wire_err(phase))?;
+        if let Some(c) = &self.cancel {
+            c.note_sent(n);
+        }
         // Take the buffers back to reuse their capacity.
         if let Message::Pages(b) = msg {
             self.gpas = b.gpas;
@@ -164,7 +183,11 @@ impl PageSender {
         }
         let iteration = zeros.iteration;
         let msg = Message::ZeroPages(std::mem::replace(zeros, ZeroPages::new(iteration)));
-        write_message(w, &msg).map_err(wire_err(phase))
+        let n = write_message(w, &msg).map_err(wire_err(phase))?;
+        if let Some(c) = &self.cancel {
+            c.note_sent(n);
+        }
+        Ok(n)
     }
 }
 

@@ -7,13 +7,12 @@
 //! pre-copy, and is sent once, in the final copy.
 
 use std::io::Write;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use policy::{Decision, IterationStats, MigrationHistory};
 
 use super::pages::PageSender;
-use super::report::{mbps, MigrationReport};
+use super::report::{mbps, ms, MigrationReport};
 use super::source::{send_iteration, vm_err, SendOptions, TimeoutAction};
 use super::{MigratableVm, MigrationError};
 use crate::dirty::DirtyBitmap;
@@ -64,6 +63,8 @@ pub(super) fn run<V: MigratableVm, W: Write>(
     let mut precopy_raw = 0u64;
     let mut precopy_time = Duration::ZERO;
     let mut throttle = 0.0f64;
+    // For the report only: the policy keeps its own copy.
+    let mut downtime_limit = opts.downtime_limit;
 
     loop {
         let phase = format!("iteration {iteration}");
@@ -103,16 +104,29 @@ pub(super) fn run<V: MigratableVm, W: Write>(
         report.ram.mbps = mbps(precopy_bytes, precopy_time);
         report.ram.page_mbps = mbps(precopy_raw, precopy_time);
         history.push(stats);
+        // A limit set through the API wins over the ramp, for good.
+        if let Some(limit) = opts.control.take_downtime_limit() {
+            opts.downtime_ramp = None;
+            downtime_limit = limit;
+            opts.policy.set_downtime_limit(limit);
+        } else if let Some(ramp) = &opts.downtime_ramp {
+            downtime_limit = ramp.limit_at(iteration);
+            opts.policy.set_downtime_limit(downtime_limit);
+        }
+        report.downtime_limit = Some(ms(downtime_limit));
+        report.max_bandwidth = opts.control.rate().get();
         let decision = opts.policy.decide(&history);
         // Predicted downtime from the last iteration that sent page data: a
         // fully deferred iteration's few bytes say nothing about the link.
         report.expected_downtime = history
             .last_page_sample()
             .and_then(|s| s.millis_to_send(report.ram.remaining));
+        // Live reports carry the time so far; the final one is set at the end.
+        report.total_time = ms(start.elapsed());
         if let Some(p) = opts.progress.as_mut() {
             p(report);
         }
-        if opts.cancel.load(Ordering::Relaxed) {
+        if opts.control.cancelled() {
             return Err(MigrationError::Cancelled);
         }
         match decision {

@@ -100,7 +100,8 @@ pub struct RamReport {
 pub struct MigrationReport {
     /// Outcome.
     pub status: MigrationStatus,
-    /// Milliseconds, start of `send` to `Commit` written (or failure).
+    /// Milliseconds, start of `send` to `Commit` written (or failure); in a
+    /// progress report or `query-migrate` of a running migration, so far.
     pub total_time: f64,
     /// Milliseconds the guest was paused (`None` if it never was).
     pub downtime: Option<f64>,
@@ -121,6 +122,13 @@ pub struct MigrationReport {
     pub cpu_throttle_percentage: f64,
     /// Convergence policy name.
     pub policy: String,
+    /// Downtime limit in force at the last policy decision, ms (changes with
+    /// `send --downtime-ramp` and `set-parameters`; `None` before the first).
+    #[serde(default)]
+    pub downtime_limit: Option<f64>,
+    /// Bandwidth cap in force at the last decision, bytes/s (`None`: none).
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
     /// Why the policy stopped iterating (or why the migration failed).
     pub stop_reason: Option<String>,
     /// Destination address.
@@ -188,6 +196,8 @@ impl MigrationReport {
             },
             cpu_throttle_percentage: 0.0,
             policy: policy.to_string(),
+            downtime_limit: None,
+            max_bandwidth: None,
             stop_reason: None,
             destination: destination.to_string(),
             compression: compression.to_string(),

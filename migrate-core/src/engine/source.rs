@@ -1,12 +1,12 @@
 //! The source side: pre-copy iterations, stop-and-copy, completion.
 
 use std::io::{BufWriter, Write};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policy::{ConvergencePolicy, IterationStats};
 
+use super::control::{DowntimeRamp, MigrationControl};
 use super::pages::{PageSender, SentCounts};
 use super::report::{ms, DigestReport, DowntimeBreakdown, MigrationReport, MigrationStatus};
 use super::{memory_digest, precopy, MigratableVm, MigrationError};
@@ -15,7 +15,8 @@ use crate::transport::{RateLimited, Stream};
 use crate::vm::ram_pages;
 use crate::wire::{
     read_message, write_message, Complete, ErrorCode, ErrorMessage, Hello, IterationEnd, Limits,
-    MemoryRegion, Message, VcpuState, FEATURE_MEMORY_DIGEST, FEATURE_ZSTD, PAGE_SIZE_U64,
+    MemoryRegion, Message, VcpuState, FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST, FEATURE_ZSTD,
+    PAGE_SIZE_U64,
 };
 
 /// Page compression on the wire.
@@ -50,8 +51,6 @@ pub struct SendOptions {
     pub policy: Box<dyn ConvergencePolicy>,
     /// Page compression.
     pub compress: CompressMode,
-    /// Cap on bytes per second written (`None`: unlimited).
-    pub max_bandwidth: Option<u64>,
     /// After this long, do `timeout_action` (checked at iteration ends).
     pub timeout: Option<Duration>,
     /// What the timeout does: fail (source runs on) or force the stop.
@@ -60,8 +59,19 @@ pub struct SendOptions {
     pub verify_digest: bool,
     /// Read/write timeout on the stream.
     pub io_timeout: Duration,
-    /// Set to cancel the migration at the next iteration boundary.
-    pub cancel: Arc<AtomicBool>,
+    /// The downtime limit the policy was built with, as reported until a
+    /// ramp step or `control` changes it.
+    pub downtime_limit: Duration,
+    /// Cancel flag, bandwidth cap and downtime-limit changes, shared with
+    /// whoever steers the migration (the API).
+    pub control: Arc<MigrationControl>,
+    /// Raise the downtime limit step by step (overrides the policy's own
+    /// limit; ended by a `set_downtime_limit` on `control`).
+    pub downtime_ramp: Option<DowntimeRamp>,
+    /// The guest was paused before the migration (`pause`): it travels
+    /// paused, the destination keeps it paused after `Commit`, and a failed
+    /// migration leaves it paused here.
+    pub guest_paused: bool,
     /// Called with the report after every iteration.
     pub progress: Option<ProgressFn>,
     /// Destination address, for the report.
@@ -88,6 +98,7 @@ pub fn send_migration<V: MigratableVm>(
         ram_total,
     );
     let start = Instant::now();
+    opts.control.start_clock(start);
     let mut paused = false;
     let result = run(vm, stream, &mut opts, &mut report, start, &mut paused);
     report.total_time = ms(start.elapsed());
@@ -103,7 +114,9 @@ pub fn send_migration<V: MigratableVm>(
                 // The source runs on: at full speed again.
                 let _ = vm.set_throttle(0.0);
             }
-            if paused && !matches!(e, MigrationError::OutcomeUnknown(_)) {
+            // A guest the operator paused stays paused: only our own pause
+            // is undone.
+            if paused && !opts.guest_paused && !matches!(e, MigrationError::OutcomeUnknown(_)) {
                 if let Err(re) = vm.resume() {
                     report.error = Some(format!(
                         "{}; and resuming the source failed too: {re}",
@@ -147,7 +160,10 @@ fn run<V: MigratableVm>(
         phase: "setup".into(),
         source: e.into(),
     })?;
-    let mut w = BufWriter::with_capacity(1 << 20, RateLimited::new(stream, opts.max_bandwidth));
+    let mut w = BufWriter::with_capacity(
+        1 << 20,
+        RateLimited::shared(stream, opts.control.rate().clone()),
+    );
     let limits = Limits::default();
     let wire = |phase: &str| {
         let phase = phase.to_string();
@@ -162,6 +178,9 @@ fn run<V: MigratableVm>(
     if opts.verify_digest {
         features |= FEATURE_MEMORY_DIGEST;
     }
+    if opts.guest_paused {
+        features |= FEATURE_GUEST_PAUSED;
+    }
     let regions = vm_regions(memory);
     let hello = Hello::new(features, vm.vcpu_count(), vm.cpu_model(), regions);
     write_message(&mut w, &Message::Hello(hello)).map_err(wire("handshake"))?;
@@ -173,11 +192,26 @@ fn run<V: MigratableVm>(
                     "destination does not support memory digests".into(),
                 ));
             }
+            if opts.guest_paused && ack.features & FEATURE_GUEST_PAUSED == 0 {
+                // It would run the guest the operator paused.
+                return Err(MigrationError::Incompatible(
+                    "destination cannot keep a paused guest paused".into(),
+                ));
+            }
         }
         other => return Err(peer_message("handshake", other)),
     }
     report.setup_time = ms(start.elapsed());
     report.status = MigrationStatus::Active;
+    report.downtime_limit = Some(ms(opts.downtime_limit));
+    report.max_bandwidth = opts.control.rate().get();
+    // One report before the first (long) iteration, so that watchers see
+    // `active` rather than `setup` for all of the full copy.
+    // Live reports carry the time so far; the final one is set at the end.
+    report.total_time = ms(start.elapsed());
+    if let Some(p) = opts.progress.as_mut() {
+        p(report);
+    }
 
     let result = transfer(vm, &mut w, &mut reader, opts, report, start, paused);
     if let Err(e) = &result {
@@ -224,7 +258,13 @@ fn transfer<V: MigratableVm, W: Write>(
         CompressMode::None => None,
         CompressMode::Zstd(l) => Some(l),
     })?;
+    sender.cancel_with(Some(opts.control.clone()));
     let end = precopy::run(vm, &mut w, &mut sender, opts, report, start)?;
+    // Past this point a cancel is refused: the switch-over has begun.
+    sender.cancel_with(None);
+    if !opts.control.begin_switchover() {
+        return Err(MigrationError::Cancelled);
+    }
     let mut syncs = end.syncs;
     let mut iteration = end.iteration;
     let mut next = end.dirty;

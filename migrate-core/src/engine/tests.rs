@@ -107,12 +107,14 @@ fn options(compress: CompressMode) -> SendOptions {
     SendOptions {
         policy: policy::by_name("xen", &policy::PolicyParams::default()).unwrap(),
         compress,
-        max_bandwidth: None,
         timeout: None,
         timeout_action: Default::default(),
         verify_digest: true,
         io_timeout: Duration::from_secs(10),
-        cancel: Arc::new(AtomicBool::new(false)),
+        downtime_limit: policy::DEFAULT_DOWNTIME_LIMIT,
+        control: Arc::new(MigrationControl::new(None)),
+        downtime_ramp: None,
+        guest_paused: false,
         progress: None,
         destination: "test".into(),
     }
@@ -419,4 +421,169 @@ fn digest_skips_unwritten_pages_and_catches_one_wrong_byte() {
         .write_obj(1u8, GuestAddress(700 * 4096 + 100))
         .unwrap();
     assert_ne!(full_a, memory_digest(&b.memory, None).unwrap());
+}
+
+/// Records the downtime limit it is given before each decision; stops
+/// after `stop_after` iterations.
+struct Recording {
+    limits: Arc<Mutex<Vec<Duration>>>,
+    current: Duration,
+    stop_after: usize,
+}
+impl policy::ConvergencePolicy for Recording {
+    fn name(&self) -> &'static str {
+        "recording"
+    }
+    fn decide(&mut self, h: &policy::MigrationHistory) -> policy::Decision {
+        self.limits.lock().unwrap().push(self.current);
+        if h.len() >= self.stop_after {
+            policy::Decision::StopAndCopy(policy::StopReason::Other("enough".into()))
+        } else {
+            policy::Decision::Continue
+        }
+    }
+    fn set_downtime_limit(&mut self, limit: Duration) {
+        self.current = limit;
+    }
+}
+
+/// Migrate an idle fake guest with `opts`; the destination's outcome.
+fn migrate_idle(
+    src: &FakeVm,
+    opts: SendOptions,
+) -> (
+    MigrationReport,
+    Result<ReceiveOutcome<FakeVm>, MigrationError>,
+) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        receive_migration(Stream::Unix(b), &ReceiveOptions::default(), |_| {
+            Ok(FakeVm::new(SIZE))
+        })
+    });
+    let report = send_migration(src, Stream::Unix(a), opts);
+    (report, dest.join().unwrap())
+}
+
+#[test]
+fn the_ramp_steps_each_iteration_until_a_set_limit_takes_over() {
+    let src = FakeVm::new(SIZE);
+    src.running.store(true, Ordering::SeqCst);
+    let limits = Arc::new(Mutex::new(Vec::new()));
+    let mut opts = options(CompressMode::None);
+    opts.policy = Box::new(Recording {
+        limits: limits.clone(),
+        current: Duration::from_millis(100),
+        stop_after: 4,
+    });
+    opts.downtime_ramp = Some("100:1000:2".parse().unwrap());
+    let (report, dest) = migrate_idle(&src, opts);
+    assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
+    assert!(dest.is_ok());
+    let ms = |v: &[u64]| {
+        v.iter()
+            .map(|&m| Duration::from_millis(m))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(*limits.lock().unwrap(), ms(&[100, 550, 1000, 1000]));
+    assert_eq!(report.downtime_limit, Some(1000.0));
+
+    // A limit set from outside after iteration 1 wins and ends the ramp.
+    let src = FakeVm::new(SIZE);
+    src.running.store(true, Ordering::SeqCst);
+    let limits = Arc::new(Mutex::new(Vec::new()));
+    let mut opts = options(CompressMode::None);
+    opts.policy = Box::new(Recording {
+        limits: limits.clone(),
+        current: Duration::from_millis(100),
+        stop_after: 4,
+    });
+    opts.downtime_ramp = Some("100:1000:2".parse().unwrap());
+    let control = opts.control.clone();
+    opts.progress = Some(Box::new(move |r: &MigrationReport| {
+        if r.iterations.len() == 2 {
+            control.set_downtime_limit(Duration::from_millis(5000));
+        }
+    }));
+    let (report, _) = migrate_idle(&src, opts);
+    assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
+    assert_eq!(*limits.lock().unwrap(), ms(&[100, 550, 5000, 5000]));
+    assert_eq!(report.downtime_limit, Some(5000.0));
+}
+
+#[test]
+fn cancel_stops_the_migration_tells_the_destination_and_keeps_the_source() {
+    let src = Arc::new(FakeVm::new(SIZE));
+    src.running.store(true, Ordering::SeqCst);
+    let mut opts = options(CompressMode::None);
+    opts.policy = Box::new(Never);
+    let control = opts.control.clone();
+    opts.progress = Some(Box::new(move |r: &MigrationReport| {
+        if r.iterations.len() == 2 {
+            assert!(control.cancel());
+        }
+    }));
+    let (report, dest) = migrate_idle(&src, opts);
+    assert_eq!(report.status, MigrationStatus::Cancelled, "{report:?}");
+    assert_eq!(report.iterations.len(), 2, "stopped at the boundary");
+    assert!(report.downtime.is_none(), "the guest was never paused");
+    assert!(src.running.load(Ordering::SeqCst));
+    let err = dest.err().expect("destination must fail");
+    assert!(
+        matches!(
+            err,
+            MigrationError::PeerError {
+                code: crate::wire::ErrorCode::Cancelled,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_paused_guest_arrives_paused_and_is_not_resumed_on_failure() {
+    let src = FakeVm::new(SIZE);
+    src.guest_write(5, 55);
+    let mut opts = options(CompressMode::None);
+    opts.guest_paused = true;
+    let (report, dest) = migrate_idle(&src, opts);
+    assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
+    let outcome = dest.unwrap();
+    assert!(outcome.paused);
+    assert!(
+        !outcome.vm.running.load(Ordering::SeqCst),
+        "ran a paused guest"
+    );
+    assert_same_memory(&src, &outcome.vm);
+
+    // The destination refuses after the final copy: the engine's own pause
+    // is not undone, since the guest was paused before the send.
+    let src = FakeVm::new(SIZE);
+    let mut opts = options(CompressMode::None);
+    opts.guest_paused = true;
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        use crate::wire::{read_message, write_message, ErrorCode, ErrorMessage, HelloAck, Limits};
+        let mut s = Stream::Unix(b);
+        let limits = Limits::default();
+        let Ok(crate::wire::Message::Hello(h)) = read_message(&mut s, &limits) else {
+            panic!("no Hello")
+        };
+        let ack = HelloAck::negotiate(&h, crate::wire::FEATURES_KNOWN);
+        write_message(&mut s, &crate::wire::Message::HelloAck(ack)).unwrap();
+        while !matches!(
+            read_message(&mut s, &limits).unwrap(),
+            crate::wire::Message::Complete(_)
+        ) {}
+        let no = ErrorMessage::new(ErrorCode::Internal, "refused for the test");
+        write_message(&mut s, &crate::wire::Message::Error(no)).unwrap();
+    });
+    let report = send_migration(&src, Stream::Unix(a), opts);
+    dest.join().unwrap();
+    assert_eq!(report.status, MigrationStatus::Failed, "{report:?}");
+    assert!(
+        !src.running.load(Ordering::SeqCst),
+        "resumed a paused guest"
+    );
 }

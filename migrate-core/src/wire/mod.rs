@@ -154,8 +154,13 @@ pub const MAX_SUPPORTED_VERSION: u16 = 1;
 pub const FEATURE_ZSTD: u64 = 1 << 0;
 /// Feature bit: `Complete`/`Accepted` carry whole-memory digests.
 pub const FEATURE_MEMORY_DIGEST: u64 = 1 << 1;
+/// Feature bit: the guest was paused on the source (`pause` before `send`)
+/// and must stay paused on the destination after `Commit`, as QEMU
+/// migrates a stopped guest. A source sending a paused guest requires the
+/// ack to carry it, so a destination that would run the guest is refused.
+pub const FEATURE_GUEST_PAUSED: u64 = 1 << 2;
 /// Every feature bit this implementation knows.
-pub const FEATURES_KNOWN: u64 = FEATURE_ZSTD | FEATURE_MEMORY_DIGEST;
+pub const FEATURES_KNOWN: u64 = FEATURE_ZSTD | FEATURE_MEMORY_DIGEST | FEATURE_GUEST_PAUSED;
 
 /// Receiver-side caps on payload sizes, checked against the header's `len`
 /// before any payload buffer is allocated.

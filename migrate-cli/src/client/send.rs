@@ -1,14 +1,15 @@
-//! Client side of the API socket: `send`, `status`, `shutdown`.
+//! `vmigrate send`: start a migration and follow it to its end.
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::os::unix::net::UnixStream;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use migrate_core::api::{ApiRequest, ApiResponse, SendRequest, VmStatus};
-use migrate_core::engine::{MigrationReport, MigrationStatus, TimeoutAction};
+use migrate_core::api::{ApiRequest, ApiResponse, SendRequest};
+use migrate_core::engine::{DowntimeRamp, MigrationReport, MigrationStatus, TimeoutAction};
+
+use super::{human, request};
 
 #[derive(Args)]
 pub struct SendArgs {
@@ -29,6 +30,14 @@ pub struct SendArgs {
     /// Longest acceptable pause, in milliseconds (the qemu policy's limit).
     #[arg(long, default_value_t = 300)]
     downtime_limit: u64,
+    /// Raise the downtime limit from START to END milliseconds in STEPS
+    /// steps, one per iteration (instead of --downtime-limit).
+    #[arg(
+        long,
+        value_name = "START:END:STEPS",
+        conflicts_with = "downtime_limit"
+    )]
+    downtime_ramp: Option<String>,
     /// Cap on migration bandwidth, bytes per second (K/M/G suffixes).
     #[arg(long)]
     max_bandwidth: Option<String>,
@@ -49,85 +58,10 @@ pub struct SendArgs {
     /// Print the final report as JSON (QEMU `query-migrate` field names).
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Args)]
-pub struct StatusArgs {
-    /// API socket of a `vmigrate run`.
-    #[arg(long)]
-    api_socket: PathBuf,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-pub struct ShutdownArgs {
-    /// API socket of a `vmigrate run`.
-    #[arg(long)]
-    api_socket: PathBuf,
-}
-
-/// One request, then a reader over the response lines.
-pub fn request(
-    socket: &Path,
-    req: &ApiRequest,
-) -> anyhow::Result<impl Iterator<Item = anyhow::Result<ApiResponse>>> {
-    let mut s = UnixStream::connect(socket)
-        .with_context(|| format!("cannot connect to API socket {}", socket.display()))?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    s.write_all(&line)?;
-    Ok(BufReader::new(s).lines().map(|l| {
-        let l = l.context("reading from the API socket")?;
-        serde_json::from_str::<ApiResponse>(&l).with_context(|| format!("bad API response {l:?}"))
-    }))
-}
-
-fn one(socket: &Path, req: &ApiRequest) -> anyhow::Result<ApiResponse> {
-    match request(socket, req)?.next() {
-        Some(r) => r,
-        None => bail!("the VM closed the API socket without answering"),
-    }
-}
-
-pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
-    match one(&a.api_socket, &ApiRequest::Status {})? {
-        ApiResponse::Status(s) if a.json => println!("{}", serde_json::to_string_pretty(&s)?),
-        ApiResponse::Status(s) => print_status(&s),
-        ApiResponse::Error { message } => bail!("{message}"),
-        other => bail!("unexpected answer {other:?}"),
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn print_status(s: &VmStatus) {
-    println!("state:      {:?}", s.state);
-    println!(
-        "memory:     {} in {} slot(s)",
-        harness::format_size(s.memory),
-        s.slots
-    );
-    println!("vcpus:      {}", s.vcpus);
-    println!("uptime:     {:.1} s", s.uptime);
-    println!("cpu model:  {}", s.cpu_model);
-    println!("dirty log:  {}", s.dirty_log);
-    println!("serial:     {} bytes", s.serial_bytes);
-    println!(
-        "exits:      io-out {} io-in {} mmio {} hlt {} kicked {}",
-        s.exits.io_out, s.exits.io_in, s.exits.mmio, s.exits.hlt, s.exits.interrupted
-    );
-    if let Some(m) = &s.migration {
-        println!("migration:  {:?} to {}", m.status, m.destination);
-    }
-}
-
-pub fn shutdown(a: ShutdownArgs) -> anyhow::Result<ExitCode> {
-    match one(&a.api_socket, &ApiRequest::Shutdown {})? {
-        ApiResponse::Ok => Ok(ExitCode::SUCCESS),
-        ApiResponse::Error { message } => bail!("{message}"),
-        other => bail!("unexpected answer {other:?}"),
-    }
+    /// Return once the handshake succeeded, leaving the migration running
+    /// in the VM process (follow it with `status --watch`).
+    #[arg(long, conflicts_with = "json")]
+    detach: bool,
 }
 
 pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
@@ -137,6 +71,12 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         .map(harness::parse_size)
         .transpose()
         .context("--max-bandwidth")?;
+    let downtime_ramp = a
+        .downtime_ramp
+        .as_deref()
+        .map(str::parse::<DowntimeRamp>)
+        .transpose()
+        .context("--downtime-ramp")?;
     let mut params = std::collections::BTreeMap::new();
     for p in &a.params {
         let Some((k, v)) = p.split_once('=') else {
@@ -149,6 +89,7 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         policy: a.policy.clone(),
         params,
         downtime_limit: a.downtime_limit,
+        downtime_ramp,
         max_bandwidth,
         compress: a.compress.clone(),
         timeout: a.timeout,
@@ -158,6 +99,9 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         },
         verify: a.verify,
     };
+    if a.detach {
+        return detach(&a.api_socket, req);
+    }
     let report = send_with_progress(&a.api_socket, req, !a.json)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -169,6 +113,30 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Start a migration and return after its first progress line (the
+/// handshake succeeded); the VM process carries on alone.
+fn detach(socket: &Path, req: SendRequest) -> anyhow::Result<ExitCode> {
+    let to = req.to.clone();
+    match request(socket, &ApiRequest::Send(req))?.next() {
+        Some(Ok(ApiResponse::Progress(_))) => {
+            println!("migration to {to} started; follow it with `vmigrate status --watch`");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Ok(ApiResponse::Done(report))) => {
+            print_report(&report);
+            Ok(if report.status == MigrationStatus::Completed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Some(Ok(ApiResponse::Error { message })) => bail!("migration refused: {message}"),
+        Some(Ok(other)) => bail!("unexpected answer {other:?}"),
+        Some(Err(e)) => Err(e),
+        None => bail!("the source closed the API socket before the migration started"),
+    }
 }
 
 /// Run a migration through the API, drawing a progress bar on a terminal.
@@ -228,6 +196,9 @@ pub fn print_report(r: &MigrationReport) {
         r.stop_reason.as_deref().unwrap_or("-")
     );
     println!("total time:     {:.1} ms", r.total_time);
+    if let Some(l) = r.downtime_limit {
+        println!("downtime limit: {l:.0} ms (at the last decision)");
+    }
     match r.downtime {
         Some(d) if r.digest.is_some() => println!(
             "downtime:       {d:.1} ms ({:.1} ms of it digesting memory for --verify)",
@@ -252,26 +223,5 @@ pub fn print_report(r: &MigrationReport) {
             d.destination,
             if d.equal { "equal" } else { "DIFFERENT" }
         );
-    }
-}
-
-/// Ask a VM to shut down, ignoring failures (it may be gone).
-pub fn shutdown_quiet(socket: &Path) {
-    let _ = one(socket, &ApiRequest::Shutdown {});
-}
-
-/// Bytes for people: "63.1 MiB".
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }

@@ -1,0 +1,556 @@
+//! The controller: what each API command does to the VM.
+//!
+//! State machine of the VM as the API sees it (anything else is refused
+//! with [`ControlError`], never waited on):
+//! ```text
+//!  Running --pause--> Paused --resume--> Running
+//!  Running|Paused --send--> Migrating --completed--> Postmigrate
+//!                           Migrating --failed/cancelled--> Running|Paused (as before)
+//!  any --guest halts or exits--> Stopped
+//! ```
+//! `pause`/`resume` are refused while a migration runs: the engine owns the
+//! vCPUs then (it pauses them for the switch-over and resumes them on
+//! failure); cancel the migration first.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::events::{self, Event, EventBus};
+use super::{
+    ExitSummary, MemsaveRequest, MigrationQuery, NoMigration, ProcessEvent, RunState, SendRequest,
+    SetParameters, VmStatus, API_VERSION,
+};
+use crate::engine::{
+    send_migration, CompressMode, MigrationControl, MigrationReport, MigrationStatus, RampError,
+    SendOptions,
+};
+use crate::transport::{MigrationUri, Stream, TransportError};
+use crate::vm::{Vm, VmError};
+
+/// Connect timeout for an outgoing migration.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Read/write timeout on the migration stream.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// `memsave` copies guest memory through a buffer this large.
+const MEMSAVE_CHUNK: u64 = 1 << 20;
+
+/// Why a command was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The command is not valid in the VM's state.
+    #[error("cannot {command}: the VM is {state}")]
+    BadState {
+        /// The command.
+        command: &'static str,
+        /// The state it met.
+        state: RunState,
+    },
+    /// `pause` of a paused VM.
+    #[error("cannot pause: the VM is already paused")]
+    AlreadyPaused,
+    /// `resume` of a running VM.
+    #[error("cannot resume: the VM is running, not paused")]
+    NotPaused,
+    /// A command that needs the vCPUs to itself, or a second `send`.
+    #[error("cannot {command}: a migration is running (migrate-cancel stops it)")]
+    MigrationRunning {
+        /// The command.
+        command: &'static str,
+    },
+    /// `migrate-cancel`/`migrate-set-parameters` with nothing to act on.
+    #[error("cannot {command}: no migration is running")]
+    NoMigration {
+        /// The command.
+        command: &'static str,
+    },
+    /// `migrate-cancel` once the switch-over began (guest paused, the
+    /// destination about to take over): cancelling now could lose it.
+    #[error("too late to cancel: the migration is already switching over")]
+    TooLate,
+    /// A `send` field is invalid (address, policy, compression, timeout).
+    #[error("bad send request: {0}")]
+    BadSend(String),
+    /// The downtime ramp is invalid.
+    #[error("bad send request")]
+    BadRamp(#[source] RampError),
+    /// `migrate-set-parameters` without a parameter.
+    #[error("migrate-set-parameters needs downtime-limit and/or max-bandwidth")]
+    NothingToSet,
+    /// A downtime limit of 0 ms.
+    #[error("downtime-limit must be at least 1 ms")]
+    ZeroDowntime,
+    /// The destination could not be reached.
+    #[error("cannot start the migration")]
+    Connect(#[source] TransportError),
+    /// `memsave` of 0 bytes.
+    #[error("memsave size is 0")]
+    ZeroSize,
+    /// `memsave` of a range that leaves guest RAM.
+    #[error(
+        "memsave of {size:#x} bytes at {addr:#x} runs past the end of guest memory ({mem_size:#x} bytes)"
+    )]
+    OutOfRange {
+        /// First byte asked for.
+        addr: u64,
+        /// Length asked for.
+        size: u64,
+        /// Guest RAM size.
+        mem_size: u64,
+    },
+    /// `memsave` to a relative path.
+    #[error(
+        "memsave file {path:?} is not absolute (the VM process's working directory is not yours)"
+    )]
+    RelativePath {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// Creating or writing the `memsave` file failed.
+    #[error("cannot write memsave file {path}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading guest memory failed.
+    #[error("cannot read guest memory at {gpa:#x}")]
+    ReadMemory {
+        /// Where.
+        gpa: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// A VM operation failed.
+    #[error("VM operation {op} failed")]
+    Vm {
+        /// The operation.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: VmError,
+    },
+}
+
+/// Owns the VM on behalf of the API.
+pub struct VmController {
+    vm: Arc<Vm>,
+    state: Mutex<RunState>,
+    started: Instant,
+    events: Sender<ProcessEvent>,
+    /// The running migration's latest report, or the last one's final one.
+    migration: Arc<Mutex<Option<MigrationReport>>>,
+    /// Steering handle of the running migration (`None`: none runs).
+    current: Mutex<Option<Arc<MigrationControl>>>,
+    /// Connections that asked for `events`.
+    bus: Arc<EventBus>,
+}
+
+impl VmController {
+    /// Wrap a running VM; process-level events go to `events`.
+    pub fn new(vm: Arc<Vm>, events: Sender<ProcessEvent>) -> Self {
+        Self::with_state(vm, events, RunState::Running)
+    }
+
+    /// Wrap a VM whose vCPUs are stopped (a paused guest that arrived).
+    pub fn new_paused(vm: Arc<Vm>, events: Sender<ProcessEvent>) -> Self {
+        Self::with_state(vm, events, RunState::Paused)
+    }
+
+    fn with_state(vm: Arc<Vm>, events: Sender<ProcessEvent>, state: RunState) -> Self {
+        Self {
+            vm,
+            state: Mutex::new(state),
+            started: Instant::now(),
+            events,
+            migration: Arc::new(Mutex::new(None)),
+            current: Mutex::new(None),
+            bus: Arc::new(EventBus::default()),
+        }
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// Where process-level events go.
+    pub(super) fn events(&self) -> &Sender<ProcessEvent> {
+        &self.events
+    }
+
+    /// Subscribers of `events`.
+    pub fn bus(&self) -> &EventBus {
+        &self.bus
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Change the state (the caller holds the lock) and tell subscribers.
+    fn transition(&self, state: &mut RunState, to: RunState) {
+        let from = std::mem::replace(state, to);
+        if from != to {
+            self.bus.emit(Event::StateChanged {
+                timestamp: events::now(),
+                from,
+                to,
+            });
+        }
+    }
+
+    /// Record that the guest stopped by itself, and why.
+    pub fn set_stopped(&self, reason: &str) {
+        self.bus.emit(Event::GuestStopped {
+            timestamp: events::now(),
+            reason: reason.to_string(),
+        });
+        let mut state = self.state();
+        self.transition(&mut state, RunState::Stopped);
+    }
+
+    /// Current status (`status` and `info`).
+    pub fn status(&self) -> VmStatus {
+        let mut exits = ExitSummary::default();
+        for c in self.vm.exit_counts() {
+            exits.io_out += c.io_out.load(Ordering::Relaxed);
+            exits.io_in += c.io_in.load(Ordering::Relaxed);
+            exits.mmio += c.mmio.load(Ordering::Relaxed);
+            exits.hlt += c.hlt.load(Ordering::Relaxed);
+            exits.interrupted += c.interrupted.load(Ordering::Relaxed);
+        }
+        VmStatus {
+            state: *self.state(),
+            api: API_VERSION,
+            memory: self.vm.mem_size(),
+            slots: self.vm.slots().len(),
+            vcpus: self.vm.vcpu_count(),
+            uptime: self.started.elapsed().as_secs_f64(),
+            cpu_model: self.vm.cpu_model().to_string(),
+            dirty_log: format!("{:?}", self.vm.dirty_log_mode()),
+            serial_bytes: self.vm.ports().serial_bytes(),
+            exits,
+            unhandled_ports: self
+                .vm
+                .ports()
+                .unhandled()
+                .iter()
+                .map(|(p, n)| format!("{p:#x}:{n}"))
+                .collect(),
+            migration: self.last_report(),
+        }
+    }
+
+    /// The running migration's report brought up to now, or the last one.
+    fn last_report(&self) -> Option<MigrationReport> {
+        let mut r = self
+            .migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        if let Some(c) = self.current() {
+            c.refresh(&mut r);
+        }
+        Some(r)
+    }
+
+    /// `pause`: stop the vCPUs (Running → Paused).
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let mut state = self.state();
+        match *state {
+            RunState::Running => {}
+            RunState::Paused => return Err(ControlError::AlreadyPaused),
+            RunState::Migrating => return Err(ControlError::MigrationRunning { command: "pause" }),
+            s => {
+                return Err(ControlError::BadState {
+                    command: "pause",
+                    state: s,
+                })
+            }
+        }
+        self.vm.pause().map_err(|source| ControlError::Vm {
+            op: "pause",
+            source,
+        })?;
+        self.transition(&mut state, RunState::Paused);
+        Ok(())
+    }
+
+    /// `resume`: start the vCPUs (Paused → Running).
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let mut state = self.state();
+        match *state {
+            RunState::Paused => {}
+            RunState::Running => return Err(ControlError::NotPaused),
+            RunState::Migrating => {
+                return Err(ControlError::MigrationRunning { command: "resume" })
+            }
+            s => {
+                return Err(ControlError::BadState {
+                    command: "resume",
+                    state: s,
+                })
+            }
+        }
+        self.vm.resume().map_err(|source| ControlError::Vm {
+            op: "resume",
+            source,
+        })?;
+        self.transition(&mut state, RunState::Running);
+        Ok(())
+    }
+
+    /// `memsave`: write `[addr, addr + size)` of guest-physical memory to
+    /// the file. In any state; a running guest may change the memory while
+    /// it is copied, so pause it first for a consistent image.
+    pub fn memsave(&self, req: &MemsaveRequest) -> Result<(), ControlError> {
+        let mem_size = self.vm.mem_size();
+        if req.size == 0 {
+            return Err(ControlError::ZeroSize);
+        }
+        if req
+            .addr
+            .checked_add(req.size)
+            .is_none_or(|end| end > mem_size)
+        {
+            return Err(ControlError::OutOfRange {
+                addr: req.addr,
+                size: req.size,
+                mem_size,
+            });
+        }
+        let path = Path::new(&req.file);
+        if !path.is_absolute() {
+            return Err(ControlError::RelativePath {
+                path: path.to_path_buf(),
+            });
+        }
+        let file_err = |source| ControlError::File {
+            path: path.to_path_buf(),
+            source,
+        };
+        // Owner-only, as guest memory may hold the guest's secrets.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(file_err)?;
+        let mut out = std::io::BufWriter::new(file);
+        let mut buf = vec![0u8; usize::try_from(MEMSAVE_CHUNK).expect("1 MiB fits usize")];
+        let mut done = 0u64;
+        while done < req.size {
+            let n = (req.size - done).min(MEMSAVE_CHUNK);
+            let chunk = &mut buf[..usize::try_from(n).expect("chunk fits usize")];
+            let gpa = req.addr + done;
+            self.vm
+                .memory()
+                .read_slice(chunk, GuestAddress(gpa))
+                .map_err(|source| ControlError::ReadMemory { gpa, source })?;
+            out.write_all(chunk).map_err(file_err)?;
+            done += n;
+        }
+        out.flush().map_err(file_err)?;
+        out.get_ref().sync_all().map_err(file_err)?;
+        Ok(())
+    }
+
+    /// `query-migrate`.
+    pub fn query_migrate(&self) -> MigrationQuery {
+        match self.last_report() {
+            Some(r) => MigrationQuery::Report(Box::new(r)),
+            None => MigrationQuery::None {
+                status: NoMigration::None,
+            },
+        }
+    }
+
+    fn current(&self) -> Option<Arc<MigrationControl>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// `migrate-cancel`: the migration stops before its next page batch;
+    /// its `send` gets a `cancelled` report and the source keeps the guest.
+    pub fn cancel(&self) -> Result<(), ControlError> {
+        let command = "migrate-cancel";
+        let control = self
+            .current()
+            .ok_or(ControlError::NoMigration { command })?;
+        if control.cancel() {
+            Ok(())
+        } else {
+            Err(ControlError::TooLate)
+        }
+    }
+
+    /// `migrate-set-parameters` on the running migration.
+    pub fn set_parameters(&self, p: &SetParameters) -> Result<(), ControlError> {
+        if p.downtime_limit.is_none() && p.max_bandwidth.is_none() {
+            return Err(ControlError::NothingToSet);
+        }
+        if p.downtime_limit == Some(0) {
+            return Err(ControlError::ZeroDowntime);
+        }
+        let control = self.current().ok_or(ControlError::NoMigration {
+            command: "migrate-set-parameters",
+        })?;
+        if let Some(ms) = p.downtime_limit {
+            control.set_downtime_limit(Duration::from_millis(ms));
+        }
+        if let Some(bw) = p.max_bandwidth {
+            control.set_max_bandwidth(Some(bw));
+        }
+        Ok(())
+    }
+
+    /// Run a migration, calling `progress` after each iteration. Refused
+    /// while another runs or once the guest has stopped or left. A paused
+    /// guest travels paused and stays paused on the destination.
+    pub fn send(
+        &self,
+        req: &SendRequest,
+        mut progress: impl FnMut(&MigrationReport) + Send + 'static,
+    ) -> Result<MigrationReport, ControlError> {
+        let uri: MigrationUri = req
+            .to
+            .parse()
+            .map_err(|e: TransportError| ControlError::BadSend(e.to_string()))?;
+        if let Some(r) = &req.downtime_ramp {
+            r.validate().map_err(ControlError::BadRamp)?;
+            if req.policy == "ramp" {
+                // Two schedules for one limit: the per-iteration ramp would
+                // keep overriding the policy's time-based one.
+                return Err(ControlError::BadSend(
+                    "downtime-ramp steps the limit per iteration; the ramp policy has its own \
+                     time-based schedule (--param start/end/steps): use one of them"
+                        .into(),
+                ));
+            }
+        }
+        if req.downtime_limit == 0 {
+            return Err(ControlError::ZeroDowntime);
+        }
+        let downtime_limit =
+            Duration::from_millis(req.downtime_ramp.map_or(req.downtime_limit, |r| r.start_ms));
+        let params = policy::PolicyParams {
+            downtime_limit,
+            settings: req.params.clone(),
+        };
+        let policy = policy::by_name(&req.policy, &params)
+            .map_err(|e| ControlError::BadSend(e.to_string()))?;
+        let compress = match req.compress.as_str() {
+            "none" => CompressMode::None,
+            "zstd" => CompressMode::Zstd(1),
+            other => {
+                return Err(ControlError::BadSend(format!(
+                    "unknown compression {other:?} (none, zstd)"
+                )))
+            }
+        };
+        let timeout = match req.timeout {
+            Some(t) if !(t > 0.0 && t.is_finite()) => {
+                return Err(ControlError::BadSend(format!(
+                    "timeout must be a positive number of seconds, got {t}"
+                )))
+            }
+            t => t.map(Duration::from_secs_f64),
+        };
+        let control = Arc::new(MigrationControl::new(req.max_bandwidth));
+        let (before, previous) = {
+            let mut state = self.state();
+            let before = match *state {
+                s @ (RunState::Running | RunState::Paused) => s,
+                RunState::Migrating => {
+                    return Err(ControlError::MigrationRunning { command: "send" })
+                }
+                s => {
+                    return Err(ControlError::BadState {
+                        command: "send",
+                        state: s,
+                    })
+                }
+            };
+            self.transition(&mut state, RunState::Migrating);
+            *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(control.clone());
+            let compression = match compress {
+                CompressMode::None => "none".to_string(),
+                CompressMode::Zstd(l) => format!("zstd:{l}"),
+            };
+            // query-migrate shows `setup` until the handshake is done.
+            let previous = self
+                .migration
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(MigrationReport::new(
+                    &req.policy,
+                    &uri.to_string(),
+                    &compression,
+                    self.vm.mem_size(),
+                ));
+            (before, previous)
+        };
+        let stream = match Stream::connect(&uri, CONNECT_TIMEOUT) {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing started: the last migration stays the last one.
+                *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = previous;
+                self.finish(before);
+                return Err(ControlError::Connect(e));
+            }
+        };
+        let live = self.migration.clone();
+        let bus = self.bus.clone();
+        let opts = SendOptions {
+            policy,
+            compress,
+            timeout,
+            timeout_action: req.timeout_action,
+            verify_digest: req.verify,
+            io_timeout: IO_TIMEOUT,
+            downtime_limit,
+            control,
+            downtime_ramp: req.downtime_ramp,
+            guest_paused: before == RunState::Paused,
+            progress: Some(Box::new(move |r: &MigrationReport| {
+                *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
+                bus.emit(Event::progress(r));
+                progress(r)
+            })),
+            destination: uri.to_string(),
+        };
+        let report = send_migration(&*self.vm, stream, opts);
+        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+        self.bus.emit(Event::ended(&report));
+        // After a completed migration, or one whose Commit may have reached
+        // the destination, the source must not run the guest again.
+        let gone = report.status == MigrationStatus::Completed
+            || report
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("outcome unknown"));
+        self.finish(if gone { RunState::Postmigrate } else { before });
+        Ok(report)
+    }
+
+    fn finish(&self, to: RunState) {
+        let mut state = self.state();
+        if *state == RunState::Migrating {
+            self.transition(&mut state, to);
+        }
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}

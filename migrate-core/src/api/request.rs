@@ -1,0 +1,219 @@
+//! Requests on the API socket, and their parsing with errors that name the
+//! offending command or field.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{DowntimeRamp, TimeoutAction};
+
+/// A request on the API socket. Empty struct variants, not unit ones, so
+/// that unknown fields are refused. QEMU's QMP names are accepted as
+/// aliases where the meaning is the same (`stop`, `cont`, `pmemsave`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ApiRequest {
+    /// API and protocol versions, and the commands this server knows.
+    Version {},
+    /// State of the VM (and of the running or last migration).
+    Status {},
+    /// Same answer as `status`, under the name ch-remote uses.
+    Info {},
+    /// Stop the vCPUs (QMP `stop`).
+    #[serde(alias = "stop")]
+    Pause {},
+    /// Start the vCPUs again (QMP `cont`).
+    #[serde(alias = "cont")]
+    Resume {},
+    /// Write guest-physical memory to a file (QMP `pmemsave`).
+    #[serde(alias = "pmemsave")]
+    Memsave(MemsaveRequest),
+    /// The running migration's report so far, or the last one.
+    QueryMigrate {},
+    /// Cancel the running migration; the source keeps the guest.
+    #[serde(alias = "cancel")]
+    MigrateCancel {},
+    /// Change the downtime limit or bandwidth cap of the running migration.
+    #[serde(alias = "set-parameters")]
+    MigrateSetParameters(SetParameters),
+    /// Migrate the VM to another vmigrate process.
+    Send(SendRequest),
+    /// Stop the VM and end the process (exit status 0).
+    Shutdown {},
+    /// Turn this connection into an event stream: `ok`, then one line per
+    /// event until the VM process ends. No further requests are read on it.
+    Events {},
+}
+
+/// Every command name [`ApiRequest`] accepts (aliases after the names).
+pub const COMMANDS: &[&str] = &[
+    "version",
+    "status",
+    "info",
+    "pause",
+    "resume",
+    "memsave",
+    "query-migrate",
+    "migrate-cancel",
+    "migrate-set-parameters",
+    "send",
+    "shutdown",
+    "events",
+    "stop",
+    "cont",
+    "pmemsave",
+    "cancel",
+    "set-parameters",
+];
+
+/// Parameters of `memsave`. QMP's `val` and `filename` are accepted too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MemsaveRequest {
+    /// First guest-physical byte.
+    #[serde(alias = "val")]
+    pub addr: u64,
+    /// Bytes to write (> 0; `addr + size` within guest RAM).
+    pub size: u64,
+    /// Absolute path of the file the VM process writes (created or
+    /// truncated). Absolute because the server's working directory is not
+    /// the client's; `vmigrate memsave` makes a relative path absolute.
+    #[serde(alias = "filename")]
+    pub file: String,
+}
+
+/// Parameters of `migrate-set-parameters`; at least one must be given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SetParameters {
+    /// New downtime limit in milliseconds (> 0), from the next policy
+    /// decision on; ends a `downtime-ramp`.
+    #[serde(default)]
+    pub downtime_limit: Option<u64>,
+    /// New bandwidth cap in bytes per second, 0 for none, from the next
+    /// write on.
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
+}
+
+/// Parameters of a migration (`vmigrate send`). Defaults as QEMU's where
+/// QEMU has the knob.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SendRequest {
+    /// Destination, `tcp:HOST:PORT` or `unix:PATH`.
+    pub to: String,
+    /// Convergence policy name (default `qemu`).
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    /// Policy-specific settings, `key -> value` (default none).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// Downtime limit in milliseconds (default 300, as QEMU). Ignored when
+    /// `downtime-ramp` is given: the ramp's start is the first limit.
+    #[serde(default = "default_downtime")]
+    pub downtime_limit: u64,
+    /// Raise the downtime limit from `start-ms` to `end-ms` in `steps`
+    /// steps, one per iteration (default: no ramp).
+    #[serde(default)]
+    pub downtime_ramp: Option<DowntimeRamp>,
+    /// Bytes per second cap (default: none).
+    #[serde(default)]
+    pub max_bandwidth: Option<u64>,
+    /// `none` or `zstd` (default `none`).
+    #[serde(default = "default_compress")]
+    pub compress: String,
+    /// Give up after this many seconds (default: never).
+    #[serde(default)]
+    pub timeout: Option<f64>,
+    /// What the timeout does: `cancel` (default; the source runs on) or
+    /// `force` (stop-and-copy whatever the downtime).
+    #[serde(default)]
+    pub timeout_action: TimeoutAction,
+    /// Digest all guest memory on both ends at the switch-over and commit
+    /// only if they agree (default false: hashing all RAM lengthens the
+    /// downtime by the time it takes, reported as `digest-time`).
+    #[serde(default)]
+    pub verify: bool,
+}
+
+fn default_policy() -> String {
+    "qemu".into()
+}
+fn default_downtime() -> u64 {
+    300
+}
+fn default_compress() -> String {
+    "none".into()
+}
+
+impl SendRequest {
+    /// A request with every default, to `to`.
+    pub fn new(to: impl Into<String>) -> Self {
+        Self {
+            to: to.into(),
+            policy: default_policy(),
+            params: Default::default(),
+            downtime_limit: default_downtime(),
+            downtime_ramp: None,
+            max_bandwidth: None,
+            compress: default_compress(),
+            timeout: None,
+            timeout_action: TimeoutAction::Cancel,
+            verify: false,
+        }
+    }
+}
+
+/// Why a request line was refused before it reached the VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not JSON, or not an object.
+    #[error("bad request: not a JSON object ({reason})")]
+    NotAnObject {
+        /// What the JSON parser said.
+        reason: String,
+    },
+    /// No `"command"` member, or not a string.
+    #[error("bad request: no \"command\" string (known commands: {})", COMMANDS.join(", "))]
+    NoCommand,
+    /// A command this server does not know.
+    #[error("bad request: unknown command {command:?} (known commands: {})", COMMANDS.join(", "))]
+    UnknownCommand {
+        /// The name given.
+        command: String,
+    },
+    /// A known command with an unknown, missing or mistyped field.
+    #[error("bad request: command {command:?}: {reason}")]
+    BadArguments {
+        /// The command.
+        command: String,
+        /// serde's explanation, which names the field.
+        reason: String,
+    },
+}
+
+/// Parse one request line. Errors name the unknown command, or the command
+/// and the field at fault, so that a typo in a script is obvious.
+pub fn parse_request(line: &str) -> Result<ApiRequest, RequestError> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| RequestError::NotAnObject {
+            reason: e.to_string(),
+        })?;
+    let Some(obj) = value.as_object() else {
+        return Err(RequestError::NotAnObject {
+            reason: "a JSON value that is not an object".into(),
+        });
+    };
+    let Some(command) = obj.get("command").and_then(|c| c.as_str()) else {
+        return Err(RequestError::NoCommand);
+    };
+    let command = command.to_string();
+    if !COMMANDS.contains(&command.as_str()) {
+        return Err(RequestError::UnknownCommand { command });
+    }
+    serde_json::from_value(value).map_err(|e| RequestError::BadArguments {
+        command,
+        reason: e.to_string(),
+    })
+}

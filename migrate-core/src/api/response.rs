@@ -1,0 +1,146 @@
+//! Responses on the API socket.
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::MigrationReport;
+
+/// A response line on the API socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "kebab-case")]
+pub enum ApiResponse {
+    /// The request was carried out.
+    Ok,
+    /// The request was refused or failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+    /// Answer to `version`.
+    Version(VersionInfo),
+    /// Answer to `status`.
+    Status(VmStatus),
+    /// Answer to `info` (the same fields as `status`).
+    Info(VmStatus),
+    /// Answer to `query-migrate`.
+    QueryMigrate(MigrationQuery),
+    /// A migration finished an iteration.
+    Progress(MigrationReport),
+    /// A migration ended (see the report's status).
+    Done(MigrationReport),
+    /// One event on a connection that sent `events`.
+    Event(super::Event),
+}
+
+/// Answer to `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VersionInfo {
+    /// Version of this JSON API ([`super::API_VERSION`]): raised when a
+    /// command, field or answer changes incompatibly; additions keep it.
+    pub api: u32,
+    /// Version of the vmigrate build.
+    pub vmigrate: String,
+    /// Migration wire protocol version this process speaks.
+    pub wire_protocol: u16,
+    /// Every command name accepted (aliases included).
+    pub commands: Vec<String>,
+}
+
+/// Answer to `query-migrate`: a report, or `{"status":"none"}` when this
+/// process never started a migration (QEMU answers `{}` there; a status
+/// field is easier to script against).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MigrationQuery {
+    /// The running migration so far, or the last one.
+    Report(Box<MigrationReport>),
+    /// No migration ever ran here.
+    None {
+        /// Always `none`.
+        status: NoMigration,
+    },
+}
+
+/// The status of [`MigrationQuery::None`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoMigration {
+    /// No migration.
+    None,
+}
+
+/// Run state of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// The guest runs.
+    Running,
+    /// The vCPUs are stopped by `pause` (or the guest arrived paused);
+    /// `resume` starts them.
+    Paused,
+    /// The guest is being migrated (it runs, unless it was paused).
+    Migrating,
+    /// Migrated away: paused for good, the destination runs it.
+    Postmigrate,
+    /// The guest stopped (halt, exit port, error).
+    Stopped,
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Migrating => "migrating",
+            Self::Postmigrate => "postmigrate",
+            Self::Stopped => "stopped",
+        })
+    }
+}
+
+/// Answer to `status` and `info`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VmStatus {
+    /// Run state.
+    pub state: RunState,
+    /// API version ([`super::API_VERSION`]).
+    #[serde(default)]
+    pub api: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// KVM memory slots.
+    pub slots: usize,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Seconds since the VM started (or arrived).
+    pub uptime: f64,
+    /// CPU model name.
+    pub cpu_model: String,
+    /// How the dirty log is read.
+    pub dirty_log: String,
+    /// Bytes the guest wrote to COM1.
+    pub serial_bytes: u64,
+    /// VM exits by kind, over all vCPUs.
+    pub exits: ExitSummary,
+    /// Accesses to ports no device claims, as "port:count".
+    pub unhandled_ports: Vec<String>,
+    /// The running migration so far, or the last one.
+    pub migration: Option<MigrationReport>,
+}
+
+/// VM exits by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ExitSummary {
+    /// Port writes.
+    pub io_out: u64,
+    /// Port reads.
+    pub io_in: u64,
+    /// MMIO accesses.
+    pub mmio: u64,
+    /// HLT.
+    pub hlt: u64,
+    /// Kicks out of KVM_RUN.
+    pub interrupted: u64,
+}
