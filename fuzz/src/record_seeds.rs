@@ -11,13 +11,12 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use migrate_core::engine::{
-    receive_migration, send_migration, CompressMode, MemoryVm, MigratableVm, MigrationStatus,
-    ReceiveOptions, SendOptions, TimeoutAction,
+    receive_migration, send_migration, CompressMode, MemoryVm, MigratableVm, MigrationControl,
+    MigrationStatus, ReceiveOptions, SendOptions, TimeoutAction,
 };
 use migrate_core::transport::Stream;
 use vm_memory::{Bytes, GuestAddress};
@@ -83,12 +82,14 @@ fn record(case: &Case) -> Vec<u8> {
     let opts = SendOptions {
         policy: policy::by_name("xen", &policy::PolicyParams::default()).expect("xen"),
         compress: case.compress,
-        max_bandwidth: None,
         timeout: None,
         timeout_action: TimeoutAction::Cancel,
         verify_digest: case.verify,
         io_timeout: Duration::from_secs(10),
-        cancel: Arc::new(AtomicBool::new(false)),
+        downtime_limit: policy::DEFAULT_DOWNTIME_LIMIT,
+        control: Arc::new(MigrationControl::new(None)),
+        downtime_ramp: None,
+        guest_paused: false,
         progress: None,
         destination: "record-seeds".into(),
     };
