@@ -129,45 +129,41 @@ pub(super) fn run<V: MigratableVm, W: Write>(
         if opts.control.cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        match decision {
-            Decision::StopAndCopy(reason) => {
-                report.stop_reason = Some(reason.to_string());
-                return Ok(PrecopyEnd {
-                    iteration,
-                    dirty: next,
-                    deferred,
-                    last_found: found,
-                    syncs,
-                });
-            }
+        let stop = match decision {
+            Decision::StopAndCopy(reason) => Some(reason.to_string()),
             Decision::Abort(why) => return Err(MigrationError::PolicyAbort(why)),
             Decision::Throttle(f) => {
                 vm.set_throttle(f).map_err(vm_err("throttle vCPUs"))?;
                 throttle = f.clamp(0.0, 0.99);
+                None
             }
-            Decision::Continue => {}
-        }
-        if let Some(limit) = opts.timeout {
-            let secs = start.elapsed().as_secs_f64();
-            if start.elapsed() >= limit {
+            Decision::Continue => None,
+        };
+        let stop = match (stop, opts.timeout) {
+            (None, Some(limit)) if start.elapsed() >= limit => {
+                let secs = start.elapsed().as_secs_f64();
                 if opts.timeout_action == TimeoutAction::Cancel {
                     return Err(MigrationError::Timeout { secs });
                 }
                 let predicted = report
                     .expected_downtime
                     .map_or_else(|| "unknown".to_string(), |ms| format!("{ms:.1} ms"));
-                report.stop_reason = Some(format!(
+                Some(format!(
                     "timeout after {secs:.1} s: stop-and-copy forced \
                      (predicted downtime {predicted})"
-                ));
-                return Ok(PrecopyEnd {
-                    iteration,
-                    dirty: next,
-                    deferred,
-                    last_found: found,
-                    syncs,
-                });
+                ))
             }
+            (stop, _) => stop,
+        };
+        if let Some(reason) = stop {
+            report.stop_reason = Some(reason);
+            return Ok(PrecopyEnd {
+                iteration,
+                dirty: next,
+                deferred,
+                last_found: found,
+                syncs,
+            });
         }
         if opts.policy.defer_writable_working_set() {
             // Found dirty now and in the iteration just sent: it will be

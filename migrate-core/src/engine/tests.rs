@@ -124,6 +124,11 @@ const SIZE: u64 = 8 << 20;
 
 /// Source with content, a guest thread dirtying pages while it runs.
 fn migrate_with_guest(compress: CompressMode) -> (Arc<FakeVm>, MigrationReport, FakeVm) {
+    migrate_with_guest_opts(options(compress))
+}
+
+/// [`migrate_with_guest`] with these options.
+fn migrate_with_guest_opts(opts: SendOptions) -> (Arc<FakeVm>, MigrationReport, FakeVm) {
     let src = Arc::new(FakeVm::new(SIZE));
     for page in (0..2048).step_by(3) {
         src.guest_write(page, page as u64 * 7 + 1);
@@ -143,7 +148,7 @@ fn migrate_with_guest(compress: CompressMode) -> (Arc<FakeVm>, MigrationReport, 
             Ok(FakeVm::new(SIZE))
         })
     });
-    let report = send_migration(&*src, Stream::Unix(a), options(compress));
+    let report = send_migration(&*src, Stream::Unix(a), opts);
     guest.join().unwrap();
     let outcome = dest.join().unwrap().unwrap();
     (src, report, outcome.vm)
@@ -302,29 +307,11 @@ fn timeout_fails_the_migration_and_the_source_runs_on() {
 
 #[test]
 fn timeout_with_force_finishes_byte_identical() {
-    let src = Arc::new(FakeVm::new(SIZE));
-    src.running.store(true, Ordering::SeqCst);
-    let guest_vm = src.clone();
-    let guest = std::thread::spawn(move || {
-        let mut n = 0u64;
-        while guest_vm.guest_step(|vm| {
-            n += 1;
-            vm.guest_write(usize::try_from(n * 13 % 2048).unwrap(), n);
-        }) {}
-    });
-    let (a, b) = UnixStream::pair().unwrap();
-    let dest = std::thread::spawn(move || {
-        receive_migration(Stream::Unix(b), &ReceiveOptions::default(), |_| {
-            Ok(FakeVm::new(SIZE))
-        })
-    });
     let mut opts = options(CompressMode::None);
     opts.policy = Box::new(Never);
     opts.timeout = Some(Duration::from_millis(300));
     opts.timeout_action = TimeoutAction::Force;
-    let report = send_migration(&*src, Stream::Unix(a), opts);
-    guest.join().unwrap();
-    let dst = dest.join().unwrap().unwrap().vm;
+    let (src, report, dst) = migrate_with_guest_opts(opts);
     assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
     assert!(
         report.stop_reason.as_deref().unwrap().contains("forced"),
