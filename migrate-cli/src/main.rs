@@ -36,7 +36,7 @@ enum Command {
     /// Stop the vCPUs of a running VM (QMP `stop`).
     Pause(client::SocketArgs),
     /// Start the vCPUs of a paused VM again (QMP `cont`).
-    Resume(client::SocketArgs),
+    Resume(client::ResumeArgs),
     /// Write guest-physical memory to a file (QMP `pmemsave`).
     Memsave(client::MemsaveArgs),
     /// Show the running migration's report so far, or the last one.
@@ -79,6 +79,8 @@ struct ExportArgs {
 }
 
 fn main() -> ExitCode {
+    // Test-only fault points (inert unless FAILPOINTS names one).
+    let _faults = migrate_core::faults::setup_from_env();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMIGRATE_LOG")

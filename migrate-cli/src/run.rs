@@ -43,6 +43,11 @@ pub struct RunArgs {
     /// With --incoming: seconds to wait on a silent source.
     #[arg(long, default_value_t = 60)]
     incoming_timeout: u64,
+    /// With --incoming: refuse a guest larger than this (default 1T, the
+    /// most this VMM builds); checked on the Hello, before any memory is
+    /// mapped.
+    #[arg(long, requires = "incoming")]
+    max_mem: Option<String>,
 }
 
 fn serial_sink(path: &str) -> anyhow::Result<SerialSink> {
@@ -77,11 +82,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         std::io::stdout().flush()?;
         let stream = listener.accept()?;
         drop(listener);
+        let defaults = ReceiveOptions::default();
+        let max_mem = match a.max_mem.as_deref() {
+            Some(s) => harness::parse_size(s).context("--max-mem")?,
+            None => defaults.max_mem,
+        };
         let opts = ReceiveOptions {
             io_timeout: Duration::from_secs(a.incoming_timeout),
             expect_mem: mem,
             expect_vcpus: a.vcpus,
-            ..Default::default()
+            max_mem,
+            ..defaults
         };
         let mut serial = Some(serial);
         let outcome = receive_migration(stream, &opts, |hello| {

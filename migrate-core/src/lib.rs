@@ -10,6 +10,7 @@
 pub mod api;
 pub mod dirty;
 pub mod engine;
+pub mod faults;
 pub mod transport;
 pub mod vm;
 pub mod wire;

@@ -24,6 +24,10 @@ pub fn kvm_available(test: &str) -> bool {
     ok
 }
 
+mod migration;
+
+pub use migration::{finish_send, info, query_migrate, spawn_send, verb, wait_report};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -92,8 +96,22 @@ impl VmProcess {
 
     /// Start a destination on `incoming`; returns it and the bound address.
     pub fn destination(bin: &Path, dir: &Scratch, name: &str, incoming: &str) -> (Self, String) {
+        Self::destination_with(bin, dir, name, incoming, &[], &[])
+    }
+
+    /// [`destination`](Self::destination) with more `run` arguments and
+    /// environment variables (e.g. `FAILPOINTS`).
+    pub fn destination_with(
+        bin: &Path,
+        dir: &Scratch,
+        name: &str,
+        incoming: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Self, String) {
         let mut cmd = Command::new(bin);
-        cmd.args(["run", "--incoming", incoming]);
+        cmd.args(["run", "--incoming", incoming]).args(args);
+        cmd.envs(env.iter().copied());
         cmd.stdout(Stdio::piped());
         let mut p = Self::spawn(cmd, dir, name);
         let mut line = String::new();

@@ -9,8 +9,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
 use e2e::{kvm_available, one_at_a_time, vmigrate, Scratch, VmProcess};
 use harness::{MISMATCH_MARK, PASS_MARK};
@@ -39,36 +39,15 @@ fn api(socket: &Path, line: &str) -> Value {
 
 /// `vmigrate VERB --api-socket SOCKET ARGS...`: success and stderr.
 fn verb(socket: &Path, verb: &str, args: &[&str]) -> (bool, String) {
-    let mut all = vec![verb, "--api-socket", s(socket)];
-    all.extend_from_slice(args);
-    let out = vmigrate(bin(), &all);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    e2e::verb(bin(), socket, verb, args)
 }
 
 fn info(socket: &Path) -> Value {
-    let out = vmigrate(bin(), &["info", "--api-socket", s(socket), "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    e2e::info(bin(), socket)
 }
 
 fn query_migrate(socket: &Path) -> Value {
-    let out = vmigrate(
-        bin(),
-        &["query-migrate", "--api-socket", s(socket), "--json"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    e2e::query_migrate(bin(), socket)
 }
 
 /// A `verify` source on 64 MiB that has passed twice.
@@ -81,48 +60,17 @@ fn source(dir: &Scratch) -> VmProcess {
 
 /// `vmigrate send --json` running in the background; stdout to a file.
 fn spawn_send(dir: &Scratch, api: &Path, to: &str, extra: &[&str]) -> Child {
-    let out = std::fs::File::create(dir.path("send.json")).unwrap();
-    Command::new(bin())
-        .args(["send", "--api-socket", s(api), "--to", to, "--json"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(std::fs::File::create(dir.path("send.stderr")).unwrap())
-        .spawn()
-        .expect("spawn send")
+    e2e::spawn_send(bin(), dir, api, to, extra)
 }
 
 /// Wait for a background `send` and parse its report.
-fn finish_send(dir: &Scratch, mut send: Child) -> (bool, Value) {
-    let deadline = Instant::now() + T;
-    let status = loop {
-        if let Some(st) = send.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "send did not end");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = std::fs::read_to_string(dir.path("send.json")).unwrap();
-    let report = serde_json::from_str(&text).unwrap_or_else(|e| {
-        panic!(
-            "no report ({e}): {text:?} {}",
-            std::fs::read_to_string(dir.path("send.stderr")).unwrap_or_default()
-        )
-    });
-    (status.success(), report)
+fn finish_send(dir: &Scratch, send: Child) -> (bool, Value) {
+    e2e::finish_send(dir, send, T)
 }
 
 /// Poll `query-migrate` until `ok` holds for the report.
 fn wait_report(socket: &Path, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + T;
-    loop {
-        let r = query_migrate(socket);
-        if ok(&r) {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "waited for {what}: {r:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    e2e::wait_report(bin(), socket, what, T, ok)
 }
 
 fn live_iterations(r: &Value) -> usize {

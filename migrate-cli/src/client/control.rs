@@ -22,6 +22,19 @@ pub struct SocketArgs {
     api_socket: PathBuf,
 }
 
+/// `resume`.
+#[derive(Args)]
+pub struct ResumeArgs {
+    /// API socket of a `vmigrate run`.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Resume a source whose last migration's outcome is unknown (state
+    /// `outcome-unknown`): only once sure the destination does not run the
+    /// guest, or it runs twice.
+    #[arg(long)]
+    force: bool,
+}
+
 /// `status`, `info`, `query-migrate`.
 #[derive(Args)]
 pub struct StatusArgs {
@@ -118,8 +131,8 @@ pub fn pause(a: SocketArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn resume(a: SocketArgs) -> anyhow::Result<ExitCode> {
-    expect_ok(&a.api_socket, &ApiRequest::Resume {})?;
+pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
+    expect_ok(&a.api_socket, &ApiRequest::Resume { force: a.force })?;
     Ok(ExitCode::SUCCESS)
 }
 

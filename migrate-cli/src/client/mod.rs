@@ -8,7 +8,7 @@ mod watch;
 
 pub use control::{
     cancel, info, memsave, pause, query_migrate, resume, set_parameters, shutdown, status,
-    MemsaveArgs, SetParametersArgs, SocketArgs, StatusArgs,
+    MemsaveArgs, ResumeArgs, SetParametersArgs, SocketArgs, StatusArgs,
 };
 pub use send::{print_report, send, send_with_progress, SendArgs};
 pub use watch::{events, EventsArgs};

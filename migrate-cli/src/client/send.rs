@@ -51,6 +51,13 @@ pub struct SendArgs {
     /// and finish, whatever the downtime).
     #[arg(long, default_value = "cancel", value_parser = ["cancel", "force"])]
     timeout_action: String,
+    /// Seconds to wait for the connection to the destination.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Seconds one read or write on the stream may block (a stalled
+    /// destination fails the migration after this long).
+    #[arg(long, default_value_t = 30.0)]
+    io_timeout: f64,
     /// Digest all guest memory on both ends at the switch-over and commit
     /// only if the digests agree (lengthens the downtime by `digest-time`).
     #[arg(long)]
@@ -93,6 +100,8 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         max_bandwidth,
         compress: a.compress.clone(),
         timeout: a.timeout,
+        connect_timeout: Some(a.connect_timeout),
+        io_timeout: Some(a.io_timeout),
         timeout_action: match a.timeout_action.as_str() {
             "force" => TimeoutAction::Force,
             _ => TimeoutAction::Cancel,

@@ -55,6 +55,19 @@ pub enum ControlError {
     /// `pause` of a paused VM.
     #[error("cannot pause: the VM is already paused")]
     AlreadyPaused,
+    /// `resume` without `force` of a source whose migration outcome is
+    /// unknown.
+    #[error(
+        "cannot resume: the last migration's outcome is unknown (the destination may run the \
+         guest); check that it does not, then resume with force"
+    )]
+    OutcomeUnknown,
+    /// `force` given where no migration outcome is in doubt.
+    #[error("resume --force is only for a source whose migration outcome is unknown (the VM is {state})")]
+    ForceNotNeeded {
+        /// The state.
+        state: RunState,
+    },
     /// `resume` of a running VM.
     #[error("cannot resume: the VM is running, not paused")]
     NotPaused,
@@ -286,16 +299,19 @@ impl VmController {
         Ok(())
     }
 
-    /// `resume`: start the vCPUs (Paused → Running).
-    pub fn resume(&self) -> Result<(), ControlError> {
+    /// `resume`: start the vCPUs (Paused → Running; OutcomeUnknown →
+    /// Running only with `force`).
+    pub fn resume(&self, force: bool) -> Result<(), ControlError> {
         let mut state = self.state();
-        match *state {
-            RunState::Paused => {}
-            RunState::Running => return Err(ControlError::NotPaused),
-            RunState::Migrating => {
+        match (*state, force) {
+            (RunState::Paused, false) | (RunState::OutcomeUnknown, true) => {}
+            (RunState::OutcomeUnknown, false) => return Err(ControlError::OutcomeUnknown),
+            (_, true) => return Err(ControlError::ForceNotNeeded { state: *state }),
+            (RunState::Running, _) => return Err(ControlError::NotPaused),
+            (RunState::Migrating, _) => {
                 return Err(ControlError::MigrationRunning { command: "resume" })
             }
-            s => {
+            (s, _) => {
                 return Err(ControlError::BadState {
                     command: "resume",
                     state: s,
@@ -461,14 +477,16 @@ impl VmController {
                 )))
             }
         };
-        let timeout = match req.timeout {
-            Some(t) if !(t > 0.0 && t.is_finite()) => {
-                return Err(ControlError::BadSend(format!(
-                    "timeout must be a positive number of seconds, got {t}"
-                )))
-            }
-            t => t.map(Duration::from_secs_f64),
+        let seconds = |what: &str, t: Option<f64>| match t {
+            Some(t) if !(t > 0.0 && t.is_finite() && t < 1e9) => Err(ControlError::BadSend(
+                format!("{what} must be a positive number of seconds, got {t}"),
+            )),
+            t => Ok(t.map(Duration::from_secs_f64)),
         };
+        let timeout = seconds("timeout", req.timeout)?;
+        let connect_timeout =
+            seconds("connect-timeout", req.connect_timeout)?.unwrap_or(CONNECT_TIMEOUT);
+        let io_timeout = seconds("io-timeout", req.io_timeout)?.unwrap_or(IO_TIMEOUT);
         let control = Arc::new(MigrationControl::new(req.max_bandwidth));
         let (before, previous) = {
             let mut state = self.state();
@@ -503,7 +521,7 @@ impl VmController {
                 ));
             (before, previous)
         };
-        let stream = match Stream::connect(&uri, CONNECT_TIMEOUT) {
+        let stream = match Stream::connect(&uri, connect_timeout) {
             Ok(s) => s,
             Err(e) => {
                 // Nothing started: the last migration stays the last one.
@@ -520,7 +538,7 @@ impl VmController {
             timeout,
             timeout_action: req.timeout_action,
             verify_digest: req.verify,
-            io_timeout: IO_TIMEOUT,
+            io_timeout,
             downtime_limit,
             control,
             downtime_ramp: req.downtime_ramp,
@@ -536,13 +554,15 @@ impl VmController {
         *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
         self.bus.emit(Event::ended(&report));
         // After a completed migration, or one whose Commit may have reached
-        // the destination, the source must not run the guest again.
-        let gone = report.status == MigrationStatus::Completed
-            || report
-                .error
-                .as_deref()
-                .is_some_and(|e| e.contains("outcome unknown"));
-        self.finish(if gone { RunState::Postmigrate } else { before });
+        // the destination, the source must not run the guest again on its
+        // own.
+        self.finish(if report.status == MigrationStatus::Completed {
+            RunState::Postmigrate
+        } else if report.outcome_unknown() {
+            RunState::OutcomeUnknown
+        } else {
+            before
+        });
         Ok(report)
     }
 

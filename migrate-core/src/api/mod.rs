@@ -117,7 +117,7 @@ mod tests {
         );
         assert_eq!(
             parse_request(r#"{"command":"cont"}"#).unwrap(),
-            ApiRequest::Resume {}
+            ApiRequest::Resume { force: false }
         );
         assert_eq!(
             parse_request(r#"{"command":"cancel"}"#).unwrap(),

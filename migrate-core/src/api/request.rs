@@ -22,9 +22,15 @@ pub enum ApiRequest {
     /// Stop the vCPUs (QMP `stop`).
     #[serde(alias = "stop")]
     Pause {},
-    /// Start the vCPUs again (QMP `cont`).
+    /// Start the vCPUs again (QMP `cont`). `force` is required, and only
+    /// accepted, in state `outcome-unknown`: the operator asserts that the
+    /// destination does not run the guest.
     #[serde(alias = "cont")]
-    Resume {},
+    Resume {
+        /// Resume a source whose migration outcome is unknown.
+        #[serde(default)]
+        force: bool,
+    },
     /// Write guest-physical memory to a file (QMP `pmemsave`).
     #[serde(alias = "pmemsave")]
     Memsave(MemsaveRequest),
@@ -130,6 +136,14 @@ pub struct SendRequest {
     /// `force` (stop-and-copy whatever the downtime).
     #[serde(default)]
     pub timeout_action: TimeoutAction,
+    /// Seconds to wait for the connection to open (default 10).
+    #[serde(default)]
+    pub connect_timeout: Option<f64>,
+    /// Seconds any one read or write on the migration stream may block,
+    /// the completion exchange included (default 30): a stalled or vanished
+    /// destination fails the migration after this long.
+    #[serde(default)]
+    pub io_timeout: Option<f64>,
     /// Digest all guest memory on both ends at the switch-over and commit
     /// only if they agree (default false: hashing all RAM lengthens the
     /// downtime by the time it takes, reported as `digest-time`).
@@ -160,6 +174,8 @@ impl SendRequest {
             compress: default_compress(),
             timeout: None,
             timeout_action: TimeoutAction::Cancel,
+            connect_timeout: None,
+            io_timeout: None,
             verify: false,
         }
     }

@@ -80,8 +80,12 @@ pub enum RunState {
     Paused,
     /// The guest is being migrated (it runs, unless it was paused).
     Migrating,
-    /// Migrated away: paused for good, the destination runs it.
+    /// Migrated away: paused for good, the destination confirmed it runs it.
     Postmigrate,
+    /// `Commit` was sent but the destination never confirmed it resumed the
+    /// guest: it may or may not run it. Paused; the process stays up until
+    /// the operator decides (`resume` with `force`, or `shutdown`).
+    OutcomeUnknown,
     /// The guest stopped (halt, exit port, error).
     Stopped,
 }
@@ -93,6 +97,7 @@ impl std::fmt::Display for RunState {
             Self::Paused => "paused",
             Self::Migrating => "migrating",
             Self::Postmigrate => "postmigrate",
+            Self::OutcomeUnknown => "outcome-unknown",
             Self::Stopped => "stopped",
         })
     }

@@ -64,7 +64,7 @@ fn handle(c: &VmController, req: ApiRequest, out: &mut UnixStream) -> std::io::R
         ApiRequest::Status {} => reply(out, &ApiResponse::Status(c.status())),
         ApiRequest::Info {} => reply(out, &ApiResponse::Info(c.status())),
         ApiRequest::Pause {} => done(out, c.pause()),
-        ApiRequest::Resume {} => done(out, c.resume()),
+        ApiRequest::Resume { force } => done(out, c.resume(force)),
         ApiRequest::Memsave(m) => done(out, c.memsave(&m)),
         ApiRequest::QueryMigrate {} => reply(out, &ApiResponse::QueryMigrate(c.query_migrate())),
         ApiRequest::MigrateCancel {} => done(out, c.cancel()),

@@ -105,7 +105,8 @@ impl MigrationControl {
 
     /// Bring the latest per-iteration report of a migration still running
     /// up to now: `total-time` from the clock, `ram.transferred` from the
-    /// bytes written so far. Reports only change at iteration boundaries,
+    /// bytes written so far, and `status` `device` (QEMU's name) once the
+    /// switch-over has begun. Reports only change at iteration boundaries,
     /// which on a slow link can be minutes apart.
     pub fn refresh(&self, r: &mut MigrationReport) {
         if !matches!(
@@ -113,6 +114,9 @@ impl MigrationControl {
             MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Device
         ) {
             return;
+        }
+        if r.status == MigrationStatus::Active && self.gate().switching {
+            r.status = MigrationStatus::Device;
         }
         if let Some(t) = self.started.get() {
             r.total_time = r.total_time.max(ms(t.elapsed()));

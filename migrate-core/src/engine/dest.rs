@@ -161,6 +161,9 @@ pub fn receive_migration<V: MigratableVm>(
             Ok(Step::Reply(m)) => {
                 write_message(&mut w, &m).map_err(wire(phase))?;
                 w.flush().map_err(|e| wire(phase)(e.into()))?;
+                if matches!(m, Message::Accepted(_)) {
+                    crate::faults::crash_point("dest-after-accepted");
+                }
             }
             Ok(Step::Resume) => {
                 let rss_before_resume = resident_bytes();
@@ -168,10 +171,23 @@ pub fn receive_migration<V: MigratableVm>(
                 // the operator resumes it.
                 let paused = hello.features & FEATURE_GUEST_PAUSED != 0;
                 if !paused {
-                    vm.resume().map_err(|source| MigrationError::Vm {
-                        op: "resume",
-                        source,
-                    })?;
+                    if let Err(source) = vm.resume() {
+                        // The guest does not run here: say so, and the
+                        // source, which is still paused, resumes it.
+                        let e = MigrationError::Vm {
+                            op: "resume",
+                            source,
+                        };
+                        refuse(&mut w, &e);
+                        return Err(e);
+                    }
+                }
+                crate::faults::crash_point("dest-after-resume");
+                // The guest is ours now. If the source cannot hear this it
+                // reports the outcome as unknown and stays paused; the guest
+                // runs here either way.
+                if write_message(&mut w, &Message::Resumed).is_ok() {
+                    let _ = w.flush();
                 }
                 return Ok(ReceiveOutcome {
                     vm,

@@ -192,9 +192,14 @@ pub enum MigrationError {
     /// The migration was cancelled.
     #[error("migration cancelled")]
     Cancelled,
-    /// `Commit` could not be confirmed sent: the destination may or may not
-    /// run the guest. The source stays paused; the operator decides.
-    #[error("outcome unknown: the final Commit could not be sent ({0}); the source stays paused")]
+    /// `Commit` may have reached the destination but it never confirmed
+    /// that it resumed the guest: it may or may not run it. The source stays
+    /// paused; the operator decides (`vmigrate resume --force` on the
+    /// source once sure the destination does not run the guest).
+    #[error(
+        "outcome unknown: {0}; the source stays paused (resume it with --force only if \
+         the destination does not run the guest)"
+    )]
     OutcomeUnknown(String),
 }
 

@@ -209,6 +209,16 @@ impl MigrationReport {
 }
 
 impl MigrationReport {
+    /// Whether the migration ended with `Commit` sent but unconfirmed: the
+    /// destination may or may not run the guest.
+    pub fn outcome_unknown(&self) -> bool {
+        self.status == MigrationStatus::Failed
+            && self
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("outcome unknown"))
+    }
+
     /// Add one iteration's figures.
     pub(crate) fn record_iteration(&mut self, s: &IterationStats, final_pass: bool) {
         self.ram.transferred += s.bytes_sent;

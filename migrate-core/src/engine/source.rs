@@ -382,8 +382,29 @@ fn transfer<V: MigratableVm, W: Write>(
         b.commit = ms(pause_start.elapsed().saturating_sub(accepted_at));
     }
     report.ram.remaining = 0;
-    committed.map_err(MigrationError::OutcomeUnknown)?;
-    Ok(())
+    committed.map_err(|e| {
+        MigrationError::OutcomeUnknown(format!("the final Commit could not be sent ({e})"))
+    })?;
+    crate::faults::crash_point("source-after-commit");
+    // Only the destination's `Resumed` says the guest runs there. An
+    // `Error` says it does not (it failed to resume and dropped its copy),
+    // so this side may run it again; anything else leaves it unknown.
+    match read_message(&mut reader, &limits) {
+        Ok(Message::Resumed) => Ok(()),
+        Ok(Message::Error(e)) => Err(MigrationError::PeerError {
+            phase: "resume on the destination".to_string(),
+            code: e.code,
+            message: e.message,
+        }),
+        Ok(other) => Err(MigrationError::OutcomeUnknown(format!(
+            "the destination answered Commit with {} instead of Resumed",
+            other.kind()
+        ))),
+        Err(e) => Err(MigrationError::OutcomeUnknown(format!(
+            "Commit was sent but the destination never confirmed it resumed the guest ({})",
+            error_chain(&e)
+        ))),
+    }
 }
 
 pub(super) fn send_iteration<V: MigratableVm, W: Write>(

@@ -36,11 +36,13 @@ pub enum MessageKind {
     Commit = 11,
     /// Keep-alive, either direction.
     Heartbeat = 12,
+    /// Destination: the guest runs here now (the answer to `Commit`).
+    Resumed = 13,
 }
 
 impl MessageKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [MessageKind; 12] = [
+    pub const ALL: [MessageKind; 13] = [
         Self::Hello,
         Self::HelloAck,
         Self::Error,
@@ -53,6 +55,7 @@ impl MessageKind {
         Self::Accepted,
         Self::Commit,
         Self::Heartbeat,
+        Self::Resumed,
     ];
 
     /// Decodes a wire value; `None` for `0` and unknown values.
@@ -80,6 +83,7 @@ impl MessageKind {
             Self::Accepted => "Accepted",
             Self::Commit => "Commit",
             Self::Heartbeat => "Heartbeat",
+            Self::Resumed => "Resumed",
         }
     }
 
@@ -97,7 +101,7 @@ impl MessageKind {
             Self::VmState => 1_048_580,
             Self::Complete => 17,
             Self::Accepted => 9,
-            Self::Commit | Self::Heartbeat => 0,
+            Self::Commit | Self::Heartbeat | Self::Resumed => 0,
         }
     }
 }

@@ -243,6 +243,9 @@ pub enum Message {
     /// The source will never run the guest again; the destination resumes
     /// only after receiving this.
     Commit,
+    /// Destination: the guest was resumed here after `Commit`; only now
+    /// does the source know the migration completed.
+    Resumed,
     /// Keep-alive (reserved).
     Heartbeat,
 }
@@ -262,6 +265,7 @@ impl Message {
             Self::Complete(_) => MessageKind::Complete,
             Self::Accepted(_) => MessageKind::Accepted,
             Self::Commit => MessageKind::Commit,
+            Self::Resumed => MessageKind::Resumed,
             Self::Heartbeat => MessageKind::Heartbeat,
         }
     }
@@ -300,6 +304,7 @@ impl Message {
             | Self::Complete(_)
             | Self::Accepted(_)
             | Self::Commit
+            | Self::Resumed
             | Self::Heartbeat => Ok(()),
         }
     }
@@ -364,7 +369,7 @@ pub(super) fn encode_payload<'m>(
             out.put_u64(c.total_pages);
         }
         Message::Accepted(a) => put_opt64(out, a.digest),
-        Message::Commit | Message::Heartbeat => {}
+        Message::Commit | Message::Resumed | Message::Heartbeat => {}
     }
     Ok(&[])
 }
@@ -406,6 +411,7 @@ pub(super) fn decode_payload(kind: MessageKind, payload: &[u8]) -> Result<Messag
             digest: d.opt64("digest")?,
         }),
         MessageKind::Commit => Message::Commit,
+        MessageKind::Resumed => Message::Resumed,
         MessageKind::Heartbeat => Message::Heartbeat,
     };
     d.finish()?;

@@ -49,6 +49,7 @@
 //! | 10   | `Accepted`     | dst → src | `digest opt64`                                                                                                           | 9           |
 //! | 11   | `Commit`       | src → dst | empty                                                                                                                    | 0           |
 //! | 12   | `Heartbeat`    | both      | empty                                                                                                                    | 0           |
+//! | 13   | `Resumed`      | dst → src | empty (since version 2)                                                                                                  | 0           |
 //!
 //! Field rules beyond the layout (enforced when decoding *and* before
 //! writing, see [`Message::validate`]):
@@ -91,8 +92,17 @@
 //!    |--- Complete {digest?, total_pages} ------------->|  compute own digest
 //!    |<-- Accepted {digest?} ---------------------------|  (or Error → source resumes guest)
 //!    |--- Commit -------------------------------------->|  resume guest here
+//!    |<-- Resumed --------------------------------------|  the guest runs here
 //!    |   [source never runs the guest again]             |
 //! ```
+//!
+//! After `Commit` the source waits for `Resumed`: only then does it report
+//! `completed` and leave for good. If the destination fails to resume it
+//! answers `Error` instead and never runs the guest, so the source resumes
+//! it. If nothing comes back (connection lost, timeout), the source cannot
+//! know whether the destination runs the guest: it stays paused and says
+//! the outcome is unknown, for the operator to decide (QEMU's source sits in
+//! `postmigrate` the same way).
 //!
 //! `Error` may be sent by either side at any point; it ends the migration.
 //! `Heartbeat` is reserved for keep-alives and may be ignored.
@@ -144,11 +154,16 @@ pub const MAX_ERROR_MESSAGE_LEN: usize = 4096;
 /// Magic bytes opening every `Hello` payload.
 pub const MAGIC: [u8; 8] = *b"VMIGRATE";
 /// Protocol version this implementation speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2 added `Resumed`, the destination's answer to `Commit`; a
+/// version-1 peer never sends it, so its source could not tell a completed
+/// migration from a destination that died after `Accepted`: version 1 is no
+/// longer spoken.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Oldest protocol version a receiver accepts.
-pub const MIN_SUPPORTED_VERSION: u16 = 1;
+pub const MIN_SUPPORTED_VERSION: u16 = 2;
 /// Newest protocol version a receiver accepts.
-pub const MAX_SUPPORTED_VERSION: u16 = 1;
+pub const MAX_SUPPORTED_VERSION: u16 = 2;
 
 /// Feature bit: `Pages` batches may be zstd-compressed.
 pub const FEATURE_ZSTD: u64 = 1 << 0;

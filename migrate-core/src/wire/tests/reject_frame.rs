@@ -11,21 +11,25 @@ fn hello_is_checked() {
     p[0] = b'X';
     let found = *b"XMIGRATE";
     assert!(matches!(read(&frame(1, 0, &p)), Err(WireError::BadMagic { found: f }) if f == found));
+    // Version 1 (no `Resumed`) and a future version 3 are both refused.
+    for v in [1u16, 3] {
+        let mut p = good.clone();
+        p[8..10].copy_from_slice(&v.to_le_bytes());
+        assert!(matches!(
+            read(&frame(1, 0, &p)),
+            Err(WireError::UnsupportedVersion {
+                found,
+                min: 2,
+                max: 2
+            }) if found == v
+        ));
+        // An unsupported version is reported even if the rest is unparseable.
+        assert!(matches!(
+            read(&frame(1, 0, &p[..10])),
+            Err(WireError::UnsupportedVersion { found, .. }) if found == v
+        ));
+    }
     let mut p = good.clone();
-    p[8..10].copy_from_slice(&2u16.to_le_bytes());
-    assert!(matches!(
-        read(&frame(1, 0, &p)),
-        Err(WireError::UnsupportedVersion {
-            found: 2,
-            min: 1,
-            max: 1
-        })
-    ));
-    // An unsupported version is reported even if the rest is unparseable.
-    assert!(matches!(
-        read(&frame(1, 0, &p[..10])),
-        Err(WireError::UnsupportedVersion { found: 2, .. })
-    ));
     p[8..10].copy_from_slice(&0u16.to_le_bytes());
     assert!(matches!(
         read(&frame(1, 0, &p)),
@@ -149,14 +153,14 @@ fn hello_ack_negotiates_known_features() {
         }
     );
     let bad = HelloAck {
-        version: 1,
+        version: PROTOCOL_VERSION,
         features: 1 << 5,
     };
     assert!(matches!(
         write_message(&mut Vec::new(), &Message::HelloAck(bad)),
         Err(WireError::InvalidField { .. })
     ));
-    let mut p = vec![1, 0];
+    let mut p = PROTOCOL_VERSION.to_le_bytes().to_vec();
     p.extend_from_slice(&(1u64 << 5).to_le_bytes());
     assert!(matches!(
         read(&frame(2, 0, &p)),

@@ -574,3 +574,5 @@ fn a_paused_guest_arrives_paused_and_is_not_resumed_on_failure() {
         "resumed a paused guest"
     );
 }
+
+mod completion;
