@@ -82,17 +82,15 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         std::io::stdout().flush()?;
         let stream = listener.accept()?;
         drop(listener);
-        let defaults = ReceiveOptions::default();
         let max_mem = match a.max_mem.as_deref() {
             Some(s) => harness::parse_size(s).context("--max-mem")?,
-            None => defaults.max_mem,
+            None => ReceiveOptions::default().max_mem,
         };
         let opts = ReceiveOptions {
             io_timeout: Duration::from_secs(a.incoming_timeout),
             expect_mem: mem,
             expect_vcpus: a.vcpus,
             max_mem,
-            ..defaults
         };
         let mut serial = Some(serial);
         let outcome = receive_migration(stream, &opts, |hello| {
