@@ -393,3 +393,33 @@ fn soak_fifty_migrations_in_a_row() {
     stop.store(true, Ordering::Relaxed);
     hog.join().unwrap();
 }
+
+/// Resource bounds: a destination allowed 32 MiB refuses a 64 MiB guest at
+/// the handshake, before mapping any memory; nothing else changes.
+#[test]
+fn destination_refuses_a_guest_larger_than_it_allows() {
+    if !kvm_available("destination_refuses_a_guest_larger_than_it_allows") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("max-mem");
+    let mut src = source(&dir);
+    let (mut dst, uri) = VmProcess::destination_with(
+        bin(),
+        &dir,
+        "dst",
+        "tcp:127.0.0.1:0",
+        &["--max-mem", "32M"],
+        &[],
+    );
+    let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &[]);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert_failed(ok, &report, "handshake");
+    assert_never_ran(&mut dst);
+    assert!(
+        dst.stderr_text().contains("larger than"),
+        "{}",
+        dst.stderr_text()
+    );
+    assert_source_runs_and_migrates_again(&dir, &mut src);
+}
