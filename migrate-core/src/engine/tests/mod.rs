@@ -575,4 +575,5 @@ fn a_paused_guest_arrives_paused_and_is_not_resumed_on_failure() {
     );
 }
 
+mod bad_streams;
 mod completion;
