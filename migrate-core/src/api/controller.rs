@@ -83,9 +83,11 @@ pub enum ControlError {
         /// The command.
         command: &'static str,
     },
-    /// `migrate-cancel` once the switch-over began (guest paused, the
-    /// destination about to take over): cancelling now could lose it.
-    #[error("too late to cancel: the migration is already switching over")]
+    /// `migrate-cancel` once `Commit` is being sent: the destination may
+    /// already run the guest, so cancelling could run it twice.
+    #[error(
+        "too late to cancel: Commit is being sent (the destination may already run the guest)"
+    )]
     TooLate,
     /// A `send` field is invalid (address, policy, compression, timeout).
     #[error("bad send request: {0}")]

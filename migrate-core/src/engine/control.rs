@@ -46,12 +46,15 @@ impl MigrationControl {
     }
 
     /// Ask the migration to stop at the next safe point (status
-    /// `cancelled`). Refused (`false`) once the switch-over has begun: the
-    /// guest is paused and the destination may be about to run it, so the
-    /// migration finishes (or fails) on its own.
+    /// `cancelled`): between page batches, at an iteration boundary, and
+    /// during the switch-over up to the moment `Commit` is sent — until
+    /// then the destination cannot have run the guest, so the source
+    /// resumes it, as QEMU's `migrate_cancel` does in its `device` phase.
+    /// Refused (`false`) from then on: `Commit` may have reached the
+    /// destination, which may be running the guest.
     pub fn cancel(&self) -> bool {
         let mut g = self.gate();
-        if g.switching {
+        if g.committing {
             return false;
         }
         g.cancelled = true;
@@ -63,14 +66,26 @@ impl MigrationControl {
         self.gate().cancelled
     }
 
-    /// The engine is about to pause the guest for the final copy: from now
-    /// on `cancel` is refused. `false` if a cancel came first.
+    /// The engine is about to pause the guest for the final copy (live
+    /// reports say `device` from now on). `false` if a cancel came first.
     pub(crate) fn begin_switchover(&self) -> bool {
         let mut g = self.gate();
         if g.cancelled {
             return false;
         }
         g.switching = true;
+        true
+    }
+
+    /// The engine is about to send `Commit`: from now on `cancel` is
+    /// refused. `false` if a cancel came first (the engine then tells the
+    /// destination and resumes the source instead).
+    pub(crate) fn begin_commit(&self) -> bool {
+        let mut g = self.gate();
+        if g.cancelled {
+            return false;
+        }
+        g.committing = true;
         true
     }
 
@@ -139,6 +154,7 @@ impl MigrationControl {
 struct Gate {
     cancelled: bool,
     switching: bool,
+    committing: bool,
 }
 
 /// A downtime limit raised linearly from `start_ms` to `end_ms` in `steps`
@@ -283,9 +299,18 @@ mod tests {
         c.refresh(&mut r);
         assert_eq!(r.total_time, 1.0, "a final report is left alone");
 
+        let paused = MigrationControl::new(None);
+        assert!(paused.begin_switchover());
+        assert!(
+            paused.cancel(),
+            "honoured while switching over, before Commit"
+        );
+        assert!(!paused.begin_commit(), "a cancel came first");
+
         let late = MigrationControl::new(None);
         assert!(late.begin_switchover());
-        assert!(!late.cancel(), "refused once switching over");
+        assert!(late.begin_commit());
+        assert!(!late.cancel(), "refused once Commit is being sent");
         assert!(!late.cancelled());
     }
 }

@@ -258,10 +258,10 @@ fn transfer<V: MigratableVm, W: Write>(
         CompressMode::None => None,
         CompressMode::Zstd(l) => Some(l),
     })?;
+    // A cancel is honoured between page batches, the final pass's too: up
+    // to `Commit` the destination cannot have run the guest.
     sender.cancel_with(Some(opts.control.clone()));
     let end = precopy::run(vm, &mut w, &mut sender, opts, report, start)?;
-    // Past this point a cancel is refused: the switch-over has begun.
-    sender.cancel_with(None);
     if !opts.control.begin_switchover() {
         return Err(MigrationError::Cancelled);
     }
@@ -371,6 +371,10 @@ fn transfer<V: MigratableVm, W: Write>(
             }
         }
         other => return Err(peer_message(phase, other)),
+    }
+    // A cancel up to here is honoured: the destination never got Commit.
+    if !opts.control.begin_commit() {
+        return Err(MigrationError::Cancelled);
     }
     // Point of no return: once Commit may have reached the destination, the
     // source must never run the guest again.

@@ -288,7 +288,8 @@ fn timeout_fails_the_migration_and_the_source_runs_on() {
         report.error.as_deref().unwrap().contains("timed out"),
         "{report:?}"
     );
-    assert!(report.iterations.len() > 1);
+    // It iterated until the timeout (how often depends on the machine).
+    assert!(!report.iterations.is_empty());
     assert!(report.downtime.is_none(), "the guest was never paused");
     assert!(src.running.load(Ordering::SeqCst));
     // The destination is told why, and never resumes.
