@@ -34,6 +34,7 @@ pub use control::{DowntimeRamp, MigrationControl, RampError};
 pub use dest::{receive_migration, ReceiveOptions, ReceiveOutcome};
 #[cfg(feature = "memory-vm")]
 pub use memory_vm::MemoryVm;
+pub use pages::is_zero as is_zero_page;
 pub use report::{DowntimeBreakdown, IterationRecord, MigrationReport, MigrationStatus, RamReport};
 pub use source::{
     error_chain, send_migration, CompressMode, ProgressFn, SendOptions, TimeoutAction,
