@@ -247,9 +247,11 @@ fn d_sawtooth_stops_at_a_trough() {
     );
     // confirm = 3 is reached at iteration 4, a peak: wait one iteration
     // for the trough. (Without the traffic net, which ends this trace at
-    // iteration 4.)
+    // iteration 4, and without the cheap stop, which would take the
+    // 400 ms trough at iteration 3: within twice the limit.)
     let loose = MpPolicy {
         max_sent_factor: 100.0,
+        cheap_factor: 0.0,
         ..MpPolicy::default()
     };
     let mut p = MpPolicy {
@@ -312,4 +314,45 @@ fn e_slow_steady_convergence_is_not_stopped_early() {
         ) && got.len() == 3,
         "{got:?}"
     );
+}
+
+#[test]
+fn g_a_cheap_final_copy_stops_without_confirmation() {
+    // The full copy sends 100,000 data pages (the rest of RAM is zero
+    // ranges) and the guest dirties all of them again meanwhile: 381 ms to
+    // send, within twice a 300 ms limit: stop right after the full copy,
+    // as `qemu` with a relaxed limit would.
+    let mut full_copy = trace(&[100_000], |_| 100);
+    full_copy[0].pages_sent = 100_000;
+    full_copy[0].zero_pages = RAM_PAGES - 100_000;
+    full_copy[0].bytes_sent = 100_000 * PAGE;
+    full_copy[0].duration = Duration::from_nanos(100_000 * 1_000_000_000 / LINK);
+    let (got, _) = replay(&mut MpPolicy::default(), &full_copy);
+    assert_eq!(got.len(), 1);
+    assert!(
+        matches!(
+            got[0],
+            Decision::StopAndCopy(StopReason::MemoryIntensive { iterations: 1, predicted_downtime_ms, .. })
+                if approx(predicted_downtime_ms, 100_000.0 * 1000.0 / LINK as f64)
+        ),
+        "{got:?}"
+    );
+    // Off: the usual confirmation.
+    let mut off = MpPolicy {
+        cheap_factor: 0.0,
+        ..MpPolicy::default()
+    };
+    let (got, _) = replay(&mut off, &full_copy);
+    assert_eq!(got, [Decision::Continue]);
+    // A full copy that leaves more than twice the limit's worth waits.
+    let big = trace(&[200_000, 200_000, 200_000, 200_000], |_| 100);
+    let (got, _) = replay(&mut MpPolicy::default(), &big);
+    assert_eq!(got.len(), 3, "confirm as before: {got:?}");
+    // A guest that dirtied few of the pages sent is not memory-intensive,
+    // however small the final copy would be (qemu's rule decides it).
+    let mut calm = full_copy.clone();
+    calm[0].dirtied_during = 90_000;
+    calm[0].pages_sent = 200_000;
+    let (got, _) = replay(&mut mp_with(100), &calm);
+    assert_eq!(got, [Decision::Continue]);
 }

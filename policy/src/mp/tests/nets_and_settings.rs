@@ -65,6 +65,7 @@ fn deferral() {
     let mut p = MpPolicy {
         confirm: 3,
         max_sent_factor: 100.0,
+        cheap_factor: 0.0,
         ..MpPolicy::default()
     };
     let (_, defers) = replay(&mut p, &t);
