@@ -78,7 +78,8 @@
 //!    *Why trough-wait = 1:* one iteration is enough to reach the trough of
 //!    a two-iteration oscillation, and a bound keeps a steadily rising
 //!    guest from waiting forever.
-//! 4b. **Cheap stop** (`cheap-factor`, default 2; 0 turns it off): when
+//!
+//!    **4b. Cheap stop** (`cheap-factor`, default 2; 0 turns it off): when
 //!    the last iteration is memory-intensive and without progress — for
 //!    iteration 0, the full copy, which has no "best" yet: when the guest
 //!    dirtied at least `rate-ratio` of the *data* pages it sent (zero
