@@ -11,11 +11,12 @@ use anyhow::{bail, Context};
 use clap::Args;
 use migrate_core::api::{ApiServer, ProcessEvent, VmController};
 use migrate_core::engine::{receive_migration, ReceiveOptions};
-use migrate_core::transport::{Listener, MigrationUri};
+use migrate_core::transport::{ChannelSecurity, Listener, MigrationUri, Psk};
 use migrate_core::vm::ports::SerialSink;
 use migrate_core::vm::{Vm, VmConfig, VmEvent};
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("channel").args(["psk_file", "insecure"])))]
 pub struct RunArgs {
     /// Raw boot image loaded at 0x7C00 (up to 64 KiB).
     #[arg(long, conflicts_with_all = ["workload", "incoming"])]
@@ -23,9 +24,18 @@ pub struct RunArgs {
     /// Built-in workload, e.g. `verify`, `sweep`, `hotset:wss=256M`.
     #[arg(long, conflicts_with = "incoming")]
     workload: Option<String>,
-    /// Wait for a migration on `tcp:HOST:PORT` or `unix:PATH`.
-    #[arg(long)]
+    /// Wait for a migration on `tcp:HOST:PORT` or `unix:PATH` (needs
+    /// --psk-file, or --insecure for a plaintext channel).
+    #[arg(long, requires = "channel")]
     incoming: Option<String>,
+    /// With --incoming: accept only a source that proves it holds this
+    /// pre-shared key, and check a MAC on every record it sends.
+    #[arg(long, requires = "incoming")]
+    psk_file: Option<PathBuf>,
+    /// With --incoming: accept a plaintext migration (whoever reaches the
+    /// port can write this guest's memory).
+    #[arg(long, requires = "incoming")]
+    insecure: bool,
     /// Guest RAM (e.g. 256M, 1G). Required unless --incoming, where it is
     /// checked against the incoming guest.
     #[arg(long)]
@@ -71,12 +81,25 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mut arrived_paused = false;
     let vm = if let Some(uri) = &a.incoming {
         let uri: MigrationUri = uri.parse()?;
+        let security = match &a.psk_file {
+            Some(path) => ChannelSecurity::Psk(Arc::new(Psk::from_file(path)?)),
+            None => ChannelSecurity::Insecure,
+        };
         let listener = Listener::bind(&uri)?;
         // Scripts (and `vmigrate demo`) read the bound address from here.
         println!("vmigrate: listening on {}", listener.uri());
         std::io::stdout().flush()?;
         let stream = listener.accept()?;
         drop(listener);
+        stream.set_timeouts(Some(Duration::from_secs(a.incoming_timeout)))?;
+        let stream = stream.secure_accept(&security).context(
+            "refused the incoming connection before reading any guest data; the guest was not started here",
+        )?;
+        if let ChannelSecurity::Psk(_) = security {
+            eprintln!(
+                "vmigrate: source authenticated (pre-shared key); every record is MAC-checked"
+            );
+        }
         let opts = ReceiveOptions {
             io_timeout: Duration::from_secs(a.incoming_timeout),
             expect_mem: mem,

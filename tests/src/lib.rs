@@ -90,10 +90,24 @@ impl VmProcess {
         Self::spawn(cmd, dir, name)
     }
 
-    /// Start a destination on `incoming`; returns it and the bound address.
+    /// Start a plaintext destination (`--insecure`) on `incoming`; returns
+    /// it and the bound address.
     pub fn destination(bin: &Path, dir: &Scratch, name: &str, incoming: &str) -> (Self, String) {
+        Self::destination_with(bin, dir, name, incoming, &["--insecure"])
+    }
+
+    /// Start a destination on `incoming` with channel arguments `channel`
+    /// (`--insecure`, or `--psk-file PATH`); returns it and the bound
+    /// address.
+    pub fn destination_with(
+        bin: &Path,
+        dir: &Scratch,
+        name: &str,
+        incoming: &str,
+        channel: &[&str],
+    ) -> (Self, String) {
         let mut cmd = Command::new(bin);
-        cmd.args(["run", "--incoming", incoming]);
+        cmd.args(["run", "--incoming", incoming]).args(channel);
         cmd.stdout(Stdio::piped());
         let mut p = Self::spawn(cmd, dir, name);
         let mut line = String::new();
@@ -213,8 +227,9 @@ pub fn vmigrate(bin: &Path, args: &[&str]) -> Output {
         .expect("run vmigrate")
 }
 
-/// `vmigrate send --json`: the exit success and the parsed report (`None`
-/// when no JSON was printed).
+/// `vmigrate send --json --verify`: the exit success, the parsed report
+/// (`None` when no JSON was printed) and stderr. Plaintext (`--insecure`)
+/// unless `extra` names `--psk-file` or `--insecure`.
 pub fn send_json(
     bin: &Path,
     api: &Path,
@@ -231,6 +246,9 @@ pub fn send_json(
         "--json",
         "--verify",
     ];
+    if !extra.contains(&"--psk-file") && !extra.contains(&"--insecure") {
+        args.push("--insecure");
+    }
     args.extend_from_slice(extra);
     let out = vmigrate(bin, &args);
     let report = serde_json::from_slice(&out.stdout).ok();

@@ -83,7 +83,15 @@ fn source(dir: &Scratch) -> VmProcess {
 fn spawn_send(dir: &Scratch, api: &Path, to: &str, extra: &[&str]) -> Child {
     let out = std::fs::File::create(dir.path("send.json")).unwrap();
     Command::new(bin())
-        .args(["send", "--api-socket", s(api), "--to", to, "--json"])
+        .args([
+            "send",
+            "--api-socket",
+            s(api),
+            "--to",
+            to,
+            "--json",
+            "--insecure",
+        ])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(out)
@@ -421,7 +429,14 @@ fn bad_control_arguments_are_refused() {
         (vec!["--downtime-ramp", "100:500"], "START:END:STEPS"),
         (vec!["--downtime-ramp", "100:500:0"], "at least 1 step"),
     ] {
-        let mut all = vec!["send", "--api-socket", s(&sock), "--to", "tcp:127.0.0.1:1"];
+        let mut all = vec![
+            "send",
+            "--api-socket",
+            s(&sock),
+            "--to",
+            "tcp:127.0.0.1:1",
+            "--insecure",
+        ];
         all.extend(args.iter().copied());
         let out = vmigrate(bin(), &all);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -456,6 +471,7 @@ fn bad_control_arguments_are_refused() {
             s(&sock),
             "--to",
             "tcp:127.0.0.1:1",
+            "--insecure",
             "--downtime-ramp",
             "1:2:1",
             "--downtime-limit",
@@ -498,6 +514,7 @@ fn events_follow_a_detached_send_that_status_watch_sees_to_the_end() {
             s(&src.api),
             "--to",
             &uri,
+            "--insecure",
             "--detach",
             "--policy",
             "qemu",

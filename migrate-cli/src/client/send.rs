@@ -12,6 +12,7 @@ use migrate_core::engine::{DowntimeRamp, MigrationReport, MigrationStatus, Timeo
 use super::{human, request};
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("channel").args(["psk_file", "insecure"]).required(true)))]
 pub struct SendArgs {
     /// API socket of the source `vmigrate run`.
     #[arg(long)]
@@ -55,6 +56,14 @@ pub struct SendArgs {
     /// only if the digests agree (lengthens the downtime by `digest-time`).
     #[arg(long)]
     verify: bool,
+    /// Pre-shared key file, the same as the destination's --psk-file: both
+    /// ends prove they hold it and every record carries a MAC.
+    #[arg(long)]
+    psk_file: Option<PathBuf>,
+    /// Migrate over a plaintext channel (the destination must run with
+    /// --insecure too).
+    #[arg(long)]
+    insecure: bool,
     /// Print the final report as JSON (QEMU `query-migrate` field names).
     #[arg(long)]
     json: bool,
@@ -98,6 +107,14 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
             _ => TimeoutAction::Cancel,
         },
         verify: a.verify,
+        // The VM process reads the key: give it an absolute path.
+        psk_file: a
+            .psk_file
+            .as_deref()
+            .map(std::path::absolute)
+            .transpose()
+            .context("--psk-file")?,
+        insecure: a.insecure,
     };
     if a.detach {
         return detach(&a.api_socket, req);

@@ -31,7 +31,7 @@ use crate::engine::{
     send_migration, CompressMode, MigrationControl, MigrationReport, MigrationStatus, RampError,
     SendOptions,
 };
-use crate::transport::{MigrationUri, Stream, TransportError};
+use crate::transport::{ChannelError, ChannelSecurity, MigrationUri, Psk, Stream, TransportError};
 use crate::vm::{Vm, VmError};
 
 /// Connect timeout for an outgoing migration.
@@ -89,6 +89,24 @@ pub enum ControlError {
     /// The destination could not be reached.
     #[error("cannot start the migration")]
     Connect(#[source] TransportError),
+    /// A `send` with neither `psk-file` nor `insecure`.
+    #[error(
+        "bad send request: the migration channel needs a credential: psk-file (the \
+         destination's pre-shared key), or insecure: true for plaintext"
+    )]
+    NoCredential,
+    /// The pre-shared key could not be loaded.
+    #[error("bad send request")]
+    Key(#[source] ChannelError),
+    /// The secure-channel handshake with the destination failed.
+    #[error("cannot start the migration: secure channel with {uri} refused")]
+    Channel {
+        /// The destination.
+        uri: String,
+        /// Why.
+        #[source]
+        source: ChannelError,
+    },
     /// `memsave` of 0 bytes.
     #[error("memsave size is 0")]
     ZeroSize,
@@ -444,6 +462,7 @@ impl VmController {
         if req.downtime_limit == 0 {
             return Err(ControlError::ZeroDowntime);
         }
+        let security = channel_security(req)?;
         let downtime_limit =
             Duration::from_millis(req.downtime_ramp.map_or(req.downtime_limit, |r| r.start_ms));
         let params = policy::PolicyParams {
@@ -512,6 +531,24 @@ impl VmController {
                 return Err(ControlError::Connect(e));
             }
         };
+        let stream = match stream
+            .set_timeouts(Some(IO_TIMEOUT))
+            .map_err(|source| ChannelError::Io {
+                step: "setting the stream timeouts",
+                source,
+            })
+            .and_then(|()| stream.secure_connect(&security))
+        {
+            Ok(s) => s,
+            Err(source) => {
+                *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = previous;
+                self.finish(before);
+                return Err(ControlError::Channel {
+                    uri: uri.to_string(),
+                    source,
+                });
+            }
+        };
         let live = self.migration.clone();
         let bus = self.bus.clone();
         let opts = SendOptions {
@@ -552,5 +589,27 @@ impl VmController {
             self.transition(&mut state, to);
         }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// The channel a `send` asks for: a key file (absolute, read by this
+/// process) or an explicit `insecure`; never plaintext by default.
+fn channel_security(req: &SendRequest) -> Result<ChannelSecurity, ControlError> {
+    match (&req.psk_file, req.insecure) {
+        (Some(_), true) => Err(ControlError::BadSend(
+            "psk-file and insecure exclude each other".into(),
+        )),
+        (None, false) => Err(ControlError::NoCredential),
+        (None, true) => Ok(ChannelSecurity::Insecure),
+        (Some(path), false) => {
+            if !path.is_absolute() {
+                return Err(ControlError::BadSend(format!(
+                    "psk-file {:?} is not absolute (the VM process's working directory is not yours)",
+                    path.display().to_string()
+                )));
+            }
+            let key = Psk::from_file(path).map_err(ControlError::Key)?;
+            Ok(ChannelSecurity::Psk(Arc::new(key)))
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! offending command or field.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -135,6 +136,15 @@ pub struct SendRequest {
     /// downtime by the time it takes, reported as `digest-time`).
     #[serde(default)]
     pub verify: bool,
+    /// Pre-shared key file (absolute path, read by the VM process): the
+    /// channel authenticates both ends and every record with it. One of
+    /// `psk-file` and `insecure` is required.
+    #[serde(default)]
+    pub psk_file: Option<PathBuf>,
+    /// Migrate over a plaintext channel: anyone who can reach or sit on
+    /// the path can read and change guest memory (default false).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 fn default_policy() -> String {
@@ -161,6 +171,8 @@ impl SendRequest {
             timeout: None,
             timeout_action: TimeoutAction::Cancel,
             verify: false,
+            psk_file: None,
+            insecure: false,
         }
     }
 }

@@ -74,6 +74,14 @@ pub enum ChannelError {
         #[source]
         source: io::Error,
     },
+    /// The peer closed the connection in the middle of the handshake.
+    #[error("the {peer} closed the connection while we were {step} (a plaintext peer started with --insecure, or one that refused us)")]
+    PeerClosed {
+        /// `source` or `destination`.
+        peer: &'static str,
+        /// What the handshake was doing.
+        step: &'static str,
+    },
     /// The peer does not speak this channel (a plaintext vmigrate, or
     /// something else).
     #[error("the {peer} did not open a pre-shared-key channel (it sent {seen}): {hint}")]
@@ -189,7 +197,17 @@ fn proof_mac(auth: &[u8; 32], role: &[u8], nc: &[u8], ns: &[u8]) -> Hmac<Sha256>
 }
 
 fn io_step(step: &'static str) -> impl FnOnce(io::Error) -> ChannelError {
-    move |source| ChannelError::Io { step, source }
+    move |source| {
+        if source.kind() == io::ErrorKind::UnexpectedEof {
+            let peer = if step.contains("destination's") {
+                "destination"
+            } else {
+                "source"
+            };
+            return ChannelError::PeerClosed { peer, step };
+        }
+        ChannelError::Io { step, source }
+    }
 }
 
 fn describe(bytes: &[u8]) -> String {
@@ -226,7 +244,9 @@ pub fn connect(mut sock: Stream, psk: &Psk) -> Result<MacStream, ChannelError> {
     sock.read_exact(&mut ns)
         .map_err(io_step("reading the destination's nonce"))?;
     let keys = derive(psk, &nc, &ns);
-    let proof = proof_mac(&keys.auth, b"source", &nc, &ns).finalize().into_bytes();
+    let proof = proof_mac(&keys.auth, b"source", &nc, &ns)
+        .finalize()
+        .into_bytes();
     sock.write_all(&proof)
         .and_then(|()| sock.flush())
         .map_err(io_step("sending the source's proof"))?;

@@ -79,7 +79,13 @@ fn a_plaintext_destination_is_detected() {
     });
     let e = connect(a, &key(1)).unwrap_err();
     assert!(
-        matches!(&e, ChannelError::NotSecurePeer { peer: "destination", .. }),
+        matches!(
+            &e,
+            ChannelError::NotSecurePeer {
+                peer: "destination",
+                ..
+            }
+        ),
         "{e}"
     );
     dest.join().unwrap();
@@ -143,7 +149,10 @@ fn key_files_strip_one_newline_and_refuse_short_keys() {
     std::fs::write(&f, &text).unwrap();
     let k = Psk::from_file(&f).unwrap();
     assert_eq!(k.0, text.trim_end().as_bytes());
-    assert!(!format!("{k:?}").contains(&text[..8]), "Debug leaks the key");
+    assert!(
+        !format!("{k:?}").contains(&text[..8]),
+        "Debug leaks the key"
+    );
     std::fs::write(&f, b"short\n").unwrap();
     assert!(matches!(
         Psk::from_file(&f),

@@ -31,6 +31,13 @@ fn refusal(r: &mut MacStream) -> RecordError {
         .clone()
 }
 
+/// More than two records' worth of varied bytes.
+fn pattern() -> Vec<u8> {
+    (0..(MAX_RECORD * 2 + 12345))
+        .map(|i| u8::try_from(i * 31 % 251).unwrap())
+        .collect()
+}
+
 #[test]
 fn round_trip_in_both_directions_with_split_halves() {
     let (a, b) = UnixStream::pair().unwrap();
@@ -41,18 +48,14 @@ fn round_trip_in_both_directions_with_split_halves() {
     let mut b_reader = b.try_clone().unwrap();
     let mut b_writer = b;
     // More than one record's worth, in odd-sized writes.
-    let data: Vec<u8> = (0..(MAX_RECORD * 2 + 12345))
-        .map(|i| (i * 31 % 251) as u8)
-        .collect();
+    let data = pattern();
     let t = std::thread::spawn(move || {
         let mut got = vec![0u8; data.len()];
         b_reader.read_exact(&mut got).unwrap();
         b_writer.write_all(b"ack").unwrap();
         (got, data)
     });
-    let sent: Vec<u8> = (0..(MAX_RECORD * 2 + 12345))
-        .map(|i| (i * 31 % 251) as u8)
-        .collect();
+    let sent = pattern();
     for chunk in sent.chunks(70_001) {
         a.write_all(chunk).unwrap();
     }
@@ -112,7 +115,10 @@ fn a_replayed_record_is_refused() {
     let mut buf = [0u8; 5];
     r.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"first");
-    assert!(matches!(refusal(&mut r), RecordError::BadTag { seq: 1, .. }));
+    assert!(matches!(
+        refusal(&mut r),
+        RecordError::BadTag { seq: 1, .. }
+    ));
 }
 
 #[test]
@@ -120,7 +126,10 @@ fn reordered_records_are_refused() {
     let (mut r, mut raw) = reader(K1);
     raw.write_all(&record(&K1, 1, b"second")).unwrap();
     raw.write_all(&record(&K1, 0, b"first")).unwrap();
-    assert!(matches!(refusal(&mut r), RecordError::BadTag { seq: 0, .. }));
+    assert!(matches!(
+        refusal(&mut r),
+        RecordError::BadTag { seq: 0, .. }
+    ));
 }
 
 #[test]
@@ -130,7 +139,10 @@ fn a_dropped_record_is_refused() {
     raw.write_all(&record(&K1, 2, b"c")).unwrap();
     let mut buf = [0u8; 1];
     r.read_exact(&mut buf).unwrap();
-    assert!(matches!(refusal(&mut r), RecordError::BadTag { seq: 1, .. }));
+    assert!(matches!(
+        refusal(&mut r),
+        RecordError::BadTag { seq: 1, .. }
+    ));
 }
 
 #[test]
@@ -138,7 +150,10 @@ fn a_reflected_record_or_another_key_is_refused() {
     // Sealed with the reader's own sending key (sent back to it).
     let (mut r, mut raw) = reader(K1);
     raw.write_all(&record(&K2, 0, b"reflected")).unwrap();
-    assert!(matches!(refusal(&mut r), RecordError::BadTag { seq: 0, .. }));
+    assert!(matches!(
+        refusal(&mut r),
+        RecordError::BadTag { seq: 0, .. }
+    ));
 }
 
 #[test]
