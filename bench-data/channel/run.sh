@@ -2,7 +2,7 @@
 # What the migration channel costs: the same 1 GiB guest (hotset over a
 # 512 MiB working set of pseudo-random, incompressible pages) migrated over
 # loopback TCP with a plaintext channel (--insecure) and with the
-# pre-shared-key channel (--psk-file: HMAC-SHA256 on every 256 KiB record),
+# pre-shared-key channel (--psk-file: every 256 KiB record AES-256-GCM sealed),
 # alternating, REPS times each, beside a plain TCP stream, all in one run.
 # Policy xen (at most 5 iterations), so every run completes. Writes
 # bench-data/channel/results/*.json and results.md, and prints the table.

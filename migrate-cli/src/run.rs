@@ -29,7 +29,7 @@ pub struct RunArgs {
     #[arg(long, requires = "channel")]
     incoming: Option<String>,
     /// With --incoming: accept only a source that proves it holds this
-    /// pre-shared key, and check a MAC on every record it sends.
+    /// pre-shared key, and check the tag of every (AES-256-GCM) record it sends.
     #[arg(long, requires = "incoming")]
     psk_file: Option<PathBuf>,
     /// With --incoming: accept a plaintext migration (whoever reaches the
@@ -97,7 +97,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         )?;
         if let ChannelSecurity::Psk(_) = security {
             eprintln!(
-                "vmigrate: source authenticated (pre-shared key); every record is MAC-checked"
+                "vmigrate: source authenticated (pre-shared key); every record is encrypted and authenticated"
             );
         }
         let opts = ReceiveOptions {

@@ -57,7 +57,7 @@ pub struct SendArgs {
     #[arg(long)]
     verify: bool,
     /// Pre-shared key file, the same as the destination's --psk-file: both
-    /// ends prove they hold it and every record carries a MAC.
+    /// ends prove they hold it and every record is encrypted and authenticated.
     #[arg(long)]
     psk_file: Option<PathBuf>,
     /// Migrate over a plaintext channel (the destination must run with

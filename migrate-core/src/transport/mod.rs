@@ -7,7 +7,8 @@
 //! simpler than an event loop and costs nothing in throughput.
 //!
 //! A stream may be wrapped in a secure channel ([`ChannelSecurity`]): the
-//! pre-shared-key mode ([`psk`]) authenticates both ends and then every
+//! pre-shared-key mode ([`psk`]) authenticates both ends and then encrypts
+//! and authenticates every
 //! record ([`secure`]), and is used by the engine exactly as a plain socket
 //! ([`Stream::Psk`]).
 
@@ -15,7 +16,7 @@ pub mod psk;
 pub mod secure;
 
 pub use psk::{ChannelError, Psk};
-pub use secure::{MacStream, RecordError};
+pub use secure::{RecordError, SecureStream};
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -130,7 +131,7 @@ pub enum Stream {
     /// Unix domain socket.
     Unix(UnixStream),
     /// A socket inside an authenticated pre-shared-key channel.
-    Psk(MacStream),
+    Psk(SecureStream),
 }
 
 /// How a migration stream is protected. There is no default: plaintext
@@ -139,7 +140,7 @@ pub enum Stream {
 pub enum ChannelSecurity {
     /// Plaintext: anyone who reaches the port can write guest memory.
     Insecure,
-    /// Mutual authentication with this key, then a MAC on every record.
+    /// Mutual authentication with this key, then every record encrypted and authenticated (AES-256-GCM).
     Psk(Arc<Psk>),
 }
 

@@ -1,4 +1,4 @@
-//! Pre-shared-key mode: mutual challenge-response, then a [`MacStream`].
+//! Pre-shared-key mode: mutual challenge-response, then a [`SecureStream`].
 //!
 //! ```text
 //!  source (connects)                         destination (accepts)
@@ -8,7 +8,7 @@
 //!                                      <--  0x01 | HMAC(A, "destination" | Nc | Ns)
 //!                                           (0x00 and close: proof refused)
 //!   checked
-//!   ... records (secure.rs): source -> destination with key S, back with D
+//!   ... AES-256-GCM records (secure.rs): source -> destination with key S, back with D
 //! ```
 //! Keys: HKDF-SHA256 with salt `Nc | Ns` and the PSK as input key material;
 //! `A`, `S`, `D` are its outputs for the infos `vmigrate psk v1 auth`,
@@ -26,7 +26,7 @@ use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::secure::{DirectionKeys, MacStream};
+use super::secure::{DirectionKeys, SecureStream};
 use super::Stream;
 use crate::wire::{write_message, ErrorCode, ErrorMessage, Message};
 
@@ -223,7 +223,7 @@ fn describe(bytes: &[u8]) -> String {
 
 /// Source side: prove the key, check the destination's proof, and return
 /// the authenticated stream.
-pub fn connect(mut sock: Stream, psk: &Psk) -> Result<MacStream, ChannelError> {
+pub fn connect(mut sock: Stream, psk: &Psk) -> Result<SecureStream, ChannelError> {
     let nc = random::<NONCE_LEN>()?;
     let mut hello = MAGIC.to_vec();
     hello.extend_from_slice(&nc);
@@ -264,7 +264,7 @@ pub fn connect(mut sock: Stream, psk: &Psk) -> Result<MacStream, ChannelError> {
     proof_mac(&keys.auth, b"destination", &nc, &ns)
         .verify_slice(&theirs)
         .map_err(|_| ChannelError::DestinationProofWrong)?;
-    MacStream::new(
+    SecureStream::new(
         sock,
         &DirectionKeys {
             send: keys.source_to_dest,
@@ -276,7 +276,7 @@ pub fn connect(mut sock: Stream, psk: &Psk) -> Result<MacStream, ChannelError> {
 
 /// Destination side: check the source's proof (refusing it if wrong),
 /// prove the key in turn, and return the authenticated stream.
-pub fn accept(mut sock: Stream, psk: &Psk) -> Result<MacStream, ChannelError> {
+pub fn accept(mut sock: Stream, psk: &Psk) -> Result<SecureStream, ChannelError> {
     let mut magic = [0u8; MAGIC.len()];
     sock.read_exact(&mut magic)
         .map_err(io_step("reading the source's nonce"))?;
@@ -317,7 +317,7 @@ pub fn accept(mut sock: Stream, psk: &Psk) -> Result<MacStream, ChannelError> {
     sock.write_all(&answer)
         .and_then(|()| sock.flush())
         .map_err(io_step("sending the destination's proof"))?;
-    MacStream::new(
+    SecureStream::new(
         sock,
         &DirectionKeys {
             send: keys.dest_to_source,

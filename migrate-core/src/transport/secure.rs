@@ -1,35 +1,36 @@
 //! The authenticated record layer of a secure channel: every byte after the
-//! handshake travels in a record whose HMAC-SHA256 tag is checked before a
-//! single byte of it is handed to the reader.
+//! handshake travels in an AES-256-GCM record whose tag is checked before a
+//! single byte of it is handed to the reader (and which is encrypted, so the
+//! guest's memory is not readable on the path either).
 //!
 //! ```text
-//!  record = len u32 LE (1..=MAX_RECORD) | data[len] | tag[32]
-//!  tag    = HMAC-SHA256(key of this direction, seq u64 LE | len u32 LE | data)
+//!  record = len u32 LE (1..=MAX_RECORD) | ciphertext[len] | tag[16]
+//!  (ciphertext, tag) = AES-256-GCM(key of this direction,
+//!                                  nonce = 0u32 | seq u64 LE, aad = len u32 LE, data)
 //! ```
 //! `seq` counts the records of one direction from 0 and is never sent: a
 //! replayed, dropped or reordered record is checked against the wrong
-//! number and fails, as does one reflected back to its sender (each
-//! direction has its own key). A stream cut inside a record is `Truncated`;
-//! a stream cut between records ends cleanly here and is caught by the
-//! migration protocol, which knows where it must end (`Commit`).
+//! nonce and fails, as does one reflected back to its sender (each
+//! direction has its own key). A (key, nonce) pair is never reused: keys
+//! are fresh per session and per direction, and `seq` only grows. A stream
+//! cut inside a record is `Truncated`; a stream cut between records ends
+//! cleanly here and is caught by the migration protocol, which knows where
+//! it must end (`Commit`).
 //!
 //! The engine splits a stream into a reader and a writer with
-//! [`MacStream::try_clone`]: the clones share one receiving half and one
+//! [`SecureStream::try_clone`]: the clones share one receiving half and one
 //! sending half, each behind its own mutex, so reading and writing never
 //! wait on each other and each direction keeps its own sequence number.
 
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use super::Stream;
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// Length of a record's tag (HMAC-SHA256).
-pub const TAG_LEN: usize = 32;
+/// Length of a record's tag (GCM).
+pub const TAG_LEN: usize = 16;
 /// Largest record payload. The engine writes through a 1 MiB buffer, so a
 /// full buffer goes out as 4 records.
 pub const MAX_RECORD: usize = 256 * 1024;
@@ -100,17 +101,21 @@ impl std::fmt::Debug for DirectionKeys {
     }
 }
 
-fn keyed(key: &[u8; 32]) -> HmacSha256 {
-    // HMAC takes a key of any length: this cannot fail.
-    <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC accepts any key length")
+/// The AEAD of one direction (ring's AES-256-GCM: AES-NI and CLMUL code
+/// where the CPU has them).
+type Cipher = LessSafeKey;
+
+fn keyed(key: &[u8; 32]) -> Cipher {
+    // A 32-byte key is what AES-256-GCM takes: this cannot fail.
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("AES-256 key length"))
 }
 
-fn tag(mac: &HmacSha256, seq: u64, len: u32, data: &[u8]) -> HmacSha256 {
-    let mut m = mac.clone();
-    m.update(&seq.to_le_bytes());
-    m.update(&len.to_le_bytes());
-    m.update(data);
-    m
+/// The nonce of record `seq`: unique per key because `seq` only grows and
+/// each key serves one direction of one session.
+fn nonce(seq: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&seq.to_le_bytes());
+    Nonce::assume_unique_for_key(n)
 }
 
 /// Seal `data` (1..=[`MAX_RECORD`] bytes) as record number `seq` into
@@ -119,19 +124,27 @@ pub fn seal_record(key: &[u8; 32], seq: u64, data: &[u8], out: &mut Vec<u8>) {
     seal_with(&keyed(key), seq, data, out);
 }
 
-fn seal_with(mac: &HmacSha256, seq: u64, data: &[u8], out: &mut Vec<u8>) {
+fn seal_with(cipher: &Cipher, seq: u64, data: &[u8], out: &mut Vec<u8>) {
     assert!(!data.is_empty() && data.len() <= MAX_RECORD, "record size");
     let len = u32::try_from(data.len()).expect("MAX_RECORD fits u32");
     out.clear();
     out.reserve(RECORD_HEADER_LEN + data.len() + TAG_LEN);
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(data);
-    out.extend_from_slice(&tag(mac, seq, len, data).finalize().into_bytes());
+    let tag = cipher
+        .seal_in_place_separate_tag(
+            nonce(seq),
+            Aad::from(len.to_le_bytes()),
+            &mut out[RECORD_HEADER_LEN..],
+        )
+        // Only fails for inputs longer than GCM's 64 GiB limit.
+        .expect("record within GCM's length limit");
+    out.extend_from_slice(tag.as_ref());
 }
 
 struct TxHalf {
     sock: Stream,
-    mac: HmacSha256,
+    cipher: Cipher,
     seq: u64,
     buf: Vec<u8>,
     broken: bool,
@@ -146,7 +159,7 @@ impl TxHalf {
             ));
         }
         let mut buf = std::mem::take(&mut self.buf);
-        seal_with(&self.mac, self.seq, data, &mut buf);
+        seal_with(&self.cipher, self.seq, data, &mut buf);
         let r = self.sock.write_all(&buf);
         self.buf = buf;
         match r {
@@ -165,7 +178,7 @@ impl TxHalf {
 
 struct RxHalf {
     sock: Stream,
-    mac: HmacSha256,
+    cipher: Cipher,
     seq: u64,
     /// The current verified record; `pos` bytes of it were handed out.
     buf: Vec<u8>,
@@ -229,9 +242,10 @@ impl RxHalf {
                 e
             });
         }
-        let (data, received) = self.buf.split_at(len);
-        if tag(&self.mac, seq, len32, data)
-            .verify_slice(received)
+        // `buf` is ciphertext | tag; decrypted in place only if the tag fits.
+        if self
+            .cipher
+            .open_in_place(nonce(seq), Aad::from(len32.to_le_bytes()), &mut self.buf)
             .is_err()
         {
             self.buf.clear();
@@ -245,15 +259,15 @@ impl RxHalf {
 
 /// A stream whose records are authenticated in both directions. Reads
 /// return only bytes of records whose tag matched.
-pub struct MacStream {
+pub struct SecureStream {
     sock: Box<Stream>,
     rx: Arc<Mutex<RxHalf>>,
     tx: Arc<Mutex<TxHalf>>,
 }
 
-impl std::fmt::Debug for MacStream {
+impl std::fmt::Debug for SecureStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MacStream")
+        f.debug_struct("SecureStream")
             .field("sock", &self.sock)
             .finish_non_exhaustive()
     }
@@ -263,13 +277,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl MacStream {
+impl SecureStream {
     /// Wrap a connected socket whose handshake produced `keys`; the first
     /// record each way has sequence number 0.
     pub fn new(sock: Stream, keys: &DirectionKeys) -> io::Result<Self> {
         let rx = RxHalf {
             sock: sock.try_clone()?,
-            mac: keyed(&keys.recv),
+            cipher: keyed(&keys.recv),
             seq: 0,
             buf: Vec::new(),
             pos: 0,
@@ -277,7 +291,7 @@ impl MacStream {
         };
         let tx = TxHalf {
             sock: sock.try_clone()?,
-            mac: keyed(&keys.send),
+            cipher: keyed(&keys.send),
             seq: 0,
             buf: Vec::new(),
             broken: false,
@@ -304,7 +318,7 @@ impl MacStream {
     }
 }
 
-impl Read for MacStream {
+impl Read for SecureStream {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
@@ -320,7 +334,7 @@ impl Read for MacStream {
     }
 }
 
-impl Write for MacStream {
+impl Write for SecureStream {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if data.is_empty() {
             return Ok(0);
