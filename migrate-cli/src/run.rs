@@ -11,12 +11,14 @@ use anyhow::{bail, Context};
 use clap::Args;
 use migrate_core::api::{ApiServer, ProcessEvent, VmController};
 use migrate_core::engine::{receive_migration, ReceiveOptions};
-use migrate_core::transport::{ChannelSecurity, Listener, MigrationUri, Psk};
+use migrate_core::transport::{
+    ChannelSecurity, Listener, MigrationUri, Psk, TlsCredentials, TlsFiles,
+};
 use migrate_core::vm::ports::SerialSink;
 use migrate_core::vm::{Vm, VmConfig, VmEvent};
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("channel").args(["psk_file", "insecure"])))]
+#[command(group(clap::ArgGroup::new("channel").args(["psk_file", "tls_cert", "insecure"])))]
 pub struct RunArgs {
     /// Raw boot image loaded at 0x7C00 (up to 64 KiB).
     #[arg(long, conflicts_with_all = ["workload", "incoming"])]
@@ -32,6 +34,16 @@ pub struct RunArgs {
     /// pre-shared key, and check the tag of every (AES-256-GCM) record it sends.
     #[arg(long, requires = "incoming")]
     psk_file: Option<PathBuf>,
+    /// With --incoming: TLS 1.3 with this certificate (PEM); the source
+    /// must present a certificate signed by --tls-ca.
+    #[arg(long, requires_all = ["incoming", "tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// With --tls-cert: its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With --tls-cert: the CA the source's certificate must be signed by.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// With --incoming: accept a plaintext migration (whoever reaches the
     /// port can write this guest's memory).
     #[arg(long, requires = "incoming")]
@@ -81,9 +93,16 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mut arrived_paused = false;
     let vm = if let Some(uri) = &a.incoming {
         let uri: MigrationUri = uri.parse()?;
-        let security = match &a.psk_file {
-            Some(path) => ChannelSecurity::Psk(Arc::new(Psk::from_file(path)?)),
-            None => ChannelSecurity::Insecure,
+        let security = match (&a.psk_file, &a.tls_cert, &a.tls_key, &a.tls_ca) {
+            (Some(path), ..) => ChannelSecurity::Psk(Arc::new(Psk::from_file(path)?)),
+            (None, Some(cert), Some(key), Some(ca)) => {
+                ChannelSecurity::Tls(Arc::new(TlsCredentials::load(&TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                })?))
+            }
+            _ => ChannelSecurity::Insecure,
         };
         let listener = Listener::bind(&uri)?;
         // Scripts (and `vmigrate demo`) read the bound address from here.
@@ -95,10 +114,14 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         let stream = stream.secure_accept(&security).context(
             "refused the incoming connection before reading any guest data; the guest was not started here",
         )?;
-        if let ChannelSecurity::Psk(_) = security {
-            eprintln!(
+        match security {
+            ChannelSecurity::Psk(_) => eprintln!(
                 "vmigrate: source authenticated (pre-shared key); every record is encrypted and authenticated"
-            );
+            ),
+            ChannelSecurity::Tls(_) => {
+                eprintln!("vmigrate: source authenticated (TLS 1.3, client certificate)")
+            }
+            ChannelSecurity::Insecure => {}
         }
         let opts = ReceiveOptions {
             io_timeout: Duration::from_secs(a.incoming_timeout),

@@ -229,7 +229,7 @@ pub fn vmigrate(bin: &Path, args: &[&str]) -> Output {
 
 /// `vmigrate send --json --verify`: the exit success, the parsed report
 /// (`None` when no JSON was printed) and stderr. Plaintext (`--insecure`)
-/// unless `extra` names `--psk-file` or `--insecure`.
+/// unless `extra` names `--psk-file`, `--tls-cert` or `--insecure`.
 pub fn send_json(
     bin: &Path,
     api: &Path,
@@ -246,7 +246,10 @@ pub fn send_json(
         "--json",
         "--verify",
     ];
-    if !extra.contains(&"--psk-file") && !extra.contains(&"--insecure") {
+    if !["--psk-file", "--tls-cert", "--insecure"]
+        .iter()
+        .any(|c| extra.contains(c))
+    {
         args.push("--insecure");
     }
     args.extend_from_slice(extra);

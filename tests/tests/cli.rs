@@ -227,6 +227,15 @@ fn bad_arguments_get_clear_errors() {
             "--psk-file",
             "/k",
         ][..],
+        &[
+            "run",
+            "--incoming",
+            "tcp:127.0.0.1:0",
+            "--tls-cert",
+            "/c.pem",
+            "--serial",
+            serial,
+        ][..],
     ] {
         let out = vmigrate(bin(), args);
         let err = String::from_utf8_lossy(&out.stderr);

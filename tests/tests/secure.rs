@@ -242,3 +242,110 @@ fn strangers_are_refused_and_the_source_runs_on() {
     dst.wait_marks(PASS_MARK, 2, T);
     assert_eq!(dst.count(MISMATCH_MARK), 0);
 }
+
+/// A CA and certificates it signs, as PEM files in a scratch folder.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = p.self_signed(&key).unwrap();
+        Self { cert, key }
+    }
+
+    /// `--tls-cert C --tls-key K --tls-ca A` for an end with a certificate
+    /// for 127.0.0.1 signed by this CA, trusting `trust`.
+    fn issue(&self, dir: &Scratch, prefix: &str, trust: &Ca) -> Vec<String> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, prefix);
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        let f = |n: &str| dir.path(&format!("{prefix}.{n}.pem"));
+        std::fs::write(f("cert"), cert.pem()).unwrap();
+        std::fs::write(f("key"), key.serialize_pem()).unwrap();
+        std::fs::write(f("ca"), trust.cert.pem()).unwrap();
+        let s = |p: PathBuf| p.to_str().unwrap().to_string();
+        vec![
+            "--tls-cert".into(),
+            s(f("cert")),
+            "--tls-key".into(),
+            s(f("key")),
+            "--tls-ca".into(),
+            s(f("ca")),
+        ]
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn mutual_tls_migrates_and_refuses_strangers() {
+    if !kvm_available("mutual_tls_migrates_and_refuses_strangers") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let dir = Scratch::new("tls");
+    let ca = Ca::new("vmigrate test CA");
+    let other = Ca::new("stranger CA");
+    let dst_tls = ca.issue(&dir, "dst", &ca);
+    let src_tls = ca.issue(&dir, "src", &ca);
+    let stranger_tls = other.issue(&dir, "stranger", &ca);
+    let (dst_args, src_args) = (strs(&dst_tls), strs(&src_tls));
+    let mut src = VmProcess::source(bin(), &dir, "src", "verify:end=32M", "64M");
+    src.wait_api();
+    src.wait_marks(PASS_MARK, 2, T);
+
+    refused(
+        &dir,
+        &src,
+        "tls-plaintext",
+        &dst_args,
+        &["--insecure"],
+        None,
+        "TLS handshake failed",
+        "failed",
+    );
+    refused(
+        &dir,
+        &src,
+        "tls-other-ca",
+        &dst_args,
+        &strs(&stranger_tls),
+        None,
+        "TLS handshake failed",
+        "accept our certificate",
+    );
+    refused(
+        &dir,
+        &src,
+        "tls-mitm",
+        &dst_args,
+        &src_args,
+        Some(2 << 20),
+        "decrypt",
+        "failed",
+    );
+
+    let (dst, uri) = VmProcess::destination_with(bin(), &dir, "dst", "tcp:127.0.0.1:0", &dst_args);
+    let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &src_args);
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "{report:#} {stderr} {}", dst.stderr_text());
+    assert_eq!(report["digest"]["equal"], true);
+    assert!(src.wait_exit(T).success());
+    assert_eq!(src.count(MISMATCH_MARK), 0);
+    dst.wait_marks(PASS_MARK, 2, T);
+    assert_eq!(dst.count(MISMATCH_MARK), 0);
+    assert!(dst.stderr_text().contains("client certificate"));
+}

@@ -12,7 +12,11 @@ use migrate_core::engine::{DowntimeRamp, MigrationReport, MigrationStatus, Timeo
 use super::{human, request};
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("channel").args(["psk_file", "insecure"]).required(true)))]
+#[command(group(
+    clap::ArgGroup::new("channel")
+        .args(["psk_file", "tls_cert", "insecure"])
+        .required(true)
+))]
 pub struct SendArgs {
     /// API socket of the source `vmigrate run`.
     #[arg(long)]
@@ -60,6 +64,17 @@ pub struct SendArgs {
     /// ends prove they hold it and every record is encrypted and authenticated.
     #[arg(long)]
     psk_file: Option<PathBuf>,
+    /// TLS 1.3 with this client certificate (PEM); the destination's
+    /// certificate must be signed by --tls-ca and name the --to host.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// With --tls-cert: its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With --tls-cert: the CA the destination's certificate must be
+    /// signed by.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
     /// Migrate over a plaintext channel (the destination must run with
     /// --insecure too).
     #[arg(long)]
@@ -115,6 +130,9 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
             .transpose()
             .context("--psk-file")?,
         insecure: a.insecure,
+        tls_cert: absolute(a.tls_cert.as_deref()).context("--tls-cert")?,
+        tls_key: absolute(a.tls_key.as_deref()).context("--tls-key")?,
+        tls_ca: absolute(a.tls_ca.as_deref()).context("--tls-ca")?,
     };
     if a.detach {
         return detach(&a.api_socket, req);
@@ -130,6 +148,10 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn absolute(p: Option<&Path>) -> std::io::Result<Option<PathBuf>> {
+    p.map(std::path::absolute).transpose()
 }
 
 /// Start a migration and return after its first progress line (the

@@ -31,7 +31,10 @@ use crate::engine::{
     send_migration, CompressMode, MigrationControl, MigrationReport, MigrationStatus, RampError,
     SendOptions,
 };
-use crate::transport::{ChannelError, ChannelSecurity, MigrationUri, Psk, Stream, TransportError};
+use crate::transport::{
+    ChannelError, ChannelSecurity, MigrationUri, Psk, Stream, TlsCredentials, TlsFiles,
+    TransportError,
+};
 use crate::vm::{Vm, VmError};
 
 /// Connect timeout for an outgoing migration.
@@ -92,10 +95,11 @@ pub enum ControlError {
     /// A `send` with neither `psk-file` nor `insecure`.
     #[error(
         "bad send request: the migration channel needs a credential: psk-file (the \
-         destination's pre-shared key), or insecure: true for plaintext"
+         destination's pre-shared key), tls-cert + tls-key + tls-ca, or insecure: true for \
+         plaintext"
     )]
     NoCredential,
-    /// The pre-shared key could not be loaded.
+    /// The pre-shared key or the TLS files could not be loaded.
     #[error("bad send request")]
     Key(#[source] ChannelError),
     /// The secure-channel handshake with the destination failed.
@@ -537,7 +541,7 @@ impl VmController {
                 step: "setting the stream timeouts",
                 source,
             })
-            .and_then(|()| stream.secure_connect(&security))
+            .and_then(|()| stream.secure_connect(&security, &uri))
         {
             Ok(s) => s,
             Err(source) => {
@@ -592,24 +596,50 @@ impl VmController {
     }
 }
 
-/// The channel a `send` asks for: a key file (absolute, read by this
-/// process) or an explicit `insecure`; never plaintext by default.
+/// The channel a `send` asks for: a key file, TLS files (absolute, read
+/// by this process) or an explicit `insecure`; never plaintext by default.
 fn channel_security(req: &SendRequest) -> Result<ChannelSecurity, ControlError> {
-    match (&req.psk_file, req.insecure) {
-        (Some(_), true) => Err(ControlError::BadSend(
-            "psk-file and insecure exclude each other".into(),
-        )),
-        (None, false) => Err(ControlError::NoCredential),
-        (None, true) => Ok(ChannelSecurity::Insecure),
-        (Some(path), false) => {
-            if !path.is_absolute() {
-                return Err(ControlError::BadSend(format!(
-                    "psk-file {:?} is not absolute (the VM process's working directory is not yours)",
-                    path.display().to_string()
-                )));
-            }
-            let key = Psk::from_file(path).map_err(ControlError::Key)?;
-            Ok(ChannelSecurity::Psk(Arc::new(key)))
+    let absolute = |field: &str, path: &std::path::Path| {
+        if path.is_absolute() {
+            Ok(path.to_path_buf())
+        } else {
+            Err(ControlError::BadSend(format!(
+                "{field} {:?} is not absolute (the VM process's working directory is not yours)",
+                path.display().to_string()
+            )))
         }
+    };
+    let tls = [&req.tls_cert, &req.tls_key, &req.tls_ca];
+    let tls_given = tls.iter().filter(|f| f.is_some()).count();
+    let modes = usize::from(req.psk_file.is_some())
+        + usize::from(tls_given > 0)
+        + usize::from(req.insecure);
+    if modes > 1 {
+        return Err(ControlError::BadSend(
+            "psk-file, tls-cert/tls-key/tls-ca and insecure exclude each other".into(),
+        ));
     }
+    if let Some(path) = &req.psk_file {
+        let key = Psk::from_file(&absolute("psk-file", path)?).map_err(ControlError::Key)?;
+        return Ok(ChannelSecurity::Psk(Arc::new(key)));
+    }
+    if let [Some(cert), Some(key), Some(ca)] = tls {
+        let files = TlsFiles {
+            cert: absolute("tls-cert", cert)?,
+            key: absolute("tls-key", key)?,
+            ca: absolute("tls-ca", ca)?,
+        };
+        let creds =
+            TlsCredentials::load(&files).map_err(|e| ControlError::Key(ChannelError::Tls(e)))?;
+        return Ok(ChannelSecurity::Tls(Arc::new(creds)));
+    }
+    if tls_given > 0 {
+        return Err(ControlError::BadSend(
+            "TLS needs all of tls-cert, tls-key and tls-ca".into(),
+        ));
+    }
+    if req.insecure {
+        return Ok(ChannelSecurity::Insecure);
+    }
+    Err(ControlError::NoCredential)
 }

@@ -13,6 +13,8 @@ use crate::engine::{DowntimeRamp, TimeoutAction};
 /// aliases where the meaning is the same (`stop`, `cont`, `pmemsave`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+// One request per line, parsed and dropped: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ApiRequest {
     /// API and protocol versions, and the commands this server knows.
     Version {},
@@ -145,6 +147,17 @@ pub struct SendRequest {
     /// the path can read and change guest memory (default false).
     #[serde(default)]
     pub insecure: bool,
+    /// TLS: this end's certificate chain (PEM, absolute path); with
+    /// `tls-key` and `tls-ca`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: this end's private key (PEM, absolute path).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the CA that signed the destination's certificate (PEM,
+    /// absolute path).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 fn default_policy() -> String {
@@ -173,6 +186,9 @@ impl SendRequest {
             verify: false,
             psk_file: None,
             insecure: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 }

@@ -10,13 +10,16 @@
 //! pre-shared-key mode ([`psk`]) authenticates both ends and then encrypts
 //! and authenticates every
 //! record ([`secure`]), and is used by the engine exactly as a plain socket
-//! ([`Stream::Psk`]).
+//! ([`Stream::Psk`]). The TLS mode ([`tls`], rustls) authenticates both
+//! ends by certificates signed by one CA ([`Stream::Tls`]).
 
 pub mod psk;
 pub mod secure;
+pub mod tls;
 
 pub use psk::{ChannelError, Psk};
 pub use secure::{RecordError, SecureStream};
+pub use tls::{TlsCredentials, TlsError, TlsFiles, TlsStream};
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -132,6 +135,8 @@ pub enum Stream {
     Unix(UnixStream),
     /// A socket inside an authenticated pre-shared-key channel.
     Psk(SecureStream),
+    /// A socket inside a mutually authenticated TLS 1.3 connection.
+    Tls(TlsStream),
 }
 
 /// How a migration stream is protected. There is no default: plaintext
@@ -142,6 +147,8 @@ pub enum ChannelSecurity {
     Insecure,
     /// Mutual authentication with this key, then every record encrypted and authenticated (AES-256-GCM).
     Psk(Arc<Psk>),
+    /// Mutual TLS: certificates signed by one CA on both ends.
+    Tls(Arc<TlsCredentials>),
 }
 
 impl ChannelSecurity {
@@ -150,18 +157,30 @@ impl ChannelSecurity {
         match self {
             Self::Insecure => "plaintext",
             Self::Psk(_) => "psk",
+            Self::Tls(_) => "tls",
         }
     }
 }
 
 impl Stream {
-    /// The source's side of the channel handshake (nothing for
-    /// [`ChannelSecurity::Insecure`]). Set the timeouts first: the
-    /// handshake reads from the peer.
-    pub fn secure_connect(self, security: &ChannelSecurity) -> Result<Self, ChannelError> {
+    /// The source's side of the channel handshake with the destination at
+    /// `to` (nothing for [`ChannelSecurity::Insecure`]). Set the timeouts
+    /// first: the handshake reads from the peer.
+    pub fn secure_connect(
+        self,
+        security: &ChannelSecurity,
+        to: &MigrationUri,
+    ) -> Result<Self, ChannelError> {
         match security {
             ChannelSecurity::Insecure => Ok(self),
             ChannelSecurity::Psk(key) => psk::connect(self, key).map(Self::Psk),
+            ChannelSecurity::Tls(creds) => {
+                let host = match to {
+                    MigrationUri::Tcp { host, .. } => host.as_str(),
+                    MigrationUri::Unix(_) => "localhost",
+                };
+                Ok(Self::Tls(tls::connect(self, creds, host)?))
+            }
         }
     }
 
@@ -171,6 +190,7 @@ impl Stream {
         match security {
             ChannelSecurity::Insecure => Ok(self),
             ChannelSecurity::Psk(key) => psk::accept(self, key).map(Self::Psk),
+            ChannelSecurity::Tls(creds) => Ok(Self::Tls(tls::accept(self, creds)?)),
         }
     }
 
@@ -222,6 +242,7 @@ impl Stream {
                 s.set_write_timeout(timeout)
             }
             Self::Psk(s) => s.socket().set_timeouts(timeout),
+            Self::Tls(s) => s.socket().set_timeouts(timeout),
         }
     }
 
@@ -231,6 +252,7 @@ impl Stream {
             Self::Tcp(s) => Self::Tcp(s.try_clone()?),
             Self::Unix(s) => Self::Unix(s.try_clone()?),
             Self::Psk(s) => Self::Psk(s.try_clone()?),
+            Self::Tls(s) => Self::Tls(s.try_clone()?),
         })
     }
 
@@ -240,6 +262,10 @@ impl Stream {
             Self::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Self::Unix(s) => s.shutdown(std::net::Shutdown::Both),
             Self::Psk(s) => {
+                s.socket().shutdown();
+                Ok(())
+            }
+            Self::Tls(s) => {
                 s.socket().shutdown();
                 Ok(())
             }
@@ -253,6 +279,7 @@ impl Read for Stream {
             Self::Tcp(s) => s.read(buf),
             Self::Unix(s) => s.read(buf),
             Self::Psk(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
         }
     }
 }
@@ -263,6 +290,7 @@ impl Write for Stream {
             Self::Tcp(s) => s.write(buf),
             Self::Unix(s) => s.write(buf),
             Self::Psk(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
         }
     }
 
@@ -271,6 +299,7 @@ impl Write for Stream {
             Self::Tcp(s) => s.write_vectored(bufs),
             Self::Unix(s) => s.write_vectored(bufs),
             Self::Psk(s) => s.write_vectored(bufs),
+            Self::Tls(s) => s.write_vectored(bufs),
         }
     }
 
@@ -279,6 +308,7 @@ impl Write for Stream {
             Self::Tcp(s) => s.flush(),
             Self::Unix(s) => s.flush(),
             Self::Psk(s) => s.flush(),
+            Self::Tls(s) => s.flush(),
         }
     }
 }

@@ -102,6 +102,9 @@ pub enum ChannelError {
     /// The destination's proof does not match this key.
     #[error("the destination failed to prove it holds the pre-shared key (an impostor, or a different key)")]
     DestinationProofWrong,
+    /// The TLS mode failed.
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
     /// The peer answered with a verdict byte that means nothing.
     #[error("the destination sent verdict byte {0:#04x} (expected 0 or 1)")]
     BadVerdict(u8),
