@@ -2,8 +2,10 @@
 # What the migration channel costs: the same 1 GiB guest (hotset over a
 # 512 MiB working set of pseudo-random, incompressible pages) migrated over
 # loopback TCP with a plaintext channel (--insecure) and with the
-# pre-shared-key channel (--psk-file: every 256 KiB record AES-256-GCM sealed),
-# alternating, REPS times each, beside a plain TCP stream, all in one run.
+# pre-shared-key channel (--psk-file: every 256 KiB record AES-256-GCM sealed)
+# and with mutual TLS 1.3 (--tls-cert/--tls-key/--tls-ca; certificates made
+# here with openssl), alternating, REPS times each, beside a plain TCP
+# stream, all in one run.
 # Policy xen (at most 5 iterations), so every run completes. Writes
 # bench-data/channel/results/*.json and results.md, and prints the table.
 #   bash bench-data/channel/run.sh [REPS]        (about 1 minute for 3)
@@ -20,6 +22,16 @@ rm -f "$OUT"/*.json
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/key"
 chmod 600 "$TMP/key"
+# A throw-away CA and one certificate for 127.0.0.1 used by both ends.
+(cd "$TMP" &&
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key \
+    -out ca.pem -days 1 -subj /CN=bench-ca 2>/dev/null &&
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout end.key \
+    -out end.csr -subj /CN=bench 2>/dev/null &&
+  printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n' >end.ext &&
+  openssl x509 -req -in end.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out end.pem \
+    -days 1 -extfile end.ext 2>/dev/null)
+TLS=(--tls-cert "$TMP/end.pem" --tls-key "$TMP/end.key" --tls-ca "$TMP/ca.pem")
 
 echo "== raw TCP stream over loopback"
 "$TARGET/release/tcp-baseline" --bytes 4G | tee "$OUT/tcp-baseline.json"
@@ -46,6 +58,7 @@ migrate() { # name channel-args...
 for rep in $(seq 1 "$REPS"); do
   migrate "plaintext-$rep" --insecure
   migrate "psk-$rep" --psk-file "$TMP/key"
+  migrate "tls-$rep" "${TLS[@]}"
 done
 
 python3 - "$OUT" "$REPS" <<'PY' | tee "$OUT/../results.md"
@@ -53,7 +66,7 @@ import json, os, statistics, sys
 out, reps = sys.argv[1], int(sys.argv[2])
 tcp = json.load(open(os.path.join(out, "tcp-baseline.json")))
 rows = {}
-for mode in ["plaintext", "psk"]:
+for mode in ["plaintext", "psk", "tls"]:
     rs = [json.load(open(os.path.join(out, f"{mode}-{i}.json"))) for i in range(1, reps + 1)]
     assert all(r["status"] == "completed" for r in rs), [r.get("error") for r in rs]
     rows[mode] = rs
