@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::channel::channel_security;
 use super::events::{self, Event, EventBus};
 use super::{
     ExitSummary, MemsaveRequest, MigrationQuery, NoMigration, ProcessEvent, RunState, SendRequest,
@@ -31,10 +32,7 @@ use crate::engine::{
     send_migration, CompressMode, MigrationControl, MigrationReport, MigrationStatus, RampError,
     SendOptions,
 };
-use crate::transport::{
-    ChannelError, ChannelSecurity, MigrationUri, Psk, Stream, TlsCredentials, TlsFiles,
-    TransportError,
-};
+use crate::transport::{ChannelError, MigrationUri, Stream, TransportError};
 use crate::vm::{Vm, VmError};
 
 /// Connect timeout for an outgoing migration.
@@ -594,52 +592,4 @@ impl VmController {
         }
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
-}
-
-/// The channel a `send` asks for: a key file, TLS files (absolute, read
-/// by this process) or an explicit `insecure`; never plaintext by default.
-fn channel_security(req: &SendRequest) -> Result<ChannelSecurity, ControlError> {
-    let absolute = |field: &str, path: &std::path::Path| {
-        if path.is_absolute() {
-            Ok(path.to_path_buf())
-        } else {
-            Err(ControlError::BadSend(format!(
-                "{field} {:?} is not absolute (the VM process's working directory is not yours)",
-                path.display().to_string()
-            )))
-        }
-    };
-    let tls = [&req.tls_cert, &req.tls_key, &req.tls_ca];
-    let tls_given = tls.iter().filter(|f| f.is_some()).count();
-    let modes = usize::from(req.psk_file.is_some())
-        + usize::from(tls_given > 0)
-        + usize::from(req.insecure);
-    if modes > 1 {
-        return Err(ControlError::BadSend(
-            "psk-file, tls-cert/tls-key/tls-ca and insecure exclude each other".into(),
-        ));
-    }
-    if let Some(path) = &req.psk_file {
-        let key = Psk::from_file(&absolute("psk-file", path)?).map_err(ControlError::Key)?;
-        return Ok(ChannelSecurity::Psk(Arc::new(key)));
-    }
-    if let [Some(cert), Some(key), Some(ca)] = tls {
-        let files = TlsFiles {
-            cert: absolute("tls-cert", cert)?,
-            key: absolute("tls-key", key)?,
-            ca: absolute("tls-ca", ca)?,
-        };
-        let creds =
-            TlsCredentials::load(&files).map_err(|e| ControlError::Key(ChannelError::Tls(e)))?;
-        return Ok(ChannelSecurity::Tls(Arc::new(creds)));
-    }
-    if tls_given > 0 {
-        return Err(ControlError::BadSend(
-            "TLS needs all of tls-cert, tls-key and tls-ca".into(),
-        ));
-    }
-    if req.insecure {
-        return Ok(ChannelSecurity::Insecure);
-    }
-    Err(ControlError::NoCredential)
 }
