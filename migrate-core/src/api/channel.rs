@@ -54,3 +54,52 @@ pub(super) fn channel_security(req: &SendRequest) -> Result<ChannelSecurity, Con
     }
     Err(ControlError::NoCredential)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::parse_request;
+    use crate::api::ApiRequest;
+
+    fn send(json: &str) -> SendRequest {
+        match parse_request(json).unwrap() {
+            ApiRequest::Send(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn refusal(json: &str) -> String {
+        channel_security(&send(json)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn plaintext_only_when_asked_for() {
+        let none = channel_security(&send(r#"{"command":"send","to":"unix:/x"}"#)).unwrap_err();
+        assert!(matches!(none, ControlError::NoCredential), "{none}");
+        let ok = channel_security(&send(
+            r#"{"command":"send","to":"unix:/x","insecure":true}"#,
+        ));
+        assert!(matches!(ok, Ok(ChannelSecurity::Insecure)));
+        let both = refusal(r#"{"command":"send","to":"unix:/x","insecure":true,"psk-file":"/k"}"#);
+        assert!(both.contains("exclude each other"), "{both}");
+        let tls_and_psk = refusal(
+            r#"{"command":"send","to":"unix:/x","psk-file":"/k","tls-cert":"/c","tls-key":"/k","tls-ca":"/a"}"#,
+        );
+        assert!(tls_and_psk.contains("exclude each other"), "{tls_and_psk}");
+        let partial = refusal(r#"{"command":"send","to":"unix:/x","tls-cert":"/c"}"#);
+        assert!(
+            partial.contains("all of tls-cert, tls-key and tls-ca"),
+            "{partial}"
+        );
+        let relative = refusal(r#"{"command":"send","to":"unix:/x","psk-file":"k"}"#);
+        assert!(relative.contains("not absolute"), "{relative}");
+        let missing = channel_security(&send(
+            r#"{"command":"send","to":"unix:/x","psk-file":"/nonexistent/k"}"#,
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(&missing, ControlError::Key(ChannelError::KeyFile { .. })),
+            "{missing}"
+        );
+    }
+}
