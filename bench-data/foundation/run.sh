@@ -18,7 +18,9 @@ target/release/tcp-baseline --bytes 4G | tee "$OUT/tcp-baseline.json"
 migrate() { # name workload mem send-args...
   local name=$1 workload=$2 mem=$3; shift 3
   rm -f "$TMP"/*.api
-  $BIN run --incoming tcp:127.0.0.1:0 --serial "$TMP/$name.dst.serial" \
+  # Plaintext (--insecure) on both ends, as in the earlier results:
+  # bench-data/channel/ measures the pre-shared-key channel's cost.
+  $BIN run --incoming tcp:127.0.0.1:0 --insecure --serial "$TMP/$name.dst.serial" \
     --api-socket "$TMP/dst.api" >"$TMP/dst.out" 2>"$TMP/$name.dst.err" &
   local dst=$!
   $BIN run --workload "$workload" --mem "$mem" --serial "$TMP/$name.src.serial" \
@@ -28,7 +30,7 @@ migrate() { # name workload mem send-args...
   sleep 2   # let the workload reach its steady dirtying rate
   local to; to=$(sed -n 's/^vmigrate: listening on //p' "$TMP/dst.out")
   echo "== $name: $workload, $mem, $*"
-  $BIN send --api-socket "$TMP/src.api" --to "$to" --json "$@" >"$OUT/$name.json" || true
+  $BIN send --api-socket "$TMP/src.api" --to "$to" --insecure --json "$@" >"$OUT/$name.json" || true
   $BIN shutdown --api-socket "$TMP/dst.api" 2>/dev/null || kill $dst 2>/dev/null || true
   $BIN shutdown --api-socket "$TMP/src.api" 2>/dev/null || true
   wait $dst $src 2>/dev/null || true

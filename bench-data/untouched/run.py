@@ -32,7 +32,7 @@ def wait_for(pred, what, timeout=60):
 
 
 def vmigrate_idle(vm, mem, tmp):
-    d = subprocess.Popen([vm, "run", "--incoming", "tcp:127.0.0.1:0", "--serial", f"{tmp}/d.serial",
+    d = subprocess.Popen([vm, "run", "--incoming", "tcp:127.0.0.1:0", "--insecure", "--serial", f"{tmp}/d.serial",
                           "--api-socket", f"{tmp}/d.api"], stdout=subprocess.PIPE,
                          stderr=open(f"{tmp}/d.err", "w"), text=True)
     to = d.stdout.readline().strip().removeprefix("vmigrate: listening on ")
@@ -40,7 +40,7 @@ def vmigrate_idle(vm, mem, tmp):
                           "--api-socket", f"{tmp}/s.api"], stderr=open(f"{tmp}/s.err", "w"))
     wait_for(lambda: os.path.exists(f"{tmp}/s.api") and b"B" in open(f"{tmp}/s.serial", "rb").read(), "boot")
     src_rss = rss_kib(s.pid)
-    r = json.loads(subprocess.run([vm, "send", "--api-socket", f"{tmp}/s.api", "--to", to, "--json"],
+    r = json.loads(subprocess.run([vm, "send", "--api-socket", f"{tmp}/s.api", "--to", to, "--insecure", "--json"],
                                   capture_output=True, text=True).stdout)
     time.sleep(0.3)
     dst_rss_now = rss_kib(d.pid)

@@ -30,6 +30,10 @@ pub struct DemoArgs {
     /// Migrate over a Unix socket instead of TCP.
     #[arg(long)]
     unix: bool,
+    /// Migrate over a plaintext channel instead of one authenticated with
+    /// a pre-shared key generated for the demo.
+    #[arg(long)]
+    insecure: bool,
     /// Seconds the guest runs before the migration and after it.
     #[arg(long, default_value_t = 2.0)]
     settle: f64,
@@ -58,6 +62,20 @@ fn wait_for(path: &Path, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn write_key(path: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = migrate_core::transport::Psk::generate_text()?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating the demo key {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
 fn marks(path: &Path) -> (usize, usize) {
     let s = std::fs::read(path).unwrap_or_default();
     let pass = s.iter().filter(|&&b| b == harness::PASS_MARK).count();
@@ -76,10 +94,23 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
         "tcp:127.0.0.1:0".to_string()
     };
 
-    println!("== destination: vmigrate run --incoming {incoming}");
+    // A fresh random key for this demo only, readable by this user only.
+    let key = p("migration.psk");
+    let channel: Vec<String> = if a.insecure {
+        vec!["--insecure".into()]
+    } else {
+        write_key(&key)?;
+        vec!["--psk-file".into(), key.display().to_string()]
+    };
+    println!(
+        "== destination: vmigrate run --incoming {incoming} {}",
+        channel.join(" ")
+    );
     let mut dest = Proc(
         Command::new(&exe)
-            .args(["run", "--incoming", &incoming, "--serial"])
+            .args(["run", "--incoming", &incoming])
+            .args(&channel)
+            .arg("--serial")
             .arg(p("dest.serial"))
             .arg("--api-socket")
             .arg(p("dest.api"))
@@ -124,8 +155,17 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let (before, _) = marks(&p("source.serial"));
     println!("   guest is running: {before} clean passes so far");
 
-    println!("== vmigrate send --to {to} --policy {}", a.policy);
+    println!(
+        "== vmigrate send --to {to} --policy {} {}",
+        a.policy,
+        channel.join(" ")
+    );
     let mut req = SendRequest::new(&to);
+    if a.insecure {
+        req.insecure = true;
+    } else {
+        req.psk_file = Some(key.clone());
+    }
     req.policy = a.policy.clone();
     req.compress = a.compress.clone();
     req.verify = true;

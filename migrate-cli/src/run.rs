@@ -11,11 +11,14 @@ use anyhow::{bail, Context};
 use clap::Args;
 use migrate_core::api::{ApiServer, ProcessEvent, VmController};
 use migrate_core::engine::{receive_migration, ReceiveOptions};
-use migrate_core::transport::{Listener, MigrationUri};
+use migrate_core::transport::{
+    ChannelSecurity, Listener, MigrationUri, Psk, TlsCredentials, TlsFiles,
+};
 use migrate_core::vm::ports::SerialSink;
 use migrate_core::vm::{Vm, VmConfig, VmEvent};
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("channel").args(["psk_file", "tls_cert", "insecure"])))]
 pub struct RunArgs {
     /// Raw boot image loaded at 0x7C00 (up to 64 KiB).
     #[arg(long, conflicts_with_all = ["workload", "incoming"])]
@@ -23,9 +26,28 @@ pub struct RunArgs {
     /// Built-in workload, e.g. `verify`, `sweep`, `hotset:wss=256M`.
     #[arg(long, conflicts_with = "incoming")]
     workload: Option<String>,
-    /// Wait for a migration on `tcp:HOST:PORT` or `unix:PATH`.
-    #[arg(long)]
+    /// Wait for a migration on `tcp:HOST:PORT` or `unix:PATH` (needs
+    /// --psk-file, or --insecure for a plaintext channel).
+    #[arg(long, requires = "channel")]
     incoming: Option<String>,
+    /// With --incoming: accept only a source that proves it holds this
+    /// pre-shared key, and check the tag of every (AES-256-GCM) record it sends.
+    #[arg(long, requires = "incoming")]
+    psk_file: Option<PathBuf>,
+    /// With --incoming: TLS 1.3 with this certificate (PEM); the source
+    /// must present a certificate signed by --tls-ca.
+    #[arg(long, requires_all = ["incoming", "tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// With --tls-cert: its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With --tls-cert: the CA the source's certificate must be signed by.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// With --incoming: accept a plaintext migration (whoever reaches the
+    /// port can write this guest's memory).
+    #[arg(long, requires = "incoming")]
+    insecure: bool,
     /// Guest RAM (e.g. 256M, 1G). Required unless --incoming, where it is
     /// checked against the incoming guest.
     #[arg(long)]
@@ -76,12 +98,36 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mut arrived_paused = false;
     let vm = if let Some(uri) = &a.incoming {
         let uri: MigrationUri = uri.parse()?;
+        let security = match (&a.psk_file, &a.tls_cert, &a.tls_key, &a.tls_ca) {
+            (Some(path), ..) => ChannelSecurity::Psk(Arc::new(Psk::from_file(path)?)),
+            (None, Some(cert), Some(key), Some(ca)) => {
+                ChannelSecurity::Tls(Arc::new(TlsCredentials::load(&TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                })?))
+            }
+            _ => ChannelSecurity::Insecure,
+        };
         let listener = Listener::bind(&uri)?;
         // Scripts (and `vmigrate demo`) read the bound address from here.
         println!("vmigrate: listening on {}", listener.uri());
         std::io::stdout().flush()?;
         let stream = listener.accept()?;
         drop(listener);
+        stream.set_timeouts(Some(Duration::from_secs(a.incoming_timeout)))?;
+        let stream = stream.secure_accept(&security).context(
+            "refused the incoming connection before reading any guest data; the guest was not started here",
+        )?;
+        match security {
+            ChannelSecurity::Psk(_) => eprintln!(
+                "vmigrate: source authenticated (pre-shared key); every record is encrypted and authenticated"
+            ),
+            ChannelSecurity::Tls(_) => {
+                eprintln!("vmigrate: source authenticated (TLS 1.3, client certificate)")
+            }
+            ChannelSecurity::Insecure => {}
+        }
         let max_mem = match a.max_mem.as_deref() {
             Some(s) => harness::parse_size(s).context("--max-mem")?,
             None => ReceiveOptions::default().max_mem,

@@ -94,13 +94,16 @@ impl VmProcess {
         Self::spawn(cmd, dir, name)
     }
 
-    /// Start a destination on `incoming`; returns it and the bound address.
+    /// Start a plaintext destination (`--insecure`) on `incoming`; returns
+    /// it and the bound address.
     pub fn destination(bin: &Path, dir: &Scratch, name: &str, incoming: &str) -> (Self, String) {
-        Self::destination_with(bin, dir, name, incoming, &[], &[])
+        Self::destination_with(bin, dir, name, incoming, &["--insecure"], &[])
     }
 
-    /// [`destination`](Self::destination) with more `run` arguments and
-    /// environment variables (e.g. `FAILPOINTS`).
+    /// Start a destination on `incoming` with more `run` arguments `args`
+    /// (which must choose the channel: `--insecure`, or `--psk-file PATH`,
+    /// …) and environment variables `env` (e.g. `FAILPOINTS`); returns it
+    /// and the bound address.
     pub fn destination_with(
         bin: &Path,
         dir: &Scratch,
@@ -231,8 +234,9 @@ pub fn vmigrate(bin: &Path, args: &[&str]) -> Output {
         .expect("run vmigrate")
 }
 
-/// `vmigrate send --json`: the exit success and the parsed report (`None`
-/// when no JSON was printed).
+/// `vmigrate send --json --verify`: the exit success, the parsed report
+/// (`None` when no JSON was printed) and stderr. Plaintext (`--insecure`)
+/// unless `extra` names `--psk-file`, `--tls-cert` or `--insecure`.
 pub fn send_json(
     bin: &Path,
     api: &Path,
@@ -249,6 +253,12 @@ pub fn send_json(
         "--json",
         "--verify",
     ];
+    if !["--psk-file", "--tls-cert", "--insecure"]
+        .iter()
+        .any(|c| extra.contains(c))
+    {
+        args.push("--insecure");
+    }
     args.extend_from_slice(extra);
     let out = vmigrate(bin, &args);
     let report = serde_json::from_slice(&out.stdout).ok();

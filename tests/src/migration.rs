@@ -50,6 +50,17 @@ pub fn spawn_send(bin: &Path, dir: &Scratch, api: &Path, to: &str, extra: &[&str
     let out = std::fs::File::create(dir.path("send.json")).expect("send.json");
     Command::new(bin)
         .args(["send", "--api-socket", s(api), "--to", to, "--json"])
+        // Plaintext unless `extra` chooses the channel (as `send_json`).
+        .args(
+            if extra
+                .iter()
+                .any(|a| ["--psk-file", "--tls-cert", "--insecure"].contains(a))
+            {
+                &[][..]
+            } else {
+                &["--insecure"][..]
+            },
+        )
         .args(extra)
         .stdin(Stdio::null())
         .stdout(out)

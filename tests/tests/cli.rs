@@ -142,7 +142,14 @@ fn bad_arguments_get_clear_errors() {
             "unknown workload",
         ),
         (
-            &["run", "--incoming", "udp:1.2.3.4:5", "--serial", serial],
+            &[
+                "run",
+                "--incoming",
+                "udp:1.2.3.4:5",
+                "--insecure",
+                "--serial",
+                serial,
+            ],
             "tcp:HOST:PORT",
         ),
         (
@@ -156,12 +163,25 @@ fn bad_arguments_get_clear_errors() {
                 "/nonexistent/x.sock",
                 "--to",
                 "tcp:127.0.0.1:1",
+                "--insecure",
             ],
             "cannot connect to API socket",
         ),
         (
             &["workload", "export", "sweep:start=0", "--out", serial],
             "1 MiB",
+        ),
+        (
+            &[
+                "run",
+                "--incoming",
+                "tcp:127.0.0.1:0",
+                "--psk-file",
+                "/nonexistent/key",
+                "--serial",
+                serial,
+            ],
+            "cannot read the pre-shared key file",
         ),
     ];
     for (args, want) in cases {
@@ -192,4 +212,37 @@ fn bad_arguments_get_clear_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     // A clap usage error exits 2.
     assert_eq!(vmigrate(bin(), &["send", "--bogus"]).status.code(), Some(2));
+    // Plaintext only when asked for: a destination or a send without a
+    // credential and without --insecure is a usage error, as are both.
+    for args in [
+        &["run", "--incoming", "tcp:127.0.0.1:0", "--serial", serial][..],
+        &["send", "--api-socket", "/x.sock", "--to", "tcp:127.0.0.1:1"][..],
+        &[
+            "send",
+            "--api-socket",
+            "/x.sock",
+            "--to",
+            "tcp:127.0.0.1:1",
+            "--insecure",
+            "--psk-file",
+            "/k",
+        ][..],
+        &[
+            "run",
+            "--incoming",
+            "tcp:127.0.0.1:0",
+            "--tls-cert",
+            "/c.pem",
+            "--serial",
+            serial,
+        ][..],
+    ] {
+        let out = vmigrate(bin(), args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("--psk-file") || err.contains("--insecure"),
+            "{err}"
+        );
+    }
 }

@@ -321,7 +321,14 @@ fn bad_control_arguments_are_refused() {
         (vec!["--downtime-ramp", "100:500"], "START:END:STEPS"),
         (vec!["--downtime-ramp", "100:500:0"], "at least 1 step"),
     ] {
-        let mut all = vec!["send", "--api-socket", s(&sock), "--to", "tcp:127.0.0.1:1"];
+        let mut all = vec![
+            "send",
+            "--api-socket",
+            s(&sock),
+            "--to",
+            "tcp:127.0.0.1:1",
+            "--insecure",
+        ];
         all.extend(args.iter().copied());
         let out = vmigrate(bin(), &all);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -356,6 +363,7 @@ fn bad_control_arguments_are_refused() {
             s(&sock),
             "--to",
             "tcp:127.0.0.1:1",
+            "--insecure",
             "--downtime-ramp",
             "1:2:1",
             "--downtime-limit",
@@ -398,6 +406,7 @@ fn events_follow_a_detached_send_that_status_watch_sees_to_the_end() {
             s(&src.api),
             "--to",
             &uri,
+            "--insecure",
             "--detach",
             "--policy",
             "qemu",

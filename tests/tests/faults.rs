@@ -281,7 +281,7 @@ fn link_that_fills_up_and_stays_full() {
         &dir,
         "dst",
         "tcp:127.0.0.1:0",
-        &["--incoming-timeout", "5"],
+        &["--insecure", "--incoming-timeout", "5"],
         &[],
     );
     let (via, release) = proxy(&uri, 4 << 20, false);
@@ -312,7 +312,7 @@ fn destination_dies_between_accepted_and_commit() {
         &dir,
         "dst",
         "tcp:127.0.0.1:0",
-        &[],
+        &["--insecure"],
         &[("FAILPOINTS", "dest-after-accepted=return")],
     );
     let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &["--policy", "xen"]);
@@ -409,7 +409,7 @@ fn destination_refuses_a_guest_larger_than_it_allows() {
         &dir,
         "dst",
         "tcp:127.0.0.1:0",
-        &["--max-mem", "32M"],
+        &["--insecure", "--max-mem", "32M"],
         &[],
     );
     let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &[]);

@@ -12,6 +12,11 @@ use migrate_core::engine::{DowntimeRamp, MigrationReport, MigrationStatus, Timeo
 use super::{human, request};
 
 #[derive(Args)]
+#[command(group(
+    clap::ArgGroup::new("channel")
+        .args(["psk_file", "tls_cert", "insecure"])
+        .required(true)
+))]
 pub struct SendArgs {
     /// API socket of the source `vmigrate run`.
     #[arg(long)]
@@ -62,6 +67,25 @@ pub struct SendArgs {
     /// only if the digests agree (lengthens the downtime by `digest-time`).
     #[arg(long)]
     verify: bool,
+    /// Pre-shared key file, the same as the destination's --psk-file: both
+    /// ends prove they hold it and every record is encrypted and authenticated.
+    #[arg(long)]
+    psk_file: Option<PathBuf>,
+    /// TLS 1.3 with this client certificate (PEM); the destination's
+    /// certificate must be signed by --tls-ca and name the --to host.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// With --tls-cert: its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With --tls-cert: the CA the destination's certificate must be
+    /// signed by.
+    #[arg(long, requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Migrate over a plaintext channel (the destination must run with
+    /// --insecure too).
+    #[arg(long)]
+    insecure: bool,
     /// Print the final report as JSON (QEMU `query-migrate` field names).
     #[arg(long)]
     json: bool,
@@ -107,6 +131,17 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
             _ => TimeoutAction::Cancel,
         },
         verify: a.verify,
+        // The VM process reads the key: give it an absolute path.
+        psk_file: a
+            .psk_file
+            .as_deref()
+            .map(std::path::absolute)
+            .transpose()
+            .context("--psk-file")?,
+        insecure: a.insecure,
+        tls_cert: absolute(a.tls_cert.as_deref()).context("--tls-cert")?,
+        tls_key: absolute(a.tls_key.as_deref()).context("--tls-key")?,
+        tls_ca: absolute(a.tls_ca.as_deref()).context("--tls-ca")?,
     };
     if a.detach {
         return detach(&a.api_socket, req);
@@ -122,6 +157,10 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn absolute(p: Option<&Path>) -> std::io::Result<Option<PathBuf>> {
+    p.map(std::path::absolute).transpose()
 }
 
 /// Start a migration and return after its first progress line (the

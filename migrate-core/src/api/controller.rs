@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use super::channel::channel_security;
 use super::events::{self, Event, EventBus};
 use super::{
     ExitSummary, MemsaveRequest, MigrationQuery, NoMigration, ProcessEvent, RunState, SendRequest,
@@ -31,7 +32,7 @@ use crate::engine::{
     send_migration, CompressMode, MigrationControl, MigrationReport, MigrationStatus, RampError,
     SendOptions,
 };
-use crate::transport::{MigrationUri, Stream, TransportError};
+use crate::transport::{ChannelError, MigrationUri, Stream, TransportError};
 use crate::vm::{Vm, VmError};
 
 /// Connect timeout for an outgoing migration.
@@ -104,6 +105,25 @@ pub enum ControlError {
     /// The destination could not be reached.
     #[error("cannot start the migration")]
     Connect(#[source] TransportError),
+    /// A `send` with neither `psk-file` nor `insecure`.
+    #[error(
+        "bad send request: the migration channel needs a credential: psk-file (the \
+         destination's pre-shared key), tls-cert + tls-key + tls-ca, or insecure: true for \
+         plaintext"
+    )]
+    NoCredential,
+    /// The pre-shared key or the TLS files could not be loaded.
+    #[error("bad send request")]
+    Key(#[source] ChannelError),
+    /// The secure-channel handshake with the destination failed.
+    #[error("cannot start the migration: secure channel with {uri} refused")]
+    Channel {
+        /// The destination.
+        uri: String,
+        /// Why.
+        #[source]
+        source: ChannelError,
+    },
     /// `memsave` of 0 bytes.
     #[error("memsave size is 0")]
     ZeroSize,
@@ -462,6 +482,7 @@ impl VmController {
         if req.downtime_limit == 0 {
             return Err(ControlError::ZeroDowntime);
         }
+        let security = channel_security(req)?;
         let downtime_limit =
             Duration::from_millis(req.downtime_ramp.map_or(req.downtime_limit, |r| r.start_ms));
         let params = policy::PolicyParams {
@@ -530,6 +551,24 @@ impl VmController {
                 *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = previous;
                 self.finish(before);
                 return Err(ControlError::Connect(e));
+            }
+        };
+        let stream = match stream
+            .set_timeouts(Some(IO_TIMEOUT))
+            .map_err(|source| ChannelError::Io {
+                step: "setting the stream timeouts",
+                source,
+            })
+            .and_then(|()| stream.secure_connect(&security, &uri))
+        {
+            Ok(s) => s,
+            Err(source) => {
+                *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = previous;
+                self.finish(before);
+                return Err(ControlError::Channel {
+                    uri: uri.to_string(),
+                    source,
+                });
             }
         };
         let live = self.migration.clone();

@@ -18,6 +18,7 @@
 //! `migrate-cancel`, `migrate-set-parameters`) come on another connection
 //! than the `send`, which blocks until the migration ends.
 
+mod channel;
 mod controller;
 mod events;
 mod request;

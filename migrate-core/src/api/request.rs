@@ -2,6 +2,7 @@
 //! offending command or field.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +13,8 @@ use crate::engine::{DowntimeRamp, TimeoutAction};
 /// aliases where the meaning is the same (`stop`, `cont`, `pmemsave`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+// One request per line, parsed and dropped: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ApiRequest {
     /// API and protocol versions, and the commands this server knows.
     Version {},
@@ -149,6 +152,26 @@ pub struct SendRequest {
     /// downtime by the time it takes, reported as `digest-time`).
     #[serde(default)]
     pub verify: bool,
+    /// Pre-shared key file (absolute path, read by the VM process): the
+    /// channel authenticates both ends and every record with it. One of
+    /// `psk-file` and `insecure` is required.
+    #[serde(default)]
+    pub psk_file: Option<PathBuf>,
+    /// Migrate over a plaintext channel: anyone who can reach or sit on
+    /// the path can read and change guest memory (default false).
+    #[serde(default)]
+    pub insecure: bool,
+    /// TLS: this end's certificate chain (PEM, absolute path); with
+    /// `tls-key` and `tls-ca`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: this end's private key (PEM, absolute path).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the CA that signed the destination's certificate (PEM,
+    /// absolute path).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 fn default_policy() -> String {
@@ -177,6 +200,11 @@ impl SendRequest {
             connect_timeout: None,
             io_timeout: None,
             verify: false,
+            psk_file: None,
+            insecure: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 }
