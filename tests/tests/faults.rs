@@ -7,17 +7,22 @@
 //! `Commit`: the source cannot know whether the guest runs there, so it
 //! stays paused in `outcome-unknown` until the operator resumes it.
 //!
-//! Phases are reached by watching the source's `query-migrate`; a moment no
-//! outside signal can hit (inside the completion exchange) by a fault point
+//! Every fault (SIGKILL, SIGSTOP beyond the io timeout, a cut connection, a
+//! link that fills up and stays full) is tried at every live phase (the full
+//! copy, a later iteration, stop-and-copy with the guest paused); the
+//! handshake is covered by `migrate.rs` (a destination that reads the Hello
+//! and vanishes) and `secure.rs` (refused channel handshakes). Phases are
+//! reached by watching the source's `query-migrate`; a moment no outside
+//! signal can hit (inside the completion exchange) by a fault point
 //! (`FAILPOINTS`, see `migrate_core::faults`).
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e::{
     finish_send, info, kvm_available, one_at_a_time, send_json, spawn_send, verb, wait_report,
@@ -105,119 +110,85 @@ fn assert_source_runs_and_migrates_again(dir: &Scratch, src: &mut VmProcess) {
     assert_eq!(dst.count(MISMATCH_MARK), 0, "lost page after the retry");
 }
 
-/// SIGKILL the destination once the source's report satisfies `ready`.
-fn kill_destination(test: &str, send_args: &[&str], phase: &str, ready: impl Fn(&Value) -> bool) {
-    let dir = Scratch::new(test);
-    let mut src = source(&dir);
-    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
-    let send = spawn_send(bin(), &dir, &src.api, &uri, send_args);
-    wait_report(bin(), &src.api, phase, T, ready);
-    dst.child.kill().expect("SIGKILL the destination");
-    let (ok, report) = finish_send(&dir, send, T);
-    assert_failed(ok, &report, "");
-    assert!(report["error"].as_str().is_some_and(|e| !e.is_empty()));
-    assert_never_ran(&mut dst);
-    assert_source_runs_and_migrates_again(&dir, &mut src);
+/// How the destination, or the link to it, fails.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// SIGKILL the destination process.
+    Kill,
+    /// SIGSTOP it (beyond the source's 3 s io timeout), SIGCONT it after.
+    Stall,
+    /// Cut both TCP connections in the middle of the stream.
+    Cut,
+    /// Stop carrying bytes to the destination, keeping both connections
+    /// open: a link that fills up and stays full.
+    Fill,
 }
 
-#[test]
-fn destination_killed_during_the_full_copy() {
-    if !kvm_available("destination_killed_during_the_full_copy") {
-        return;
+/// When it fails, and the `send` arguments that make that phase last.
+#[derive(Clone, Copy, Debug)]
+enum Phase {
+    /// 32 MiB at 4 MB/s: seconds of full copy.
+    FullCopy,
+    /// The guest outruns 16 MB/s: qemu's rule iterates for ever.
+    LaterIteration,
+    /// Forced into stop-and-copy after 1 s; the final 32 MiB at 4 MB/s keep
+    /// the guest paused for seconds.
+    StopAndCopy,
+}
+
+impl Phase {
+    fn send_args(self) -> &'static [&'static str] {
+        match self {
+            Phase::FullCopy => &["--max-bandwidth", "4M", "--io-timeout", "3"],
+            Phase::LaterIteration => &[
+                "--max-bandwidth",
+                "16M",
+                "--policy",
+                "qemu",
+                "--io-timeout",
+                "3",
+            ],
+            Phase::StopAndCopy => &[
+                "--max-bandwidth",
+                "4M",
+                "--timeout",
+                "1",
+                "--timeout-action",
+                "force",
+                "--io-timeout",
+                "3",
+            ],
+        }
     }
-    let _g = one_at_a_time();
-    // 32 MiB of data at 4 MB/s: the full copy takes about 8 s.
-    kill_destination(
-        "kill-it0",
-        &["--max-bandwidth", "4M"],
-        "the full copy under way",
-        |r| r["status"] == "active" && live_iterations(r) == 0,
-    );
-}
 
-#[test]
-fn destination_killed_during_a_later_iteration() {
-    if !kvm_available("destination_killed_during_a_later_iteration") {
-        return;
+    fn reached(self, r: &Value) -> bool {
+        match self {
+            Phase::FullCopy => {
+                r["status"] == "active"
+                    && live_iterations(r) == 0
+                    && r["ram"]["transferred"].as_u64() > Some(0)
+            }
+            Phase::LaterIteration => r["status"] == "active" && live_iterations(r) >= 2,
+            Phase::StopAndCopy => r["status"] == "device",
+        }
     }
-    let _g = one_at_a_time();
-    // The guest rewrites its 32 MiB far faster than 16 MB/s: qemu's rule
-    // never stops, iterations follow one another.
-    kill_destination(
-        "kill-later",
-        &["--max-bandwidth", "16M", "--policy", "qemu"],
-        "two iterations done",
-        |r| r["status"] == "active" && live_iterations(r) >= 2,
-    );
 }
 
-#[test]
-fn destination_killed_during_stop_and_copy() {
-    if !kvm_available("destination_killed_during_stop_and_copy") {
-        return;
-    }
-    let _g = one_at_a_time();
-    // Forced to stop after the full copy; the final 32 MiB at 4 MB/s keep
-    // the guest paused for about 8 s.
-    kill_destination(
-        "kill-final",
-        &[
-            "--max-bandwidth",
-            "4M",
-            "--timeout",
-            "1",
-            "--timeout-action",
-            "force",
-        ],
-        "stop-and-copy",
-        |r| r["status"] == "device",
-    );
-}
+const FORWARD: u8 = 0;
+const CUT: u8 = 1;
+const FILL: u8 = 2;
+const RELEASE: u8 = 3;
 
-#[test]
-fn destination_stalled_beyond_the_io_timeout() {
-    if !kvm_available("destination_stalled_beyond_the_io_timeout") {
-        return;
-    }
-    let _g = one_at_a_time();
-    let dir = Scratch::new("stall");
-    let mut src = source(&dir);
-    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
-    let send = spawn_send(
-        bin(),
-        &dir,
-        &src.api,
-        &uri,
-        &[
-            "--max-bandwidth",
-            "16M",
-            "--policy",
-            "qemu",
-            "--io-timeout",
-            "3",
-        ],
-    );
-    wait_report(bin(), &src.api, "an iteration done", T, |r| {
-        live_iterations(r) >= 1
-    });
-    signal(&dst, "-STOP");
-    let (ok, report) = finish_send(&dir, send, T);
-    assert_failed(ok, &report, "");
-    signal(&dst, "-CONT");
-    // It wakes to a closed connection and gives up without running.
-    assert_never_ran(&mut dst);
-    assert_source_runs_and_migrates_again(&dir, &mut src);
-}
-
-/// A TCP proxy between source and destination that forwards `limit` bytes
-/// from the source, then either cuts both connections (`cut`) or stops
-/// forwarding while keeping them open (a link that fills up and stays full).
-fn proxy(to: &str, limit: usize, cut: bool) -> (String, Arc<AtomicBool>) {
+/// A TCP proxy between source and destination that forwards both ways
+/// until the test sets its mode: `CUT` shuts both connections down, `FILL`
+/// stops carrying bytes to the destination while both stay open, until
+/// `RELEASE` drops them.
+fn proxy(to: &str) -> (String, Arc<AtomicU8>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("tcp:{}", listener.local_addr().unwrap());
     let target = to.strip_prefix("tcp:").unwrap().to_string();
-    let done = Arc::new(AtomicBool::new(false));
-    let done2 = done.clone();
+    let mode = Arc::new(AtomicU8::new(FORWARD));
+    let mode2 = mode.clone();
     std::thread::spawn(move || {
         let (mut from_src, _) = listener.accept().unwrap();
         let mut to_dst = TcpStream::connect(target).unwrap();
@@ -226,55 +197,45 @@ fn proxy(to: &str, limit: usize, cut: bool) -> (String, Arc<AtomicBool>) {
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut back_dst, &mut back_src);
         });
+        from_src
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let mut buf = vec![0u8; 64 << 10];
-        let mut forwarded = 0;
-        while forwarded < limit {
-            let n = match from_src.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n.min(limit - forwarded),
-            };
-            if to_dst.write_all(&buf[..n]).is_err() {
-                break;
+        loop {
+            match mode2.load(Ordering::SeqCst) {
+                CUT => {
+                    let _ = from_src.shutdown(Shutdown::Both);
+                    let _ = to_dst.shutdown(Shutdown::Both);
+                    return;
+                }
+                FILL => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                RELEASE => return,
+                _ => {}
             }
-            forwarded += n;
-        }
-        if cut {
-            let _ = from_src.shutdown(Shutdown::Both);
-            let _ = to_dst.shutdown(Shutdown::Both);
-            return;
-        }
-        // Full link: hold both ends open, read nothing, until told.
-        while !done2.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
+            match from_src.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if to_dst.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
+                Err(_) => return,
+            }
         }
     });
-    (addr, done)
+    (addr, mode)
 }
 
-#[test]
-fn connection_cut_mid_stream() {
-    if !kvm_available("connection_cut_mid_stream") {
-        return;
-    }
-    let _g = one_at_a_time();
-    let dir = Scratch::new("cut");
-    let mut src = source(&dir);
-    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
-    let (via, _) = proxy(&uri, 8 << 20, true);
-    let (ok, report, stderr) = send_json(bin(), &src.api, &via, &["--max-bandwidth", "16M"]);
-    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
-    assert_failed(ok, &report, "");
-    assert_never_ran(&mut dst);
-    assert_source_runs_and_migrates_again(&dir, &mut src);
-}
-
-#[test]
-fn link_that_fills_up_and_stays_full() {
-    if !kvm_available("link_that_fills_up_and_stays_full") {
-        return;
-    }
-    let _g = one_at_a_time();
-    let dir = Scratch::new("full");
+/// Migrate a running `verify` guest, inject `fault` once `phase` is
+/// reached, and check what every fault must leave: `send` failed, the
+/// destination never ran the guest, the source guest runs on clean, and a
+/// second migration to a fresh destination completes.
+fn fault_at(fault: Fault, phase: Phase) {
+    let dir = Scratch::new(&format!("{fault:?}-{phase:?}").to_lowercase());
     let mut src = source(&dir);
     let (mut dst, uri) = VmProcess::destination_with(
         bin(),
@@ -284,19 +245,58 @@ fn link_that_fills_up_and_stays_full() {
         &["--insecure", "--incoming-timeout", "5"],
         &[],
     );
-    let (via, release) = proxy(&uri, 4 << 20, false);
-    let started = Instant::now();
-    let (ok, report, stderr) = send_json(bin(), &src.api, &via, &["--io-timeout", "3"]);
-    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    let (via, link) = proxy(&uri);
+    let send = spawn_send(bin(), &dir, &src.api, &via, phase.send_args());
+    wait_report(bin(), &src.api, &format!("{phase:?}"), T, |r| {
+        phase.reached(r)
+    });
+    match fault {
+        Fault::Kill => dst.child.kill().expect("SIGKILL the destination"),
+        Fault::Stall => signal(&dst, "-STOP"),
+        Fault::Cut => link.store(CUT, Ordering::SeqCst),
+        Fault::Fill => link.store(FILL, Ordering::SeqCst),
+    }
+    let (ok, report) = finish_send(&dir, send, T);
     assert_failed(ok, &report, "");
     assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "the io timeout must end a blocked send"
+        report["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{fault:?} at {phase:?}: the error must say what happened: {report:#}"
     );
-    // The destination, starved, gives up on its own timeout.
+    match fault {
+        Fault::Stall => signal(&dst, "-CONT"),
+        Fault::Fill => link.store(RELEASE, Ordering::SeqCst),
+        _ => {}
+    }
     assert_never_ran(&mut dst);
-    release.store(true, Ordering::SeqCst);
     assert_source_runs_and_migrates_again(&dir, &mut src);
+}
+
+macro_rules! fault_tests {
+    ($($name:ident: $fault:ident at $phase:ident;)*) => {$(
+        #[test]
+        fn $name() {
+            if !kvm_available(stringify!($name)) {
+                return;
+            }
+            let _g = one_at_a_time();
+            fault_at(Fault::$fault, Phase::$phase);
+        }
+    )*};
+}
+
+fault_tests! {
+    kill_in_the_full_copy: Kill at FullCopy;
+    kill_in_a_later_iteration: Kill at LaterIteration;
+    kill_in_stop_and_copy: Kill at StopAndCopy;
+    stall_in_the_full_copy: Stall at FullCopy;
+    stall_in_a_later_iteration: Stall at LaterIteration;
+    stall_in_stop_and_copy: Stall at StopAndCopy;
+    cut_in_the_full_copy: Cut at FullCopy;
+    cut_in_a_later_iteration: Cut at LaterIteration;
+    cut_in_stop_and_copy: Cut at StopAndCopy;
+    fill_in_the_full_copy: Fill at FullCopy;
+    fill_in_a_later_iteration: Fill at LaterIteration;
+    fill_in_stop_and_copy: Fill at StopAndCopy;
 }
 
 #[test]
@@ -422,4 +422,43 @@ fn destination_refuses_a_guest_larger_than_it_allows() {
         dst.stderr_text()
     );
     assert_source_runs_and_migrates_again(&dir, &mut src);
+}
+
+/// Why the source must not resume on its own after `Commit`: a destination
+/// that stalls between `Accepted` and `Commit` longer than the source's io
+/// timeout still takes the guest when it wakes (the `Commit` is in its
+/// socket). The source, which heard nothing, stays paused in
+/// `outcome-unknown`: the guest runs exactly once, on the destination.
+#[test]
+fn destination_stalls_between_accepted_and_commit() {
+    if !kvm_available("destination_stalls_between_accepted_and_commit") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("late-commit");
+    let src = source(&dir);
+    let (dst, uri) = VmProcess::destination_with(
+        bin(),
+        &dir,
+        "dst",
+        "tcp:127.0.0.1:0",
+        &["--insecure"],
+        &[("FAILPOINTS", "dest-after-accepted=sleep(5000)")],
+    );
+    let (ok, report, stderr) = send_json(
+        bin(),
+        &src.api,
+        &uri,
+        &["--policy", "xen", "--io-timeout", "2"],
+    );
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert_failed(ok, &report, "outcome unknown");
+    assert_eq!(info(bin(), &src.api)["state"], "outcome-unknown");
+    // The destination wakes, finds Commit, and runs the guest.
+    dst.wait_marks(PASS_MARK, 2, T);
+    assert_eq!(dst.count(MISMATCH_MARK), 0, "lost a page");
+    // The source never ran it again.
+    let n = src.count(PASS_MARK);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(src.count(PASS_MARK), n, "the guest ran on both sides");
 }
