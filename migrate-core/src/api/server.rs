@@ -128,6 +128,19 @@ impl ApiServer {
             path: path.to_path_buf(),
             source,
         })?;
+        // Whoever can connect can pause the guest, read its memory and send
+        // it anywhere: owner only. (Connecting needs write permission on the
+        // socket; nothing is accepted before this returns.)
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| {
+                let _ = std::fs::remove_file(path);
+                ApiError::Bind {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            },
+        )?;
         Ok(Self {
             listener,
             path: path.to_path_buf(),
@@ -186,5 +199,29 @@ fn serve_client(c: &VmController, conn: UnixStream) {
         if r.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn the_socket_is_owner_only_and_never_taken_over() {
+        let dir = std::env::temp_dir().join(format!("vmigrate-api-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vm.sock");
+        let _ = std::fs::remove_file(&path);
+        let server = ApiServer::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert!(matches!(
+            ApiServer::bind(&path),
+            Err(ApiError::PathExists { .. })
+        ));
+        drop(server);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
