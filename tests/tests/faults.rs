@@ -9,9 +9,8 @@
 //!
 //! Every fault (SIGKILL, SIGSTOP beyond the io timeout, a cut connection, a
 //! link that fills up and stays full) is tried at every live phase (the full
-//! copy, a later iteration, stop-and-copy with the guest paused); the
-//! handshake is covered by `migrate.rs` (a destination that reads the Hello
-//! and vanishes) and `secure.rs` (refused channel handshakes). Phases are
+//! copy, a later iteration, stop-and-copy with the guest paused) and at the
+//! handshake (in place before `send` starts). Phases are
 //! reached by watching the source's `query-migrate`; a moment no outside
 //! signal can hit (inside the completion exchange) by a fault point
 //! (`FAILPOINTS`, see `migrate_core::faults`).
@@ -127,6 +126,9 @@ enum Fault {
 /// When it fails, and the `send` arguments that make that phase last.
 #[derive(Clone, Copy, Debug)]
 enum Phase {
+    /// Before the source's `Hello` is answered: the fault is in place
+    /// before `send` starts.
+    Handshake,
     /// 32 MiB at 4 MB/s: seconds of full copy.
     FullCopy,
     /// The guest outruns 16 MB/s: qemu's rule iterates for ever.
@@ -139,6 +141,7 @@ enum Phase {
 impl Phase {
     fn send_args(self) -> &'static [&'static str] {
         match self {
+            Phase::Handshake => &["--io-timeout", "3"],
             Phase::FullCopy => &["--max-bandwidth", "4M", "--io-timeout", "3"],
             Phase::LaterIteration => &[
                 "--max-bandwidth",
@@ -163,6 +166,7 @@ impl Phase {
 
     fn reached(self, r: &Value) -> bool {
         match self {
+            Phase::Handshake => true,
             Phase::FullCopy => {
                 r["status"] == "active"
                     && live_iterations(r) == 0
@@ -191,7 +195,11 @@ fn proxy(to: &str) -> (String, Arc<AtomicU8>) {
     let mode2 = mode.clone();
     std::thread::spawn(move || {
         let (mut from_src, _) = listener.accept().unwrap();
-        let mut to_dst = TcpStream::connect(target).unwrap();
+        // A destination killed before the handshake refuses: drop the
+        // source's connection as a dead peer's network would.
+        let Ok(mut to_dst) = TcpStream::connect(target) else {
+            return;
+        };
         let mut back_src = from_src.try_clone().unwrap();
         let mut back_dst = to_dst.try_clone().unwrap();
         std::thread::spawn(move || {
@@ -246,15 +254,21 @@ fn fault_at(fault: Fault, phase: Phase) {
         &[],
     );
     let (via, link) = proxy(&uri);
-    let send = spawn_send(bin(), &dir, &src.api, &via, phase.send_args());
-    wait_report(bin(), &src.api, &format!("{phase:?}"), T, |r| {
-        phase.reached(r)
-    });
-    match fault {
+    let inject = |dst: &mut VmProcess| match fault {
         Fault::Kill => dst.child.kill().expect("SIGKILL the destination"),
-        Fault::Stall => signal(&dst, "-STOP"),
+        Fault::Stall => signal(dst, "-STOP"),
         Fault::Cut => link.store(CUT, Ordering::SeqCst),
         Fault::Fill => link.store(FILL, Ordering::SeqCst),
+    };
+    if matches!(phase, Phase::Handshake) {
+        inject(&mut dst);
+    }
+    let send = spawn_send(bin(), &dir, &src.api, &via, phase.send_args());
+    if !matches!(phase, Phase::Handshake) {
+        wait_report(bin(), &src.api, &format!("{phase:?}"), T, |r| {
+            phase.reached(r)
+        });
+        inject(&mut dst);
     }
     let (ok, report) = finish_send(&dir, send, T);
     assert_failed(ok, &report, "");
@@ -285,6 +299,10 @@ macro_rules! fault_tests {
 }
 
 fault_tests! {
+    kill_before_the_handshake: Kill at Handshake;
+    stall_in_the_handshake: Stall at Handshake;
+    cut_in_the_handshake: Cut at Handshake;
+    fill_in_the_handshake: Fill at Handshake;
     kill_in_the_full_copy: Kill at FullCopy;
     kill_in_a_later_iteration: Kill at LaterIteration;
     kill_in_stop_and_copy: Kill at StopAndCopy;
