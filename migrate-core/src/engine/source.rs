@@ -217,7 +217,32 @@ fn run<V: MigratableVm>(
     if let Err(e) = &result {
         tell_peer(&mut w, e);
     }
-    result
+    result.map_err(|e| why_the_peer_left(e, &mut reader))
+}
+
+/// A write that failed because the destination hung up usually follows an
+/// `Error` it sent saying why (a refused page, a failed integrity check),
+/// which the source, busy writing, never read. Look for it briefly and
+/// report the destination's reason instead of "broken pipe".
+fn why_the_peer_left(e: MigrationError, reader: &mut Stream) -> MigrationError {
+    let MigrationError::Wire { phase, .. } = &e else {
+        return e;
+    };
+    let phase = phase.clone();
+    if reader
+        .set_timeouts(Some(Duration::from_millis(200)))
+        .is_err()
+    {
+        return e;
+    }
+    match read_message(reader, &Limits::default()) {
+        Ok(Message::Error(m)) => MigrationError::PeerError {
+            phase,
+            code: m.code,
+            message: m.message,
+        },
+        _ => e,
+    }
 }
 
 /// Best effort: tell the destination why the migration stops, so it can say

@@ -88,3 +88,33 @@ fn silence_after_commit_is_an_unknown_outcome_and_the_source_stays_paused() {
         "the destination may run the guest: the source must not"
     );
 }
+
+#[test]
+fn a_destination_that_refuses_mid_stream_is_heard_not_just_a_broken_pipe() {
+    // The destination answers the Hello, reads one frame, says why it
+    // stops and hangs up while the source is still writing the full copy.
+    let src = FakeVm::new(SIZE);
+    for page in 0..2048 {
+        src.guest_write(page, page as u64 + 1);
+    }
+    src.running.store(true, Ordering::SeqCst);
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        let mut r = b.try_clone().unwrap();
+        let mut w = b;
+        let limits = Limits::default();
+        if let Ok(Message::Hello(h)) = read_message(&mut r, &limits) {
+            let ack = Message::HelloAck(HelloAck::negotiate(&h, h.features));
+            write_message(&mut w, &ack).unwrap();
+        }
+        let _ = read_message(&mut r, &limits);
+        let refusal = ErrorMessage::new(ErrorCode::ProtocolViolation, "page 0x1000 refused");
+        write_message(&mut w, &Message::Error(refusal)).unwrap();
+    });
+    let report = send_migration(&src, Stream::Unix(a), options(CompressMode::None));
+    dest.join().unwrap();
+    assert_eq!(report.status, MigrationStatus::Failed);
+    let err = report.error.as_deref().unwrap();
+    assert!(err.contains("page 0x1000 refused"), "{err}");
+    assert!(src.running.load(Ordering::SeqCst));
+}
