@@ -20,8 +20,9 @@ use super::{memory_digest, MigratableVm, MigrationError, VmOpError};
 use crate::transport::Stream;
 use crate::vm::memory::slot_layout;
 use crate::wire::{
-    read_message, write_message, Accepted, ErrorCode, ErrorMessage, Hello, HelloAck, Limits,
-    Message, MessageKind, FEATURES_KNOWN, FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST,
+    read_message, read_message_into, write_message, Accepted, ErrorCode, ErrorMessage, Hello,
+    HelloAck, Limits, Message, MessageKind, FEATURES_KNOWN, FEATURE_GUEST_PAUSED,
+    FEATURE_MEMORY_DIGEST,
 };
 
 /// Limits and expectations of the receiving side.
@@ -101,7 +102,11 @@ pub fn receive_migration<V: MigratableVm>(
         .map_err(|e| wire("setup")(e.into()))?;
     let writer = stream.try_clone().map_err(|e| wire("setup")(e.into()))?;
     let mut w = BufWriter::new(writer);
-    let mut r = BufReader::with_capacity(1 << 20, stream);
+    // Small on purpose: a read of a whole page batch (1 MiB) finds the
+    // buffer drained after the frame's first bytes and goes straight from
+    // the socket into the batch's buffer; a 1 MiB buffer here made every
+    // batch pass through it, one more copy of every page.
+    let mut r = BufReader::with_capacity(64 << 10, stream);
     let limits = Limits::default();
 
     let hello = match read_message(&mut r, &limits).map_err(wire("handshake"))? {
@@ -148,7 +153,7 @@ pub fn receive_migration<V: MigratableVm>(
     };
     loop {
         let phase = rx.phase.name();
-        let msg = match read_message(&mut r, &limits) {
+        let msg = match read_message_into(&mut r, &limits, rx.applier.spare_buffer()) {
             Ok(m) => m,
             Err(e) => {
                 let e = wire(phase)(e);
@@ -293,6 +298,7 @@ impl Receiver {
             (Phase::Memory, Message::Pages(b)) => {
                 self.check_iteration(b.iteration)?;
                 self.iteration_pages += self.applier.apply_batch(vm.memory(), &b)?;
+                self.applier.recycle(b.data);
                 Ok(Step::Continue)
             }
             (Phase::Memory, Message::ZeroPages(z)) => {

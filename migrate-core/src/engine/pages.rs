@@ -203,6 +203,9 @@ pub struct PageApplier {
     /// write (fresh guest memory is zero), which keeps it unallocated.
     written: DirtyBitmap,
     scratch: Vec<u8>,
+    /// The data buffer of the last batch applied, for the next batch to be
+    /// read into (see [`crate::wire::read_message_into`]).
+    spare: Vec<u8>,
     decompressor: zstd::bulk::Decompressor<'static>,
     zero_page: Vec<u8>,
 }
@@ -213,6 +216,7 @@ impl PageApplier {
         Ok(Self {
             written: DirtyBitmap::new(pages),
             scratch: Vec::new(),
+            spare: Vec::new(),
             decompressor: zstd::bulk::Decompressor::new().map_err(|e| {
                 MigrationError::InvalidData(format!("cannot set up zstd decompression: {e}"))
             })?,
@@ -234,7 +238,22 @@ impl PageApplier {
         &self.written
     }
 
-    /// Write one batch; returns its page count.
+    /// The buffer the next batch's data should be read into.
+    pub fn spare_buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.spare
+    }
+
+    /// Keep an applied batch's data buffer for the next batch.
+    pub fn recycle(&mut self, data: Vec<u8>) {
+        if data.capacity() > self.spare.capacity() {
+            self.spare = data;
+        }
+    }
+
+    /// Write one batch; returns its page count. Raw pages are copied from
+    /// the batch's own buffer straight into guest memory (the frame's
+    /// checksum was verified when it was read); compressed ones go through
+    /// `scratch`.
     pub fn apply_batch(
         &mut self,
         memory: &GuestMemoryMmap,
@@ -243,11 +262,20 @@ impl PageApplier {
         for gpa in &batch.gpas {
             self.page_index(*gpa)?;
         }
-        batch
-            .decompress_into_with(&mut self.decompressor, &mut self.scratch)
-            .map_err(wire_err("decompressing pages"))?;
-        for (gpa, page) in batch.gpas.iter().zip(self.scratch.chunks_exact(PAGE_SIZE)) {
-            let index = self.page_index(*gpa)?;
+        let data: &[u8] = match batch.compression {
+            crate::wire::Compression::None => {
+                batch.validate().map_err(wire_err("checking pages"))?;
+                &batch.data
+            }
+            crate::wire::Compression::Zstd => {
+                batch
+                    .decompress_into_with(&mut self.decompressor, &mut self.scratch)
+                    .map_err(wire_err("decompressing pages"))?;
+                &self.scratch
+            }
+        };
+        for (gpa, page) in batch.gpas.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+            let index = usize::try_from(*gpa / PAGE_SIZE as u64).expect("checked above");
             memory
                 .write_slice(page, GuestAddress(*gpa))
                 .map_err(|e| MigrationError::InvalidData(format!("writing page {gpa:#x}: {e}")))?;

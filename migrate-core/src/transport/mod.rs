@@ -477,6 +477,26 @@ impl<W: Write> Write for RateLimited<W> {
         Ok(written)
     }
 
+    /// Passes vectored writes through (a page batch and its header in one
+    /// system call); under a cap, only as many bytes as the tokens allow.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let n = self.wait_for(total);
+        let written = if n >= total {
+            self.inner.write_vectored(bufs)?
+        } else {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            self.inner.write(&first[..n.min(first.len())])?
+        };
+        if self.rate.get().is_some() {
+            self.tokens += n.saturating_sub(written) as f64;
+        }
+        Ok(written)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }

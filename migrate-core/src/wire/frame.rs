@@ -1,6 +1,6 @@
 //! Frame header, checksums, and reading/writing whole messages.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 use super::codec::invalid;
 use super::message::{decode_payload, encode_payload};
@@ -139,6 +139,27 @@ impl<'r, R: Read> PayloadReader<'r, R> {
         Ok(out)
     }
 
+    /// Reads the next `n` bytes into `buffer`, reusing its allocation: a
+    /// buffer that already held `n` bytes is neither reallocated nor
+    /// zero-filled, so page batches of the usual size cost one read each.
+    pub(super) fn read_into(
+        &mut self,
+        n: usize,
+        mut buffer: Vec<u8>,
+    ) -> Result<Vec<u8>, WireError> {
+        debug_assert!(n <= self.remaining);
+        if buffer.len() >= n {
+            buffer.truncate(n);
+        } else if buffer.capacity() >= n {
+            buffer.resize(n, 0);
+        } else {
+            // Too small to reuse: read without zero-filling.
+            return self.read_vec(n);
+        }
+        self.read_exact(&mut buffer)?;
+        Ok(buffer)
+    }
+
     /// Checks the payload checksum once everything was read.
     pub(super) fn finish(&mut self) -> Result<(), WireError> {
         debug_assert_eq!(self.remaining, 0);
@@ -186,6 +207,24 @@ impl<'r, R: Read> PayloadReader<'r, R> {
 /// [`WireError::Truncated`], or [`WireError::Io`] from the reader. After an
 /// error the stream position is unspecified: drop the connection.
 pub fn read_message<R: Read>(r: &mut R, limits: &Limits) -> Result<Message, WireError> {
+    read_message_into(r, limits, &mut Vec::new())
+}
+
+/// Like [`read_message`], but the data of a `Pages` batch lands in `spare`
+/// (taken from it, its allocation reused) instead of a new vector. A
+/// receiver hands each applied batch's buffer back
+/// ([`PageBatch::data`](super::PageBatch)), so the page path allocates
+/// nothing per batch: a fresh 1 MiB allocation per batch was a page fault
+/// per 4 KiB of it.
+///
+/// # Errors
+///
+/// As [`read_message`].
+pub fn read_message_into<R: Read>(
+    r: &mut R,
+    limits: &Limits,
+    spare: &mut Vec<u8>,
+) -> Result<Message, WireError> {
     let mut bytes = [0u8; HEADER_LEN];
     let n = read_full(r, &mut bytes)?;
     if n == 0 {
@@ -201,7 +240,7 @@ pub fn read_message<R: Read>(r: &mut R, limits: &Limits) -> Result<Message, Wire
     let header = FrameHeader::decode(&bytes, limits)?;
     let mut pr = PayloadReader::new(r, header);
     if header.kind == MessageKind::Pages {
-        return pages::read_batch(&mut pr).map(Message::Pages);
+        return pages::read_batch(&mut pr, std::mem::take(spare)).map(Message::Pages);
     }
     let payload = pr.read_vec(pr.remaining())?;
     pr.finish()?;
@@ -292,9 +331,27 @@ fn write_frame<W: Write>(
         payload_crc: hasher.finalize(),
     };
     buf[..HEADER_LEN].copy_from_slice(&header.encode());
-    w.write_all(&buf)?;
-    for part in rest.iter().filter(|p| !p.is_empty()) {
-        w.write_all(part)?;
-    }
+    let mut slices: Vec<IoSlice<'_>> = std::iter::once(buf.as_slice())
+        .chain(rest.iter().copied())
+        .filter(|p| !p.is_empty())
+        .map(IoSlice::new)
+        .collect();
+    write_all_vectored(w, &mut slices)?;
     Ok((HEADER_LEN + payload_len) as u64)
+}
+
+/// Writes every slice, as few system calls as the writer allows: one
+/// `writev` for the header and a whole batch of pages when the writer (a
+/// `BufWriter` with less room than the frame) passes it through, instead of
+/// one write, and one copy into the buffer, per 4 KiB page.
+fn write_all_vectored<W: Write>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -124,7 +124,7 @@ mod pages;
 #[cfg(test)]
 mod tests;
 
-pub use frame::{read_message, write_message, write_raw_pages, FrameHeader};
+pub use frame::{read_message, read_message_into, write_message, write_raw_pages, FrameHeader};
 pub use kind::{ErrorCode, MessageKind};
 pub use message::{
     Accepted, Complete, ErrorMessage, Hello, HelloAck, IterationEnd, MemoryRegion, Message,

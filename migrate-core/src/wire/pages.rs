@@ -296,8 +296,11 @@ pub(super) fn decode_batch(d: &mut Decoder<'_>) -> Result<PageBatch, WireError> 
 }
 
 /// Reads a `Pages` payload straight from the stream, so the page data lands
-/// in its final buffer without an extra copy.
-pub(super) fn read_batch<R: Read>(pr: &mut PayloadReader<'_, R>) -> Result<PageBatch, WireError> {
+/// in its final buffer (`buffer`, reused) without an extra copy.
+pub(super) fn read_batch<R: Read>(
+    pr: &mut PayloadReader<'_, R>,
+    buffer: Vec<u8>,
+) -> Result<PageBatch, WireError> {
     let mut prefix = [0u8; PAGES_FIXED_LEN + 8 * MAX_BATCH_PAGES];
     let fixed_len = PAGES_FIXED_LEN.min(pr.remaining());
     pr.read_exact(&mut prefix[..fixed_len])?;
@@ -308,7 +311,7 @@ pub(super) fn read_batch<R: Read>(pr: &mut PayloadReader<'_, R>) -> Result<PageB
     };
     let gpa_end = PAGES_FIXED_LEN + 8 * count;
     pr.read_exact(&mut prefix[PAGES_FIXED_LEN..gpa_end])?;
-    let data = pr.read_vec(pr.remaining())?;
+    let data = pr.read_into(pr.remaining(), buffer)?;
     pr.finish()?;
     build_batch(
         iteration,

@@ -211,3 +211,81 @@ fn types_cross_threads() {
     check::<Message>();
     check::<Limits>();
 }
+
+/// A writer that takes at most 7 bytes per call, vectored or not: frames
+/// must still arrive whole, in order.
+struct Trickle(Vec<u8>);
+
+impl std::io::Write for Trickle {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(7);
+        self.0.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let mut left = 7;
+        for b in bufs {
+            let n = b.len().min(left);
+            self.0.extend_from_slice(&b[..n]);
+            left -= n;
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(7 - left)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn short_vectored_writes_still_frame_whole_messages() {
+    let batch = raw_batch(2, 4);
+    let slices: Vec<&[u8]> = batch.data.chunks(PAGE_SIZE).collect();
+    let mut t = Trickle(Vec::new());
+    write_raw_pages(&mut t, 2, &batch.gpas, &slices).unwrap();
+    write_message(&mut t, &Message::Pages(batch.clone())).unwrap();
+    let mut r = t.0.as_slice();
+    for _ in 0..2 {
+        assert_eq!(
+            read_message(&mut r, &Limits::default()).unwrap(),
+            Message::Pages(batch.clone())
+        );
+    }
+    assert!(r.is_empty());
+}
+
+#[test]
+fn read_into_reuses_the_spare_buffer_and_still_checks() {
+    let batch = raw_batch(1, 8);
+    let mut stream = Vec::new();
+    for _ in 0..3 {
+        write_message(&mut stream, &Message::Pages(batch.clone())).unwrap();
+    }
+    let mut r = stream.as_slice();
+    let mut spare = Vec::new();
+    let mut last_ptr = None;
+    for _ in 0..3 {
+        let Message::Pages(got) =
+            read_message_into(&mut r, &Limits::default(), &mut spare).unwrap()
+        else {
+            panic!("not a batch");
+        };
+        assert_eq!(got, batch);
+        if let Some(p) = last_ptr {
+            assert_eq!(got.data.as_ptr(), p, "the buffer handed back was reused");
+        }
+        last_ptr = Some(got.data.as_ptr());
+        spare = got.data;
+    }
+    // A reused buffer does not weaken the checksum: flip one page byte.
+    let mut bad = Vec::new();
+    write_message(&mut bad, &Message::Pages(batch.clone())).unwrap();
+    let at = bad.len() - 10;
+    bad[at] ^= 1;
+    assert!(matches!(
+        read_message_into(&mut bad.as_slice(), &Limits::default(), &mut spare),
+        Err(WireError::PayloadChecksum { .. })
+    ));
+}
