@@ -11,6 +11,7 @@
 
 pub mod size;
 pub mod study;
+pub mod transfer;
 pub mod workload;
 
 pub use size::{format_size, parse_size, ParseSizeError};
