@@ -9,6 +9,7 @@
 //! migrates these guests under each policy and link is in [`study`] (binary
 //! `vmigrate-study`).
 
+pub mod scale;
 pub mod size;
 pub mod study;
 pub mod transfer;

@@ -43,7 +43,7 @@ struct Args {
     /// Results directory.
     #[arg(long, default_value = "bench-data/results/transfer")]
     out: PathBuf,
-    /// README whose `transfer` block is regenerated ("" for none).
+    /// README whose `transfer` block is regenerated ("-" for none).
     #[arg(long, default_value = "bench-data/README.md")]
     readme: PathBuf,
 }
@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let table = markdown_table(&cfg, &runs);
     std::fs::write(args.out.join("summary.md"), &table)?;
-    if !args.readme.as_os_str().is_empty() {
+    if args.readme.as_os_str() != "-" {
         let doc = std::fs::read_to_string(&args.readme).unwrap_or_default();
         let doc =
             harness::study::summary::replace_block_by(&doc, "transfer", &table, "transfer-bench");

@@ -111,6 +111,12 @@ impl Guard {
         &self.what
     }
 
+    /// The process id, while it runs.
+    #[must_use]
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The exit status if the process has ended (reaped once).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {

@@ -17,7 +17,7 @@
 //! against the TCP stream of the same repetition.
 
 mod qemu;
-mod vmigrate;
+pub mod vmigrate;
 
 use std::path::{Path, PathBuf};
 

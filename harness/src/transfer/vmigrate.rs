@@ -1,4 +1,5 @@
-//! One vmigrate migration of the incompressible idle guest.
+//! One vmigrate migration between two fresh processes over loopback, with
+//! the resident memory of both sides.
 
 use std::path::Path;
 use std::process::Command;
@@ -7,31 +8,90 @@ use std::time::{Duration, Instant};
 use super::{Binaries, TransferConfig, TransferRun};
 use crate::study::procs::{Guard, Stop};
 
-/// Migrates `idle:fill=random` of `cfg.mem` over loopback with `channels`
-/// connections; never fails (a failure is the row's status and note).
-pub(super) fn migrate(
-    cfg: &TransferConfig,
-    bins: &Binaries,
-    dir: &Path,
-    rep: u32,
-    channels: u32,
-    stop: &Stop,
-) -> TransferRun {
-    let row = TransferRun::new(rep, "vmigrate", channels);
-    match try_migrate(cfg, bins, dir, channels, stop) {
-        Ok(report) => row.with_report(&report),
-        Err(e) => row.failed(e),
-    }
+/// Mappings larger than this are guest RAM (a slot is the whole guest or up
+/// to 1 GiB of it); everything else counts as the engine's own. Strictly
+/// larger: a glibc thread arena is a mapping of at most exactly 64 MiB, so
+/// the engine's heap is never mistaken for guest RAM. Conservative the
+/// other way: a guest slot of 64 MiB or less counts as engine memory.
+const GUEST_MAPPING_OVER: u64 = 64 << 20;
+
+/// What one migration needs.
+pub struct Migration<'a> {
+    /// Name of this run's files in the work directory.
+    pub tag: String,
+    /// Workload spec (`idle:fill=random`, `sweep`, …).
+    pub workload: &'a str,
+    /// Guest RAM.
+    pub mem: &'a str,
+    /// Policy name.
+    pub policy: &'a str,
+    /// More `send` arguments.
+    pub send_args: Vec<String>,
+    /// Seconds before `send` gives up (`--timeout`).
+    pub time_cap_s: f64,
+    /// Pass marks the guest must print before `send` (a sweep that has not
+    /// finished its first pass has not yet written most of its RAM).
+    pub warm_passes: usize,
 }
 
-fn try_migrate(
-    cfg: &TransferConfig,
+/// Resident memory of one process, split by mapping size.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Resident {
+    /// Whole process, KiB.
+    pub total_kib: u64,
+    /// In mappings of at most 64 MiB (not guest RAM): the engine's own.
+    pub engine_kib: u64,
+}
+
+/// Reads `/proc/PID/smaps`; `None` if the process is gone.
+#[must_use]
+pub fn resident(pid: u32) -> Option<Resident> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut r = Resident::default();
+    let mut size = 0u64;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                size = b.saturating_sub(a);
+                continue;
+            }
+        }
+        if first == "Rss:" {
+            let kib: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            r.total_kib += kib;
+            if size <= GUEST_MAPPING_OVER {
+                r.engine_kib += kib;
+            }
+        }
+    }
+    Some(r)
+}
+
+/// A finished migration: the report and the resident memory of the source
+/// before `send` and of the destination after it.
+pub struct Migrated {
+    /// `send --json`'s report.
+    pub report: serde_json::Value,
+    /// Source before the migration.
+    pub source: Option<Resident>,
+    /// Destination once the guest runs there.
+    pub destination: Option<Resident>,
+}
+
+/// Runs `m` in fresh processes.
+///
+/// # Errors
+/// What went wrong, as text: a process that did not start or exited, no
+/// report from `send`.
+pub fn run_migration(
     bins: &Binaries,
     dir: &Path,
-    channels: u32,
+    m: &Migration<'_>,
     stop: &Stop,
-) -> Result<serde_json::Value, String> {
-    let f = |name: &str| dir.join(format!("vm{channels}-{name}"));
+) -> Result<Migrated, String> {
+    let f = |name: &str| dir.join(format!("{}-{name}", m.tag));
     let bin = bins.vmigrate.display().to_string();
     let s = |p: &Path| p.display().to_string();
     for p in [f("dst.api"), f("src.api")] {
@@ -49,14 +109,13 @@ fn try_migrate(
         Some(&f("dst.api")),
     )
     .map_err(|e| e.to_string())?;
-    let workload = "idle:fill=random";
     let src_argv: Vec<String> = [
         bin.as_str(),
         "run",
         "--workload",
-        workload,
+        m.workload,
         "--mem",
-        &cfg.mem,
+        m.mem,
         "--serial",
         &s(&f("src.serial")),
         "--api-socket",
@@ -73,12 +132,12 @@ fn try_migrate(
     )
     .map_err(|e| e.to_string())?;
 
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     let to = loop {
         let out = std::fs::read_to_string(f("dst.out")).unwrap_or_default();
-        let booted = std::fs::read(f("src.serial"))
-            .unwrap_or_default()
-            .contains(&crate::BOOT_MARK);
+        let serial = std::fs::read(f("src.serial")).unwrap_or_default();
+        let booted = serial.contains(&crate::BOOT_MARK)
+            && serial.iter().filter(|&&b| b == crate::PASS_MARK).count() >= m.warm_passes;
         let addr = out
             .lines()
             .find_map(|l| l.strip_prefix("vmigrate: listening on "));
@@ -95,27 +154,63 @@ fn try_migrate(
             }
         }
         if stop.requested() || Instant::now() > deadline {
-            return Err("guests not ready within 120 s".into());
+            return Err("guests not ready within 300 s".into());
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut send = Command::new(&bins.vmigrate);
-    send.args(["send", "--api-socket"])
+    let source = src.id().and_then(resident);
+    let out = Command::new(&bins.vmigrate)
+        .args(["send", "--api-socket"])
         .arg(f("src.api"))
-        .args(["--to", &to, "--insecure", "--policy", "qemu", "--json"])
-        .args(["--timeout", &format!("{}", cfg.time_cap_s)]);
-    if channels > 1 {
-        send.args(["--channels", &channels.to_string()]);
-    }
-    let out = send.output().map_err(|e| format!("vmigrate send: {e}"))?;
+        .args(["--to", &to, "--insecure", "--policy", m.policy, "--json"])
+        .args(["--timeout", &format!("{}", m.time_cap_s)])
+        .args(&m.send_args)
+        .output()
+        .map_err(|e| format!("vmigrate send: {e}"))?;
+    let destination = dst.id().and_then(resident);
     src.stop(Duration::from_secs(5));
     dst.stop(Duration::from_secs(5));
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).map_err(|_| {
+    let report = serde_json::from_str(text.trim()).map_err(|_| {
         format!(
             "send gave no report ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         )
+    })?;
+    Ok(Migrated {
+        report,
+        source,
+        destination,
     })
+}
+
+/// Migrates `idle:fill=random` of `cfg.mem` with `channels` connections;
+/// never fails (a failure is the row's status and note).
+pub(super) fn migrate(
+    cfg: &TransferConfig,
+    bins: &Binaries,
+    dir: &Path,
+    rep: u32,
+    channels: u32,
+    stop: &Stop,
+) -> TransferRun {
+    let row = TransferRun::new(rep, "vmigrate", channels);
+    let m = Migration {
+        tag: format!("vm{channels}"),
+        workload: "idle:fill=random",
+        mem: &cfg.mem,
+        policy: "qemu",
+        send_args: if channels > 1 {
+            vec!["--channels".into(), channels.to_string()]
+        } else {
+            Vec::new()
+        },
+        time_cap_s: cfg.time_cap_s,
+        warm_passes: 0,
+    };
+    match run_migration(bins, dir, &m, stop) {
+        Ok(done) => row.with_report(&done.report),
+        Err(e) => row.failed(e),
+    }
 }
