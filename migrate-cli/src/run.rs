@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use migrate_core::api::{ApiServer, ProcessEvent, VmController};
-use migrate_core::engine::{receive_migration, ReceiveOptions};
+use migrate_core::engine::{receive_migration_with_channels, ReceiveOptions};
 use migrate_core::transport::{
-    ChannelSecurity, Listener, MigrationUri, Psk, TlsCredentials, TlsFiles,
+    ChannelSecurity, Listener, MigrationUri, Psk, Stream, TlsCredentials, TlsFiles,
 };
 use migrate_core::vm::ports::SerialSink;
 use migrate_core::vm::{Vm, VmConfig, VmEvent};
@@ -114,7 +114,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         println!("vmigrate: listening on {}", listener.uri());
         std::io::stdout().flush()?;
         let stream = listener.accept()?;
-        drop(listener);
         stream.set_timeouts(Some(Duration::from_secs(a.incoming_timeout)))?;
         let stream = stream.secure_accept(&security).context(
             "refused the incoming connection before reading any guest data; the guest was not started here",
@@ -139,19 +138,33 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             max_mem,
         };
         let mut serial = Some(serial);
-        let outcome = receive_migration(stream, &opts, |hello| {
-            let mem_size = hello.regions.iter().map(|r| r.size).sum();
-            let vm = Vm::new(
-                VmConfig {
-                    mem_size,
-                    vcpus: hello.vcpu_count,
-                    serial: serial.take().expect("one VM per migration"),
-                },
-                vm_tx.clone(),
-            )?;
-            Ok(vm)
-        })
-        .context("incoming migration failed; the guest was not started here")?;
+        // Further channels of this migration (`send --channels N`) come in
+        // on the same listener, secured the same way, once the source has
+        // announced them; they must arrive within the incoming timeout.
+        let channel_timeout = Duration::from_secs(a.incoming_timeout);
+        let mut accept_channel = || -> Result<Stream, String> {
+            let s = listener
+                .accept_timeout(channel_timeout)
+                .map_err(|e| e.to_string())?;
+            s.set_timeouts(Some(channel_timeout))
+                .map_err(|e| e.to_string())?;
+            s.secure_accept(&security).map_err(|e| e.to_string())
+        };
+        let outcome =
+            receive_migration_with_channels(stream, &opts, Some(&mut accept_channel), |hello| {
+                let mem_size = hello.regions.iter().map(|r| r.size).sum();
+                let vm = Vm::new(
+                    VmConfig {
+                        mem_size,
+                        vcpus: hello.vcpu_count,
+                        serial: serial.take().expect("one VM per migration"),
+                    },
+                    vm_tx.clone(),
+                )?;
+                Ok(vm)
+            })
+            .context("incoming migration failed; the guest was not started here")?;
+        drop(listener);
         eprintln!(
             "vmigrate: migration received ({} iterations, {} pages; resident memory {} MiB before resume); {}",
             outcome.iterations,

@@ -67,6 +67,11 @@ pub struct SendArgs {
     /// only if the digests agree (lengthens the downtime by `digest-time`).
     #[arg(long)]
     verify: bool,
+    /// Connections carrying the pages, 1 to 16: every pass is split across
+    /// them (2 MiB blocks), each with its own compressor, and the
+    /// destination applies them in parallel (QEMU's multifd).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    channels: u16,
     /// Pre-shared key file, the same as the destination's --psk-file: both
     /// ends prove they hold it and every record is encrypted and authenticated.
     #[arg(long)]
@@ -131,6 +136,7 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
             _ => TimeoutAction::Cancel,
         },
         verify: a.verify,
+        channels: a.channels,
         // The VM process reads the key: give it an absolute path.
         psk_file: a
             .psk_file

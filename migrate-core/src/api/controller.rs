@@ -29,8 +29,8 @@ use super::{
     SetParameters, VmStatus, API_VERSION,
 };
 use crate::engine::{
-    send_migration, CompressMode, MigrationControl, MigrationReport, MigrationStatus, RampError,
-    SendOptions,
+    send_migration, ChannelConnector, CompressMode, MigrationControl, MigrationReport,
+    MigrationStatus, RampError, SendOptions,
 };
 use crate::transport::{ChannelError, MigrationUri, Stream, TransportError};
 use crate::vm::{Vm, VmError};
@@ -482,6 +482,13 @@ impl VmController {
         if req.downtime_limit == 0 {
             return Err(ControlError::ZeroDowntime);
         }
+        if !(1..=crate::wire::MAX_CHANNELS).contains(&req.channels) {
+            return Err(ControlError::BadSend(format!(
+                "channels must be 1 to {}, got {}",
+                crate::wire::MAX_CHANNELS,
+                req.channels
+            )));
+        }
         let security = channel_security(req)?;
         let downtime_limit =
             Duration::from_millis(req.downtime_ramp.map_or(req.downtime_limit, |r| r.start_ms));
@@ -590,6 +597,19 @@ impl VmController {
                 progress(r)
             })),
             destination: uri.to_string(),
+            channels: (req.channels > 1).then(|| {
+                let (uri, security) = (uri.clone(), security.clone());
+                ChannelConnector {
+                    count: req.channels,
+                    connect: Box::new(move || {
+                        let s =
+                            Stream::connect(&uri, connect_timeout).map_err(|e| e.to_string())?;
+                        s.set_timeouts(Some(IO_TIMEOUT))
+                            .map_err(|e| e.to_string())?;
+                        s.secure_connect(&security, &uri).map_err(|e| e.to_string())
+                    }),
+                }
+            }),
         };
         let report = send_migration(&*self.vm, stream, opts);
         *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());

@@ -152,6 +152,10 @@ pub struct SendRequest {
     /// downtime by the time it takes, reported as `digest-time`).
     #[serde(default)]
     pub verify: bool,
+    /// Connections to carry the pages, 1..=16 (default 1): each pass is
+    /// split across them by 2 MiB block, in the spirit of QEMU's multifd.
+    #[serde(default = "default_channels")]
+    pub channels: u16,
     /// Pre-shared key file (absolute path, read by the VM process): the
     /// channel authenticates both ends and every record with it. One of
     /// `psk-file` and `insecure` is required.
@@ -180,6 +184,9 @@ fn default_policy() -> String {
 fn default_downtime() -> u64 {
     300
 }
+fn default_channels() -> u16 {
+    1
+}
 fn default_compress() -> String {
     "none".into()
 }
@@ -200,6 +207,7 @@ impl SendRequest {
             connect_timeout: None,
             io_timeout: None,
             verify: false,
+            channels: default_channels(),
             psk_file: None,
             insecure: false,
             tls_cert: None,

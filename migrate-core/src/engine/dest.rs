@@ -12,17 +12,19 @@
 //! the VM without having run it.
 
 use std::io::{BufReader, BufWriter, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::channels::{ChannelAcceptor, IterationSync, Lanes};
 use super::pages::PageApplier;
 use super::source::peer_message;
 use super::{memory_digest, MigratableVm, MigrationError, VmOpError};
 use crate::transport::Stream;
 use crate::vm::memory::slot_layout;
 use crate::wire::{
-    read_message, read_message_into, write_message, Accepted, ErrorCode, ErrorMessage, Hello,
-    HelloAck, Limits, Message, MessageKind, FEATURES_KNOWN, FEATURE_GUEST_PAUSED,
-    FEATURE_MEMORY_DIGEST,
+    read_message, read_message_into, write_message, Accepted, ChannelJoin, ErrorCode, ErrorMessage,
+    Hello, HelloAck, Limits, Message, MessageKind, FEATURES_KNOWN, FEATURE_CHANNELS,
+    FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST,
 };
 
 /// Limits and expectations of the receiving side.
@@ -88,9 +90,22 @@ impl Phase {
 
 /// Receive one migration on `stream`. `make_vm` builds the VM the `Hello`
 /// describes (after the checks here passed). On success the guest runs.
+/// A source asking for several channels is refused (see
+/// [`receive_migration_with_channels`]).
 pub fn receive_migration<V: MigratableVm>(
     stream: Stream,
     opts: &ReceiveOptions,
+    make_vm: impl FnOnce(&Hello) -> Result<V, VmOpError>,
+) -> Result<ReceiveOutcome<V>, MigrationError> {
+    receive_migration_with_channels(stream, opts, None, make_vm)
+}
+
+/// [`receive_migration`], accepting the further connections of a
+/// multi-channel migration with `acceptor` (see [`super::channels`]).
+pub fn receive_migration_with_channels<V: MigratableVm>(
+    stream: Stream,
+    opts: &ReceiveOptions,
+    mut acceptor: Option<ChannelAcceptor<'_>>,
     make_vm: impl FnOnce(&Hello) -> Result<V, VmOpError>,
 ) -> Result<ReceiveOutcome<V>, MigrationError> {
     let wire = |phase: &str| {
@@ -134,7 +149,12 @@ pub fn receive_migration<V: MigratableVm>(
         refuse(&mut w, &e);
         return Err(e);
     }
-    let ack = HelloAck::negotiate(&hello, FEATURES_KNOWN);
+    let known = if acceptor.is_some() {
+        FEATURES_KNOWN
+    } else {
+        FEATURES_KNOWN & !FEATURE_CHANNELS
+    };
+    let ack = HelloAck::negotiate(&hello, known);
     write_message(&mut w, &Message::HelloAck(ack)).map_err(wire("handshake"))?;
     w.flush().map_err(|e| wire("handshake")(e.into()))?;
 
@@ -150,28 +170,115 @@ pub fn receive_migration<V: MigratableVm>(
         vcpus: vec![None; usize::try_from(hello.vcpu_count).expect("vCPU count fits usize")],
         digest_wanted: hello.features & FEATURE_MEMORY_DIGEST != 0,
         digest: None,
+        channels_allowed: ack.features & FEATURE_CHANNELS != 0,
+        sync: None,
+        rss_before_resume: None,
+    };
+    let mut lanes: Option<Lanes> = None;
+    let result = receive_loop(
+        &vm,
+        &mut rx,
+        &mut r,
+        &mut w,
+        &mut lanes,
+        &mut acceptor,
+        opts,
+        &hello,
+    );
+    if let Some(l) = lanes {
+        l.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
+    }
+    let paused = result?;
+    Ok(ReceiveOutcome {
+        vm,
+        iterations: rx.iterations,
+        pages: rx.total_pages,
+        digest: rx.digest,
+        rss_before_resume: rx.rss_before_resume,
+        paused,
+    })
+}
+
+/// The message loop after the handshake; returns whether the guest was
+/// kept paused.
+#[allow(clippy::too_many_arguments)]
+fn receive_loop<V: MigratableVm>(
+    vm: &V,
+    rx: &mut Receiver,
+    r: &mut BufReader<Stream>,
+    w: &mut BufWriter<Stream>,
+    lanes: &mut Option<Lanes>,
+    acceptor: &mut Option<ChannelAcceptor<'_>>,
+    opts: &ReceiveOptions,
+    hello: &Hello,
+) -> Result<bool, MigrationError> {
+    let limits = Limits::default();
+    let wire = |phase: &str| {
+        let phase = phase.to_string();
+        move |source| MigrationError::Wire { phase, source }
     };
     loop {
         let phase = rx.phase.name();
-        let msg = match read_message_into(&mut r, &limits, rx.applier.spare_buffer()) {
+        let msg = match read_message_into(r, &limits, rx.applier.spare_buffer()) {
             Ok(m) => m,
             Err(e) => {
-                let e = wire(phase)(e);
-                refuse(&mut w, &e);
+                // A channel that failed shut this stream down: its reason
+                // is the one to give.
+                let e = match lanes.as_ref().and_then(|l| l.sync.failure()) {
+                    Some(why) => MigrationError::InvalidData(why),
+                    None => wire(phase)(e),
+                };
+                refuse(w, &e);
                 return Err(e);
             }
         };
-        match rx.step(&vm, msg) {
+        match rx.step(vm, msg) {
             Ok(Step::Continue) => {}
+            Ok(Step::OpenChannels(join)) => {
+                let accepted = match acceptor.as_mut() {
+                    Some(a) => w
+                        .get_ref()
+                        .try_clone()
+                        .map_err(|e| wire("joining channels")(e.into()))
+                        .and_then(|main| {
+                            Lanes::accept(
+                                join,
+                                &mut **a,
+                                main,
+                                vm.memory(),
+                                rx.applier.written(),
+                                opts.io_timeout,
+                            )
+                        }),
+                    None => Err(MigrationError::InvalidData(
+                        "several channels were not negotiated".into(),
+                    )),
+                };
+                match accepted {
+                    Ok(l) => {
+                        rx.sync = Some(l.sync.clone());
+                        *lanes = Some(l);
+                    }
+                    Err(e) => {
+                        refuse(w, &e);
+                        return Err(e);
+                    }
+                }
+            }
             Ok(Step::Reply(m)) => {
-                write_message(&mut w, &m).map_err(wire(phase))?;
+                if let Some(l) = lanes.take() {
+                    // Every pass is in (the final one passed the barrier):
+                    // the channels are closed or closing.
+                    l.finish(None);
+                }
+                write_message(w, &m).map_err(wire(phase))?;
                 w.flush().map_err(|e| wire(phase)(e.into()))?;
                 if matches!(m, Message::Accepted(_)) {
                     crate::faults::crash_point("dest-after-accepted");
                 }
             }
             Ok(Step::Resume) => {
-                let rss_before_resume = resident_bytes();
+                rx.rss_before_resume = resident_bytes();
                 // A guest paused on the source stays paused here until
                 // the operator resumes it.
                 let paused = hello.features & FEATURE_GUEST_PAUSED != 0;
@@ -183,7 +290,7 @@ pub fn receive_migration<V: MigratableVm>(
                             op: "resume",
                             source,
                         };
-                        refuse(&mut w, &e);
+                        refuse(w, &e);
                         return Err(e);
                     }
                 }
@@ -191,21 +298,14 @@ pub fn receive_migration<V: MigratableVm>(
                 // The guest is ours now. If the source cannot hear this it
                 // reports the outcome as unknown and stays paused; the guest
                 // runs here either way.
-                if write_message(&mut w, &Message::Resumed).is_ok() {
+                if write_message(w, &Message::Resumed).is_ok() {
                     let _ = w.flush();
                 }
-                return Ok(ReceiveOutcome {
-                    vm,
-                    iterations: rx.iterations,
-                    pages: rx.total_pages,
-                    digest: rx.digest,
-                    rss_before_resume,
-                    paused,
-                });
+                return Ok(paused);
             }
             Err(e) => {
                 if !matches!(e, MigrationError::PeerError { .. }) {
-                    refuse(&mut w, &e);
+                    refuse(w, &e);
                 }
                 return Err(e);
             }
@@ -266,6 +366,8 @@ fn check_hello(hello: &Hello, opts: &ReceiveOptions) -> Result<(), MigrationErro
 
 enum Step {
     Continue,
+    /// The source announced further channels: accept them.
+    OpenChannels(ChannelJoin),
     Reply(Message),
     Resume,
 }
@@ -280,6 +382,11 @@ struct Receiver {
     vcpus: Vec<Option<Vec<u8>>>,
     digest_wanted: bool,
     digest: Option<u64>,
+    /// `FEATURE_CHANNELS` was negotiated.
+    channels_allowed: bool,
+    /// The barrier of the further channels, once they joined.
+    sync: Option<Arc<IterationSync>>,
+    rss_before_resume: Option<u64>,
 }
 
 impl Receiver {
@@ -313,6 +420,11 @@ impl Receiver {
                         "iteration {} announced {} pages but {} arrived",
                         end.iteration, end.pages, self.iteration_pages
                     )));
+                }
+                if let Some(sync) = &self.sync {
+                    // Not a page of the next pass before every channel
+                    // applied its share of this one.
+                    sync.wait(end.iteration)?;
                 }
                 self.total_pages += self.iteration_pages;
                 self.iteration_pages = 0;
@@ -367,7 +479,10 @@ impl Receiver {
                     ));
                 }
                 self.digest = if self.digest_wanted {
-                    Some(memory_digest(vm.memory(), Some(self.applier.written()))?)
+                    Some(memory_digest(
+                        vm.memory(),
+                        Some(&self.applier.written().snapshot()),
+                    )?)
                 } else {
                     None
                 };
@@ -379,8 +494,17 @@ impl Receiver {
             (Phase::Committing, Message::Commit) => {
                 // The pages written here are this VM's written set from now
                 // on (a later migration of it skips the others).
-                vm.note_written(self.applier.written());
+                vm.note_written(&self.applier.written().snapshot());
                 Ok(Step::Resume)
+            }
+            (Phase::Memory, Message::ChannelJoin(j))
+                if self.channels_allowed
+                    && self.sync.is_none()
+                    && j.index == 0
+                    && self.iteration == 0
+                    && self.iteration_pages == 0 =>
+            {
+                Ok(Step::OpenChannels(j))
             }
             (_, Message::Heartbeat) => Ok(Step::Continue),
             (_, other) => Err(unexpected(other.kind())),

@@ -21,6 +21,7 @@
 //! Anything that fails before `Commit` is sent resumes the source guest; the
 //! destination resumes only on `Commit`, so the guest never runs twice.
 
+mod channels;
 mod control;
 mod dest;
 #[cfg(feature = "memory-vm")]
@@ -29,9 +30,13 @@ mod pages;
 mod precopy;
 mod report;
 mod source;
+mod written;
 
+pub use channels::{ChannelAcceptor, ChannelConnector};
 pub use control::{DowntimeRamp, MigrationControl, RampError};
-pub use dest::{receive_migration, ReceiveOptions, ReceiveOutcome};
+pub use dest::{
+    receive_migration, receive_migration_with_channels, ReceiveOptions, ReceiveOutcome,
+};
 #[cfg(feature = "memory-vm")]
 pub use memory_vm::MemoryVm;
 pub use pages::is_zero as is_zero_page;

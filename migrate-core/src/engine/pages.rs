@@ -7,6 +7,7 @@ use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::control::MigrationControl;
+use super::written::WrittenPages;
 use super::MigrationError;
 use crate::dirty::DirtyBitmap;
 use crate::wire::{
@@ -44,6 +45,9 @@ pub struct PageSender {
     /// the end of a long iteration on a slow link; also told the bytes
     /// sent, so `query-migrate` moves during such an iteration.
     cancel: Option<Arc<MigrationControl>>,
+    /// The further channels of a multi-channel migration (see
+    /// [`super::channels`]); empty for one connection.
+    pub(super) lanes: Vec<super::channels::Lane>,
 }
 
 fn wire_err(phase: &str) -> impl Fn(WireError) -> MigrationError + '_ {
@@ -68,6 +72,7 @@ impl PageSender {
             data: Vec::with_capacity(BATCH_PAGES * PAGE_SIZE),
             gpas: Vec::with_capacity(BATCH_PAGES),
             cancel: None,
+            lanes: Vec::new(),
         })
     }
 
@@ -199,9 +204,10 @@ pub fn is_zero(page: &[u8]) -> bool {
 
 /// Writes received pages into guest memory.
 pub struct PageApplier {
-    /// Pages written so far; a zero page for a page never written needs no
-    /// write (fresh guest memory is zero), which keeps it unallocated.
-    written: DirtyBitmap,
+    /// Pages written so far (by every channel); a zero page for a page
+    /// never written needs no write (fresh guest memory is zero), which
+    /// keeps it unallocated.
+    written: Arc<WrittenPages>,
     scratch: Vec<u8>,
     /// The data buffer of the last batch applied, for the next batch to be
     /// read into (see [`crate::wire::read_message_into`]).
@@ -213,8 +219,14 @@ pub struct PageApplier {
 impl PageApplier {
     /// An applier for a guest of `pages` pages.
     pub fn new(pages: usize) -> Result<Self, MigrationError> {
+        Self::sharing(Arc::new(WrittenPages::new(pages)))
+    }
+
+    /// An applier that records into (and reads) `written`, shared with the
+    /// appliers of the other channels.
+    pub fn sharing(written: Arc<WrittenPages>) -> Result<Self, MigrationError> {
         Ok(Self {
-            written: DirtyBitmap::new(pages),
+            written,
             scratch: Vec::new(),
             spare: Vec::new(),
             decompressor: zstd::bulk::Decompressor::new().map_err(|e| {
@@ -233,8 +245,8 @@ impl PageApplier {
             })
     }
 
-    /// Pages written so far.
-    pub fn written(&self) -> &DirtyBitmap {
+    /// Pages written so far (by every channel).
+    pub fn written(&self) -> &Arc<WrittenPages> {
         &self.written
     }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use policy::{ConvergencePolicy, IterationStats};
 
+use super::channels::{self, ChannelConnector};
 use super::control::{DowntimeRamp, MigrationControl};
 use super::pages::{PageSender, SentCounts};
 use super::report::{ms, DigestReport, DowntimeBreakdown, MigrationReport, MigrationStatus};
@@ -14,9 +15,9 @@ use crate::dirty::DirtyBitmap;
 use crate::transport::{RateLimited, Stream};
 use crate::vm::ram_pages;
 use crate::wire::{
-    read_message, write_message, Complete, ErrorCode, ErrorMessage, Hello, IterationEnd, Limits,
-    MemoryRegion, Message, VcpuState, FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST, FEATURE_ZSTD,
-    PAGE_SIZE_U64,
+    read_message, write_message, ChannelJoin, Complete, ErrorCode, ErrorMessage, Hello,
+    IterationEnd, Limits, MemoryRegion, Message, VcpuState, FEATURE_CHANNELS, FEATURE_GUEST_PAUSED,
+    FEATURE_MEMORY_DIGEST, FEATURE_ZSTD, PAGE_SIZE_U64,
 };
 
 /// Page compression on the wire.
@@ -76,6 +77,8 @@ pub struct SendOptions {
     pub progress: Option<ProgressFn>,
     /// Destination address, for the report.
     pub destination: String,
+    /// Further channels (`None`: one connection).
+    pub channels: Option<ChannelConnector>,
 }
 
 /// Migrate `vm` over `stream`. Returns the report whatever the outcome; the
@@ -181,6 +184,9 @@ fn run<V: MigratableVm>(
     if opts.guest_paused {
         features |= FEATURE_GUEST_PAUSED;
     }
+    if opts.channels.is_some() {
+        features |= FEATURE_CHANNELS;
+    }
     let regions = vm_regions(memory);
     let hello = Hello::new(features, vm.vcpu_count(), vm.cpu_model(), regions);
     write_message(&mut w, &Message::Hello(hello)).map_err(wire("handshake"))?;
@@ -190,6 +196,11 @@ fn run<V: MigratableVm>(
             if opts.verify_digest && ack.features & FEATURE_MEMORY_DIGEST == 0 {
                 return Err(MigrationError::Incompatible(
                     "destination does not support memory digests".into(),
+                ));
+            }
+            if opts.channels.is_some() && ack.features & FEATURE_CHANNELS == 0 {
+                return Err(MigrationError::Incompatible(
+                    "destination does not accept several channels".into(),
                 ));
             }
             if opts.guest_paused && ack.features & FEATURE_GUEST_PAUSED == 0 {
@@ -286,6 +297,27 @@ fn transfer<V: MigratableVm, W: Write>(
     // A cancel is honoured between page batches, the final pass's too: up
     // to `Commit` the destination cannot have run the guest.
     sender.cancel_with(Some(opts.control.clone()));
+    if let Some(connector) = &opts.channels {
+        let session = session_id();
+        let join = Message::ChannelJoin(ChannelJoin {
+            session,
+            index: 0,
+            count: connector.count,
+        });
+        write_message(&mut w, &join).map_err(wire("opening channels"))?;
+        w.flush().map_err(|e| wire("opening channels")(e.into()))?;
+        sender.lanes = channels::open_lanes(
+            connector,
+            session,
+            match opts.compress {
+                CompressMode::None => None,
+                CompressMode::Zstd(l) => Some(l),
+            },
+            opts.control.rate(),
+            opts.io_timeout,
+            &opts.control,
+        )?;
+    }
     let end = precopy::run(vm, &mut w, &mut sender, opts, report, start)?;
     if !opts.control.begin_switchover() {
         return Err(MigrationError::Cancelled);
@@ -310,6 +342,9 @@ fn transfer<V: MigratableVm, W: Write>(
     let final_set = next;
     let harvested_at = pause_start.elapsed();
     let sent = send_iteration(&mut sender, &mut w, vm, iteration, &final_set, None, &phase)?;
+    // The further channels carry nothing after the final pass: closing
+    // them lets the destination's channel threads end.
+    sender.lanes.clear();
     let sent_at = pause_start.elapsed();
     let blobs = vm.save_vcpus().map_err(vm_err("save vCPU state"))?;
     let saved_at = pause_start.elapsed();
@@ -445,6 +480,21 @@ pub(super) fn send_iteration<V: MigratableVm, W: Write>(
     written: Option<&DirtyBitmap>,
     phase: &str,
 ) -> Result<SentCounts, MigrationError> {
+    if !sender.lanes.is_empty() {
+        let mut lanes = std::mem::take(&mut sender.lanes);
+        let sent = channels::send_sharded(
+            sender,
+            w,
+            &mut lanes,
+            vm.memory(),
+            iteration,
+            set,
+            written,
+            phase,
+        );
+        sender.lanes = lanes;
+        return sent;
+    }
     let mut sent = sender.send(w, vm.memory(), iteration, set, written, phase)?;
     let end = Message::IterationEnd(IterationEnd {
         iteration,
@@ -470,6 +520,21 @@ fn vm_regions(memory: &vm_memory::GuestMemoryMmap) -> Vec<MemoryRegion> {
 
 pub(super) fn vm_err(op: &'static str) -> impl Fn(super::VmOpError) -> MigrationError {
     move |source| MigrationError::Vm { op, source }
+}
+
+/// A session number for the channels of one migration: unique enough to
+/// tell two migrations to one address apart (the channel's authentication,
+/// not this number, keeps strangers out).
+fn session_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// Turn a message that is not the expected answer into an error.

@@ -369,6 +369,50 @@ impl Listener {
             Self::Unix(l, _, _) => Ok(Stream::Unix(l.accept().map_err(err)?.0)),
         }
     }
+
+    /// Wait up to `timeout` for one connection (the further channels of a
+    /// migration: a source that never opens them must not hang us).
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Stream, TransportError> {
+        let err = |source| TransportError::Accept {
+            uri: self.uri().to_string(),
+            source,
+        };
+        let nonblocking = |on: bool| match self {
+            Self::Tcp(l, _) => l.set_nonblocking(on),
+            Self::Unix(l, _, _) => l.set_nonblocking(on),
+        };
+        nonblocking(true).map_err(err)?;
+        let deadline = Instant::now() + timeout;
+        let got = loop {
+            let attempt = match self {
+                Self::Tcp(l, _) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+                Self::Unix(l, _, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            };
+            match attempt {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    break Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no connection within {timeout:?}"),
+                    ));
+                }
+                other => break other,
+            }
+        };
+        nonblocking(false).map_err(err)?;
+        let stream = got.map_err(err)?;
+        match &stream {
+            Stream::Tcp(s) => {
+                s.set_nonblocking(false).map_err(err)?;
+                s.set_nodelay(true).map_err(err)?;
+            }
+            Stream::Unix(s) => s.set_nonblocking(false).map_err(err)?,
+            Stream::Psk(_) | Stream::Tls(_) => {}
+        }
+        Ok(stream)
+    }
 }
 
 impl Drop for Listener {
@@ -408,6 +452,8 @@ impl SharedRate {
 pub struct RateLimited<W> {
     inner: W,
     rate: SharedRate,
+    /// Connections sharing the cap.
+    ways: f64,
     tokens: f64,
     last: Instant,
 }
@@ -420,9 +466,16 @@ impl<W: Write> RateLimited<W> {
 
     /// Wrap `inner` under a cap others may change.
     pub fn shared(inner: W, rate: SharedRate) -> Self {
+        Self::shared_split(inner, rate, 1)
+    }
+
+    /// Like [`RateLimited::shared`], for one of `ways` connections that
+    /// share the cap: each gets `cap ÷ ways`, so together they hold it.
+    pub fn shared_split(inner: W, rate: SharedRate, ways: u32) -> Self {
         Self {
             inner,
             rate,
+            ways: f64::from(ways.max(1)),
             tokens: 0.0,
             last: Instant::now(),
         }
@@ -446,7 +499,7 @@ impl<W: Write> RateLimited<W> {
                 self.last = Instant::now();
                 return want;
             };
-            let rate = rate as f64;
+            let rate = rate as f64 / self.ways;
             let burst = (rate * 0.05).max(4096.0);
             let now = Instant::now();
             self.tokens =

@@ -38,11 +38,14 @@ pub enum MessageKind {
     Heartbeat = 12,
     /// Destination: the guest runs here now (the answer to `Commit`).
     Resumed = 13,
+    /// [`ChannelJoin`](super::ChannelJoin): the first frame on every
+    /// channel of a multi-channel migration.
+    ChannelJoin = 14,
 }
 
 impl MessageKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [MessageKind; 13] = [
+    pub const ALL: [MessageKind; 14] = [
         Self::Hello,
         Self::HelloAck,
         Self::Error,
@@ -56,6 +59,7 @@ impl MessageKind {
         Self::Commit,
         Self::Heartbeat,
         Self::Resumed,
+        Self::ChannelJoin,
     ];
 
     /// Decodes a wire value; `None` for `0` and unknown values.
@@ -84,6 +88,7 @@ impl MessageKind {
             Self::Commit => "Commit",
             Self::Heartbeat => "Heartbeat",
             Self::Resumed => "Resumed",
+            Self::ChannelJoin => "ChannelJoin",
         }
     }
 
@@ -97,6 +102,7 @@ impl MessageKind {
             Self::Pages => 4_202_505,
             Self::ZeroPages => 1_048_584,
             Self::IterationEnd => 12,
+            Self::ChannelJoin => 12,
             Self::VcpuState => 1_048_584,
             Self::VmState => 1_048_580,
             Self::Complete => 17,

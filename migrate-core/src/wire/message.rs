@@ -185,6 +185,25 @@ pub struct IterationEnd {
     pub pages: u64,
 }
 
+/// Joins a connection to a multi-channel migration (source → destination).
+///
+/// Sent first on the main connection (index 0) right after `HelloAck`, to
+/// announce the channels, then as the first frame of every further
+/// connection. `session` ties them together: a connection that names another
+/// session, an index out of range or twice, or another count is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelJoin {
+    /// Random per migration.
+    pub session: u64,
+    /// This channel (0 = the main connection).
+    pub index: u16,
+    /// Channels in all, 2..=[`MAX_CHANNELS`].
+    pub count: u16,
+}
+
+/// Most channels one migration may use.
+pub const MAX_CHANNELS: u16 = 16;
+
 /// One vCPU's state, opaque to the wire layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VcpuState {
@@ -248,6 +267,8 @@ pub enum Message {
     Resumed,
     /// Keep-alive (reserved).
     Heartbeat,
+    /// See [`ChannelJoin`].
+    ChannelJoin(ChannelJoin),
 }
 
 impl Message {
@@ -266,6 +287,7 @@ impl Message {
             Self::Accepted(_) => MessageKind::Accepted,
             Self::Commit => MessageKind::Commit,
             Self::Resumed => MessageKind::Resumed,
+            Self::ChannelJoin(_) => MessageKind::ChannelJoin,
             Self::Heartbeat => MessageKind::Heartbeat,
         }
     }
@@ -296,6 +318,19 @@ impl Message {
                         self.kind(),
                         "blob",
                         format!("{} bytes exceeds {MAX_BLOB_LEN}", blob.len()),
+                    ));
+                }
+                Ok(())
+            }
+            Self::ChannelJoin(j) => {
+                if j.count < 2 || j.count > MAX_CHANNELS || j.index >= j.count {
+                    return Err(invalid(
+                        self.kind(),
+                        "count",
+                        format!(
+                            "channel {} of {} (2..={MAX_CHANNELS} channels)",
+                            j.index, j.count
+                        ),
                     ));
                 }
                 Ok(())
@@ -369,6 +404,11 @@ pub(super) fn encode_payload<'m>(
             out.put_u64(c.total_pages);
         }
         Message::Accepted(a) => put_opt64(out, a.digest),
+        Message::ChannelJoin(j) => {
+            out.put_u64(j.session);
+            out.put_u16(j.index);
+            out.put_u16(j.count);
+        }
         Message::Commit | Message::Resumed | Message::Heartbeat => {}
     }
     Ok(&[])
@@ -412,6 +452,11 @@ pub(super) fn decode_payload(kind: MessageKind, payload: &[u8]) -> Result<Messag
         }),
         MessageKind::Commit => Message::Commit,
         MessageKind::Resumed => Message::Resumed,
+        MessageKind::ChannelJoin => Message::ChannelJoin(ChannelJoin {
+            session: d.u64("session")?,
+            index: d.u16("index")?,
+            count: d.u16("count")?,
+        }),
         MessageKind::Heartbeat => Message::Heartbeat,
     };
     d.finish()?;

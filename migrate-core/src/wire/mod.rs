@@ -50,6 +50,7 @@
 //! | 11   | `Commit`       | src → dst | empty                                                                                                                    | 0           |
 //! | 12   | `Heartbeat`    | both      | empty                                                                                                                    | 0           |
 //! | 13   | `Resumed`      | dst → src | empty (since version 2)                                                                                                  | 0           |
+//! | 14   | `ChannelJoin`  | src → dst | `session u64`, `index u16`, `count u16` (2..=16, index < count); only after `HelloAck` with [`FEATURE_CHANNELS`]           | 12          |
 //!
 //! Field rules beyond the layout (enforced when decoding *and* before
 //! writing, see [`Message::validate`]):
@@ -127,8 +128,8 @@ mod tests;
 pub use frame::{read_message, read_message_into, write_message, write_raw_pages, FrameHeader};
 pub use kind::{ErrorCode, MessageKind};
 pub use message::{
-    Accepted, Complete, ErrorMessage, Hello, HelloAck, IterationEnd, MemoryRegion, Message,
-    VcpuState, VmState,
+    Accepted, ChannelJoin, Complete, ErrorMessage, Hello, HelloAck, IterationEnd, MemoryRegion,
+    Message, VcpuState, VmState, MAX_CHANNELS,
 };
 pub use pages::{Compression, PageBatch, ZeroPages, ZeroRange};
 
@@ -174,8 +175,13 @@ pub const FEATURE_MEMORY_DIGEST: u64 = 1 << 1;
 /// migrates a stopped guest. A source sending a paused guest requires the
 /// ack to carry it, so a destination that would run the guest is refused.
 pub const FEATURE_GUEST_PAUSED: u64 = 1 << 2;
+/// Feature bit: several channels. The source may send `ChannelJoin` after
+/// `HelloAck` and open more connections, each carrying a share of every
+/// iteration's pages (see [`ChannelJoin`]).
+pub const FEATURE_CHANNELS: u64 = 1 << 3;
 /// Every feature bit this implementation knows.
-pub const FEATURES_KNOWN: u64 = FEATURE_ZSTD | FEATURE_MEMORY_DIGEST | FEATURE_GUEST_PAUSED;
+pub const FEATURES_KNOWN: u64 =
+    FEATURE_ZSTD | FEATURE_MEMORY_DIGEST | FEATURE_GUEST_PAUSED | FEATURE_CHANNELS;
 
 /// Receiver-side caps on payload sizes, checked against the header's `len`
 /// before any payload buffer is allocated.

@@ -117,6 +117,7 @@ fn options(compress: CompressMode) -> SendOptions {
         guest_paused: false,
         progress: None,
         destination: "test".into(),
+        channels: None,
     }
 }
 
@@ -577,4 +578,5 @@ fn a_paused_guest_arrives_paused_and_is_not_resumed_on_failure() {
 }
 
 mod bad_streams;
+mod channels;
 mod completion;

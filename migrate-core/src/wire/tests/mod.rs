@@ -124,5 +124,10 @@ pub(super) fn samples() -> Vec<Message> {
         Message::Commit,
         Message::Resumed,
         Message::Heartbeat,
+        Message::ChannelJoin(ChannelJoin {
+            session: 0x0123_4567_89ab_cdef,
+            index: 2,
+            count: 4,
+        }),
     ]
 }
