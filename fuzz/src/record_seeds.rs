@@ -92,6 +92,7 @@ fn record(case: &Case) -> Vec<u8> {
         guest_paused: false,
         progress: None,
         destination: "record-seeds".into(),
+        channels: None,
     };
     let report = send_migration(&src, Stream::Unix(src_end), opts);
     assert_eq!(
