@@ -39,7 +39,19 @@ pub struct IterationStats {
     pub ram_bytes: u64,
     /// Page size in bytes.
     pub page_size: u64,
+    /// The engine samples the dirty log every [`DIRTY_WINDOW`] while an
+    /// iteration is sent: the distinct pages dirtied within each whole
+    /// window, in order. They show a guest whose dirty rate changes inside
+    /// an iteration (a quiet phase and a storm) where the iteration's total
+    /// cannot. Empty when the iteration was shorter than one window or the
+    /// engine did not sample.
+    pub dirty_windows: Vec<u64>,
 }
+
+/// Length of the windows behind [`IterationStats::window_dirty_min`]: long
+/// enough that a guest rewriting a small set touches all of it in one
+/// window, short enough for several windows per iteration on a slow link.
+pub const DIRTY_WINDOW: Duration = Duration::from_millis(100);
 
 impl IterationStats {
     /// Bytes sent per second during this iteration.

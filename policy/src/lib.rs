@@ -30,7 +30,7 @@ pub mod xen_legacy;
 
 pub use auto_converge::AutoConvergePolicy;
 pub use ch::ChPolicy;
-pub use history::{IterationStats, MigrationHistory};
+pub use history::{IterationStats, MigrationHistory, DIRTY_WINDOW};
 pub use mp::MpPolicy;
 pub use qemu::QemuPolicy;
 pub use ramp::RampPolicy;

@@ -30,6 +30,7 @@ mod pages;
 mod precopy;
 mod report;
 mod source;
+mod windows;
 mod written;
 
 pub use channels::{ChannelAcceptor, ChannelConnector};

@@ -76,7 +76,10 @@ pub(super) fn run<V: MigratableVm, W: Write>(
         } else {
             None
         };
-        let sent = send_iteration(sender, w, vm, iteration, &to_send, known, &phase)?;
+        let (sent, windows) = super::windows::sampled(vm, &mut next, || {
+            send_iteration(sender, w, vm, iteration, &to_send, known, &phase)
+        })?;
+        let sent = sent?;
         report.ram.skipped += sent.skipped_pages;
         vm.harvest_dirty_log(&mut next)
             .map_err(vm_err("dirty log sync"))?;
@@ -98,6 +101,7 @@ pub(super) fn run<V: MigratableVm, W: Write>(
             throttle,
             ram_bytes: report.ram.total,
             page_size: PAGE_SIZE_U64,
+            dirty_windows: windows,
         };
         report.record_iteration(&stats, false);
         report.ram.dirty_sync_count = syncs;

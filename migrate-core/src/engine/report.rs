@@ -63,6 +63,13 @@ pub struct IterationRecord {
     pub throttle: f64,
     /// True for the stop-and-copy pass (sent with the guest paused).
     pub final_pass: bool,
+    /// Fewest pages dirtied in one 100 ms window while this iteration was
+    /// sent (0: no whole window).
+    #[serde(default)]
+    pub window_dirty_min: u64,
+    /// Most pages dirtied in one 100 ms window.
+    #[serde(default)]
+    pub window_dirty_max: u64,
 }
 
 /// RAM figures, as QEMU's `ram` object.
@@ -250,6 +257,8 @@ impl MigrationReport {
             deferred_pages: s.deferred_pages,
             throttle: s.throttle,
             final_pass,
+            window_dirty_min: s.dirty_windows.iter().copied().min().unwrap_or(0),
+            window_dirty_max: s.dirty_windows.iter().copied().max().unwrap_or(0),
         });
     }
 }

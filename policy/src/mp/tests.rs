@@ -6,6 +6,7 @@
 use super::*;
 
 mod nets_and_settings;
+mod phases;
 
 const PAGE: u64 = 4096;
 /// Guest RAM: 1 GiB.

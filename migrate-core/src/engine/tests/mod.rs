@@ -580,3 +580,4 @@ fn a_paused_guest_arrives_paused_and_is_not_resumed_on_failure() {
 mod bad_streams;
 mod channels;
 mod completion;
+mod windows;
