@@ -178,7 +178,9 @@ pub trait ConvergencePolicy: Send {
     /// Whether the next pre-copy iteration should leave out the writable
     /// working set (pages dirty in both of the last two iterations): they
     /// will be dirty again, so the engine holds them for the final copy
-    /// instead of sending them now. Asked after every `Continue`/`Throttle`.
+    /// instead of sending them now. Asked after every `Continue`/`Throttle`;
+    /// a `false` while pages are held makes the engine send them in the
+    /// next iteration.
     fn defer_writable_working_set(&self) -> bool {
         false
     }

@@ -139,9 +139,10 @@
 //!    al.), and the shorter iterations may shrink `remaining` enough to reset
 //!    the stuck count (rule 3 sees the deferred pages, so deferral cannot
 //!    hide anything). Never before a stuck iteration, so converging guests
-//!    are never deferred and behave exactly like `qemu`; never switched off,
-//!    because the engine keeps what it holds until the final copy anyway,
-//!    and flipping would only make the sent amount swing.
+//!    are never deferred and behave exactly like `qemu`; and not while rule
+//!    4c waits for a quiet phase (a final copy taken in a quiet phase must
+//!    not carry the storm set held back from earlier): then the answer is
+//!    false and the engine sends what it held in the next iteration.
 //!
 //! Every stop after rule 1 reports the predicted downtime: `remaining ÷`
 //! the bandwidth of the last iteration that sent data pages (as `qemu`'s,
@@ -409,8 +410,10 @@ impl ConvergencePolicy for MpPolicy {
             return Decision::Continue;
         };
         let a = self.assess(history.iterations());
-        // Rule 6.
-        self.deferring = self.defer_wws && a.wws_stuck;
+        let phased = self.phase_wait && self.quiet_phase_seen(history);
+        // Rule 6 (not while rule 4c waits for a quiet phase: held pages
+        // would make the final copy the storm set whatever phase it is in).
+        self.deferring = self.defer_wws && a.wws_stuck && !phased;
         let remaining_bytes = last.remaining_bytes();
         let predicted_downtime_ms = history
             .last_page_sample()
@@ -432,7 +435,6 @@ impl ConvergencePolicy for MpPolicy {
         }
         // Rule 4, unless rule 4c waits for a quiet phase.
         let waited_enough = a.streak >= self.confirm.saturating_add(self.trough_wait);
-        let phased = self.phase_wait && self.quiet_phase_seen(history);
         if a.streak >= self.confirm && (!a.rising || waited_enough) && !phased {
             return Decision::StopAndCopy(StopReason::MemoryIntensive {
                 iterations: a.streak,

@@ -175,6 +175,12 @@ pub(super) fn run<V: MigratableVm, W: Write>(
             let mut wws = next.clone();
             wws.intersect_with(&found);
             deferred.union_with(&wws);
+        } else if deferred.count() > 0 {
+            // The policy no longer wants the set held (mp waiting for a
+            // quiet phase): what was held is still unsent, so the next
+            // iteration sends it.
+            next.union_with(&deferred);
+            deferred.clear();
         }
         previous = Some(std::mem::replace(&mut found, next.clone()));
         next.clear();
