@@ -14,6 +14,7 @@ use migrate_core::engine::{receive_migration, ReceiveOptions};
 use migrate_core::transport::{
     ChannelSecurity, Listener, MigrationUri, Psk, TlsCredentials, TlsFiles,
 };
+use migrate_core::vm::dirty_log::{DirtyTrack, DirtyTrackConfig};
 use migrate_core::vm::ports::SerialSink;
 use migrate_core::vm::{Vm, VmConfig, VmEvent};
 
@@ -70,6 +71,16 @@ pub struct RunArgs {
     /// mapped.
     #[arg(long, requires = "incoming")]
     max_mem: Option<String>,
+    /// Dirty-page tracking: `bitmap` (KVM_GET_DIRTY_LOG per slot), `ring`
+    /// (per-vCPU KVM dirty ring; refused where the kernel lacks it) or
+    /// `auto` (ring where offered, else bitmap). Also for --incoming: how
+    /// the arrived guest is tracked when it migrates on.
+    #[arg(long, default_value = "bitmap")]
+    dirty_track: DirtyTrack,
+    /// Dirty ring size per vCPU in bytes (16 per page; a power of two from
+    /// 4K to the kernel's maximum; default 1M or the maximum if smaller).
+    #[arg(long)]
+    dirty_ring_size: Option<String>,
 }
 
 fn serial_sink(path: &str) -> anyhow::Result<SerialSink> {
@@ -90,6 +101,15 @@ pub fn tsc_hz_for(spec: &harness::WorkloadSpec) -> Option<u64> {
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let serial = serial_sink(&a.serial)?;
     let mem = a.mem.as_deref().map(harness::parse_size).transpose()?;
+    let dirty_track = DirtyTrackConfig {
+        track: a.dirty_track,
+        ring_bytes: a
+            .dirty_ring_size
+            .as_deref()
+            .map(harness::parse_size)
+            .transpose()
+            .context("--dirty-ring-size")?,
+    };
     let (vm_tx, vm_rx) = mpsc::channel::<VmEvent>();
     let api = a.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     // Remove the socket file however this function returns.
@@ -146,6 +166,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                     mem_size,
                     vcpus: hello.vcpu_count,
                     serial: serial.take().expect("one VM per migration"),
+                    dirty_track,
                 },
                 vm_tx.clone(),
             )?;
@@ -193,6 +214,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 mem_size,
                 vcpus: a.vcpus.unwrap_or(1),
                 serial,
+                dirty_track,
             },
             vm_tx.clone(),
         )?;

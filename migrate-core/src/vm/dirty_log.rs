@@ -50,6 +50,48 @@ pub enum DirtyLogMode {
     GetClears,
     /// `KVM_GET_DIRTY_LOG` then `KVM_CLEAR_DIRTY_LOG` on the pages read.
     ManualProtect,
+    /// No bitmap: the per-vCPU dirty rings ([`super::dirty_ring`]).
+    Ring,
+}
+
+/// Which dirty tracking a VM is asked to use (`--dirty-track`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyTrack {
+    /// The per-slot bitmap (`KVM_GET_DIRTY_LOG`, manual protection where
+    /// offered). The default: it is what every kernel has, and on our hosts
+    /// its harvest is already cheap (see bench-data/README.md).
+    #[default]
+    Bitmap,
+    /// The per-vCPU dirty ring; refused where the kernel does not offer it.
+    Ring,
+    /// The ring where offered, else the bitmap.
+    Auto,
+}
+
+impl std::str::FromStr for DirtyTrack {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "bitmap" => Ok(Self::Bitmap),
+            "ring" => Ok(Self::Ring),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!(
+                "unknown dirty tracking `{s}` (expected bitmap, ring or auto)"
+            )),
+        }
+    }
+}
+
+/// How a VM tracks dirty pages: the mode and, for the ring, its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DirtyTrackConfig {
+    /// Bitmap, ring or auto.
+    pub track: DirtyTrack,
+    /// Ring bytes per vCPU (a power of two, 4 KiB up to what the kernel
+    /// offers); `None`: [`super::dirty_ring::DEFAULT_RING_BYTES`] or the
+    /// kernel's maximum if that is smaller.
+    pub ring_bytes: Option<u64>,
 }
 
 /// Turn on manual protection where the kernel offers it. Must be called

@@ -1,0 +1,814 @@
+//! KVM's dirty ring (`KVM_CAP_DIRTY_LOG_RING`): one ring of dirtied pages
+//! per vCPU, shared with the kernel through an mmap of the vCPU fd.
+//!
+//! Why a ring: the bitmap is read whole (`KVM_GET_DIRTY_LOG`, one bit per
+//! page of RAM) whatever the guest dirtied, so its harvest grows with RAM;
+//! the ring holds one 16-byte entry per page dirtied since the last reset,
+//! so its harvest grows with what the guest wrote.
+//!
+//! Protocol (Documentation/virt/kvm/api.rst, "KVM_CAP_DIRTY_LOG_RING"):
+//! - The ring size is set on the VM (`KVM_ENABLE_CAP`) before any vCPU
+//!   exists; each vCPU's ring is mapped from its fd at page
+//!   `KVM_DIRTY_LOG_PAGE_OFFSET`. Slots still need `KVM_MEM_LOG_DIRTY_PAGES`
+//!   (the kernel logs only slots with it); `KVM_GET_DIRTY_LOG` is refused.
+//! - The kernel fills entry `i & (n - 1)` (slot, page offset), then sets its
+//!   `DIRTY` flag with release ordering. We read entries in order from our
+//!   own fetch index while `DIRTY` is set (acquire load), then mark each one
+//!   `RESET` (release store). `KVM_RESET_DIRTY_RINGS` on the VM re-arms write
+//!   protection for every entry marked `RESET` and frees it.
+//! - When a ring has fewer free entries than the kernel keeps in reserve,
+//!   the vCPU exits with `KVM_EXIT_DIRTY_RING_FULL` and re-exits until the
+//!   ring is reset.
+//!
+//! Why no page is lost: a page is published (to the engine's bitmap or to
+//! [`RingSet`]'s pending bitmap) only after `KVM_RESET_DIRTY_RINGS` for its
+//! entry has returned, so the page is write-protected again before anyone
+//! reads its contents; a write after that read is logged anew. A write
+//! between the kernel's push and the reset lands before the read, because
+//! the read comes after the publication. Each ring is harvested under its
+//! own mutex, so the engine and a vCPU thread on a full-ring exit never
+//! consume the same entry twice or skip one.
+//!
+//! All the `unsafe` of the ring is in this module: the mmap, the atomic view
+//! of the shared entries, the reset ioctl.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_dirty_gfn, kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_DIRTY_LOG_PAGE_OFFSET,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use std::os::fd::AsRawFd;
+use vmm_sys_util::ioctl::ioctl;
+use vmm_sys_util::ioctl_io_nr;
+
+use super::memory::Slot;
+use crate::dirty::DirtyBitmap;
+use crate::PAGE_SIZE;
+
+const KVMIO: u32 = 0xAE;
+ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+
+/// Entry flag: the kernel filled this entry.
+const GFN_F_DIRTY: u32 = 1;
+/// Entry flag: userspace consumed it; `KVM_RESET_DIRTY_RINGS` may recycle it.
+const GFN_F_RESET: u32 = 2;
+/// Bytes per ring entry (`struct kvm_dirty_gfn`).
+pub const ENTRY_BYTES: u32 = 16;
+/// Ring size used when none is asked for (and the kernel allows it):
+/// 1 MiB per vCPU = 65,536 pages (256 MiB of writes) between resets, so a
+/// guest dirtying ~250,000 pages/s (the fastest here) fills it in ~0.25 s
+/// and a ring-full exit is rare next to the engine's own harvests.
+pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+/// Smallest ring the kernel accepts: one page (it also needs more entries
+/// than it keeps in reserve, 64 or more).
+pub const MIN_RING_BYTES: u32 = 4096;
+
+const _: () = assert!(std::mem::size_of::<kvm_dirty_gfn>() == ENTRY_BYTES as usize);
+
+/// Errors of the dirty ring.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyRingError {
+    /// The kernel does not offer the ring.
+    #[error("this kernel does not offer KVM_CAP_DIRTY_LOG_RING")]
+    NotOffered,
+    /// The ring size is not usable.
+    #[error("dirty ring of {bytes} bytes refused: {reason} (the kernel allows up to {max})")]
+    BadSize {
+        /// Requested size in bytes.
+        bytes: u64,
+        /// Largest size the kernel offers.
+        max: u32,
+        /// Why.
+        reason: &'static str,
+    },
+    /// `KVM_ENABLE_CAP` for the ring failed.
+    #[error("enabling the dirty ring ({bytes} bytes per vCPU) failed")]
+    Enable {
+        /// Ring size.
+        bytes: u32,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU's ring could not be mapped.
+    #[error("cannot map the dirty ring of vCPU {vcpu}")]
+    Map {
+        /// The vCPU.
+        vcpu: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `KVM_RESET_DIRTY_RINGS` failed.
+    #[error("KVM_RESET_DIRTY_RINGS failed")]
+    Reset(#[source] std::io::Error),
+    /// The kernel reported a page outside our slots.
+    #[error("dirty ring of vCPU {vcpu} names slot {slot:#x} offset {offset:#x}, not guest RAM")]
+    BadEntry {
+        /// The vCPU.
+        vcpu: u32,
+        /// `slot` field (address space << 16 | slot id).
+        slot: u32,
+        /// Page offset in the slot.
+        offset: u64,
+    },
+}
+
+/// Which dirty ring capability the kernel offers, and up to what size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingOffer {
+    /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` (else the plain ring, which on
+    /// x86 has the same ordering).
+    pub acq_rel: bool,
+    /// Largest ring in bytes per vCPU.
+    pub max_bytes: u32,
+}
+
+/// What the kernel offers, `None` without a ring.
+pub fn offered(vm: &VmFd) -> Option<RingOffer> {
+    let probe = |cap: u32| {
+        u32::try_from(vm.check_extension_raw(libc::c_ulong::from(cap)))
+            .ok()
+            .filter(|&n| n > 0)
+    };
+    if let Some(max_bytes) = probe(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) {
+        return Some(RingOffer {
+            acq_rel: true,
+            max_bytes,
+        });
+    }
+    probe(KVM_CAP_DIRTY_LOG_RING).map(|max_bytes| RingOffer {
+        acq_rel: false,
+        max_bytes,
+    })
+}
+
+/// Check a requested ring size against the kernel's offer.
+pub fn check_size(bytes: u64, offer: RingOffer) -> Result<u32, DirtyRingError> {
+    let bad = |reason| DirtyRingError::BadSize {
+        bytes,
+        max: offer.max_bytes,
+        reason,
+    };
+    if !bytes.is_power_of_two() {
+        return Err(bad("not a power of two"));
+    }
+    if bytes < u64::from(MIN_RING_BYTES) {
+        return Err(bad("smaller than 4 KiB"));
+    }
+    if bytes > u64::from(offer.max_bytes) {
+        return Err(bad("larger than the kernel allows"));
+    }
+    u32::try_from(bytes).map_err(|_| bad("too large"))
+}
+
+/// Enable the ring on a VM that has no vCPU yet (`bytes` from
+/// [`check_size`]).
+pub fn enable(vm: &VmFd, offer: RingOffer, bytes: u32) -> Result<(), DirtyRingError> {
+    let mut cap = kvm_enable_cap {
+        cap: if offer.acq_rel {
+            KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+        } else {
+            KVM_CAP_DIRTY_LOG_RING
+        },
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(bytes);
+    vm.enable_cap(&cap)
+        .map_err(|source| DirtyRingError::Enable { bytes, source })
+}
+
+/// Where a ring's entries live.
+enum Backing {
+    /// The kernel's ring, mapped from a vCPU fd.
+    Mmap,
+    /// A heap ring for unit tests (no KVM).
+    #[cfg(test)]
+    Heap(#[allow(dead_code)] Box<[kvm_dirty_gfn]>),
+}
+
+/// One vCPU's ring and our position in it.
+pub struct DirtyRing {
+    base: NonNull<kvm_dirty_gfn>,
+    entries: u32,
+    /// Index of the next entry to read (free-running, wraps as the kernel's).
+    fetch: u32,
+    backing: Backing,
+}
+
+// SAFETY: the ring is plain shared memory; all access goes through
+// `&mut self` (one thread at a time, under `RingSet`'s mutex) with atomic
+// flag accesses against the kernel. The pointer stays valid until Drop.
+unsafe impl Send for DirtyRing {}
+
+impl DirtyRing {
+    /// Map the ring of one vCPU (`bytes` as enabled on its VM).
+    pub fn map(vcpu: &VcpuFd, index: u32, bytes: u32) -> Result<Self, DirtyRingError> {
+        let len = usize::try_from(bytes).expect("ring size fits usize");
+        let offset = libc::off_t::from(KVM_DIRTY_LOG_PAGE_OFFSET) * page_size();
+        // SAFETY: a fresh shared mapping chosen by the kernel (no address
+        // hint), of a vCPU fd we hold; nothing else is touched. The result
+        // is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(DirtyRingError::Map {
+                vcpu: index,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            base: NonNull::new(p.cast()).expect("mmap succeeded"),
+            entries: bytes / ENTRY_BYTES,
+            fetch: 0,
+            backing: Backing::Mmap,
+        })
+    }
+
+    /// A ring in ordinary memory, filled by the test as the kernel would.
+    #[cfg(test)]
+    fn heap(entries: u32) -> Self {
+        let mut mem = vec![kvm_dirty_gfn::default(); entries as usize].into_boxed_slice();
+        let base = NonNull::new(mem.as_mut_ptr()).expect("boxed slice");
+        Self {
+            base,
+            entries,
+            fetch: 0,
+            backing: Backing::Heap(mem),
+        }
+    }
+
+    /// Entries in the ring.
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    /// Position of free-running index `i` in the ring (`entries` is a
+    /// power of two, so this is `i mod entries` across u32 wrap-around).
+    fn slot_of(&self, i: u32) -> usize {
+        (i & (self.entries - 1)) as usize
+    }
+
+    fn entry(&self, i: u32) -> *mut kvm_dirty_gfn {
+        // SAFETY: slot_of(i) < entries, and `base` points to `entries`
+        // contiguous entries (the mapping or the heap ring).
+        unsafe { self.base.as_ptr().add(self.slot_of(i)) }
+    }
+
+    fn flags(&self, i: u32) -> &AtomicU32 {
+        // SAFETY: `flags` is the first u32 of an entry inside the live ring,
+        // 4-byte aligned (entries are 16 bytes, the mapping page-aligned);
+        // the kernel accesses it only atomically (smp_load_acquire /
+        // smp_store_release), so an AtomicU32 view of it is sound.
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.entry(i)).flags)) }
+    }
+
+    /// Consume every entry the kernel has filled, in order from our fetch
+    /// index, passing each (slot, offset) to `page`, and mark it for reset.
+    /// With `sweep`, then also every other filled entry anywhere in the
+    /// ring (after an overrun the kernel's index is no longer ours, see
+    /// [`RingSet`]). Returns how many. The caller must call [`reset`]
+    /// before publishing the pages.
+    fn consume(&mut self, sweep: bool, mut page: impl FnMut(u32, u64)) -> u32 {
+        let mut n = 0;
+        while n < self.entries && self.take(self.fetch, &mut page) {
+            self.fetch = self.fetch.wrapping_add(1);
+            n += 1;
+        }
+        if sweep {
+            for i in 0..self.entries {
+                if self.take(i, &mut page) {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Mark up to `k` clean entries from our fetch index as consumed, with
+    /// a slot no memslot has (so the kernel's reset re-protects nothing),
+    /// and move past them. Used only to resynchronise with a kernel whose
+    /// index ran ahead of the ring's content (see [`RingSet`]).
+    fn mark_clean_as_reset(&mut self, k: u32) -> u32 {
+        let mut n = 0;
+        while n < k {
+            let flags = self.flags(self.fetch);
+            if flags.load(Ordering::Acquire) != 0 {
+                break;
+            }
+            let e = self.entry(self.fetch);
+            // SAFETY: the entry is inside the live ring and clean (free for
+            // userspace to write until the kernel fills it; the kernel
+            // fills only entries it counts as free, and it counts this one
+            // as used, which is the desynchronisation being repaired).
+            unsafe { std::ptr::addr_of_mut!((*e).slot).write_volatile(u32::MAX) };
+            flags.store(GFN_F_RESET, Ordering::Release);
+            self.fetch = self.fetch.wrapping_add(1);
+            n += 1;
+        }
+        n
+    }
+
+    /// Consume entry `i` if the kernel filled it.
+    fn take(&self, i: u32, page: &mut impl FnMut(u32, u64)) -> bool {
+        let flags = self.flags(i);
+        if flags.load(Ordering::Acquire) & GFN_F_DIRTY == 0 {
+            return false;
+        }
+        let e = self.entry(i);
+        // SAFETY: the acquire load above saw DIRTY, so the kernel's writes
+        // of slot and offset (made before its release of the flag) are
+        // visible; the entry is inside the live ring.
+        let (slot, offset) = unsafe {
+            (
+                std::ptr::addr_of!((*e).slot).read_volatile(),
+                std::ptr::addr_of!((*e).offset).read_volatile(),
+            )
+        };
+        page(slot, offset);
+        flags.store(GFN_F_RESET, Ordering::Release);
+        true
+    }
+}
+
+impl Drop for DirtyRing {
+    fn drop(&mut self) {
+        // Irrefutable outside unit tests, where heap rings also exist.
+        #[allow(irrefutable_let_patterns)]
+        if let Backing::Mmap = self.backing {
+            let len = self.entries as usize * ENTRY_BYTES as usize;
+            // SAFETY: `base`/`len` are exactly the mapping made in `map`,
+            // unmapped once, here; no reference into it outlives `self`.
+            unsafe { libc::munmap(self.base.as_ptr().cast(), len) };
+        }
+    }
+}
+
+fn page_size() -> libc::off_t {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n
+    } else {
+        4096
+    }
+}
+
+/// `KVM_RESET_DIRTY_RINGS`: recycle every entry marked `RESET` on every ring
+/// of the VM and write-protect its page again. Returns entries reset.
+pub fn reset(vm: &VmFd) -> Result<u32, DirtyRingError> {
+    // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and touches only the
+    // VM's own rings.
+    let ret = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
+    u32::try_from(ret).map_err(|_| DirtyRingError::Reset(std::io::Error::last_os_error()))
+}
+
+/// Map a ring entry to a page index of guest RAM (None: not ours).
+fn page_index(slots: &[Slot], slot: u32, offset: u64) -> Option<usize> {
+    // The high 16 bits are the address space (always 0 here).
+    if slot >> 16 != 0 {
+        return None;
+    }
+    let s = slots.iter().find(|s| s.index == slot)?;
+    (offset < s.pages()).then(|| usize::try_from(s.gpa / PAGE_SIZE + offset).ok())?
+}
+
+/// The rings of a VM, the pages harvested by vCPU threads (full-ring exits)
+/// and the reaper but not yet taken by the engine, and counters.
+///
+/// **Overruns.** A kernel that keeps pushing entries while a ring is full
+/// overwrites entries not yet consumed: those pages are lost from the ring.
+/// kvm_pvm does this (it logs every emulated store, not only the first one
+/// after write protection, and checks the full condition only between long
+/// runs of emulated code, far beyond the 64 entries the kernel keeps in
+/// reserve). An overwrite of an unconsumed entry needs the kernel to write a
+/// whole lap past it, so the next in-order consumption finds the whole ring
+/// filled: that is how an overrun is detected. Its answer: every page of RAM
+/// is set pending (dirty and written), so the next iteration resends all of
+/// RAM and nothing can be missed; and from then on each consumption also
+/// sweeps the whole ring, since the kernel's index no longer matches ours.
+/// The reaper ([`Reaper`]) exists so that overruns do not happen with a
+/// ring of sensible size.
+///
+/// **Resynchronising.** After an overrun the kernel counts as used the
+/// entries it wrote past the lap, which the reset already recycled: it
+/// reports the ring full while nothing is in it, and never runs the vCPU
+/// again. A full-ring exit with nothing to consume after an overrun is
+/// answered by marking clean entries, from our index on, consumed (with a
+/// slot no memslot has, so the reset re-protects nothing), at most half a
+/// ring at a time: the exit means the kernel counts at least `entries − 64`
+/// used, so the kernel's reset index cannot be pushed past its write index.
+pub struct RingSet {
+    rings: Vec<Mutex<DirtyRing>>,
+    pending: Mutex<DirtyBitmap>,
+    slots: Vec<Slot>,
+    entries: u32,
+    /// Pages consumed from the rings, per vCPU (for per-vCPU dirty rates).
+    harvested: Vec<AtomicU64>,
+    /// Overruns detected (see above).
+    overruns: AtomicU64,
+    /// An overrun happened: sweep whole rings from now on.
+    desynced: AtomicBool,
+    /// Clean entries marked consumed to resynchronise (see above).
+    resynced: AtomicU64,
+}
+
+impl RingSet {
+    /// The rings of every vCPU (index order), covering `pages` of RAM.
+    pub fn new(rings: Vec<DirtyRing>, slots: Vec<Slot>, pages: usize) -> Self {
+        let entries = rings.first().map_or(0, DirtyRing::entries);
+        Self {
+            harvested: rings.iter().map(|_| AtomicU64::new(0)).collect(),
+            rings: rings.into_iter().map(Mutex::new).collect(),
+            pending: Mutex::new(DirtyBitmap::new(pages)),
+            slots,
+            entries,
+            overruns: AtomicU64::new(0),
+            desynced: AtomicBool::new(false),
+            resynced: AtomicU64::new(0),
+        }
+    }
+
+    /// Entries per vCPU ring.
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    /// Pages consumed from each vCPU's ring so far.
+    pub fn harvested_per_vcpu(&self) -> Vec<u64> {
+        self.harvested
+            .iter()
+            .map(|h| h.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Clean entries marked consumed to resynchronise after overruns.
+    pub fn resynced(&self) -> u64 {
+        self.resynced.load(Ordering::Relaxed)
+    }
+
+    /// Overruns detected so far.
+    pub fn overruns(&self) -> u64 {
+        self.overruns.load(Ordering::Relaxed)
+    }
+
+    /// Consume ring `vcpu` into `into` (a page-index sink). On an overrun,
+    /// sets every page pending.
+    fn consume_ring(
+        &self,
+        vcpu: usize,
+        mut into: impl FnMut(usize),
+    ) -> Result<u32, DirtyRingError> {
+        let mut ring = self.rings[vcpu].lock().unwrap_or_else(|e| e.into_inner());
+        let mut bad = None;
+        let sweep = self.desynced.load(Ordering::Relaxed);
+        let n = ring.consume(sweep, |slot, offset| {
+            match page_index(&self.slots, slot, offset) {
+                Some(p) => into(p),
+                None => bad = bad.or(Some((slot, offset))),
+            }
+        });
+        if n >= ring.entries() {
+            self.overruns.fetch_add(1, Ordering::Relaxed);
+            self.desynced.store(true, Ordering::Relaxed);
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            *pending = DirtyBitmap::all(pending.len());
+            tracing::warn!("dirty ring of vCPU {vcpu} overran; all of RAM is treated as dirty");
+        }
+        self.harvested[vcpu].fetch_add(u64::from(n), Ordering::Relaxed);
+        match bad {
+            Some((slot, offset)) => Err(DirtyRingError::BadEntry {
+                vcpu: u32::try_from(vcpu).unwrap_or(u32::MAX),
+                slot,
+                offset,
+            }),
+            None => Ok(n),
+        }
+    }
+
+    /// The engine's harvest: OR every page dirtied since the last harvest
+    /// into `into` (all rings, then what vCPU threads set aside on full-ring
+    /// exits), with write protection re-armed before this returns.
+    pub fn harvest(&self, vm: &VmFd, into: &mut DirtyBitmap) -> Result<(), DirtyRingError> {
+        let mut any = false;
+        for v in 0..self.rings.len() {
+            any |= self.consume_ring(v, |p| into.set(p))? > 0;
+        }
+        if any {
+            reset(vm)?;
+        }
+        // Every page in `pending` was re-protected before it was put there.
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        into.union_with(&pending);
+        pending.clear();
+        Ok(())
+    }
+
+    /// Consume every ring, reset, publish into the pending set (the
+    /// reaper's round). Returns the entries consumed.
+    pub fn reap(&self, vm: &VmFd) -> Result<u32, DirtyRingError> {
+        let mut pages = Vec::new();
+        let mut n = 0;
+        for v in 0..self.rings.len() {
+            n += self.consume_ring(v, |p| pages.push(p))?;
+        }
+        if n > 0 {
+            reset(vm)?;
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            for p in pages {
+                pending.set(p);
+            }
+        }
+        Ok(n)
+    }
+
+    /// A vCPU thread's answer to `KVM_EXIT_DIRTY_RING_FULL`: consume its
+    /// ring, reset, and only then set the pages aside for the engine's next
+    /// harvest. Returns the entries consumed.
+    pub fn on_ring_full(&self, vm: &VmFd, vcpu: u32) -> Result<u32, DirtyRingError> {
+        let v = usize::try_from(vcpu).expect("vCPU index fits usize");
+        let mut pages = Vec::with_capacity(self.entries as usize);
+        let n = self.consume_ring(v, |p| pages.push(p))?;
+        if n == 0 {
+            if self.desynced.load(Ordering::Relaxed) {
+                let mut ring = self.rings[v].lock().unwrap_or_else(|e| e.into_inner());
+                let half = ring.entries() / 2;
+                let k = ring.mark_clean_as_reset(half);
+                drop(ring);
+                self.resynced.fetch_add(u64::from(k), Ordering::Relaxed);
+                reset(vm)?;
+            }
+            return Ok(0);
+        }
+        reset(vm)?;
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for p in pages {
+            pending.set(p);
+        }
+        Ok(n)
+    }
+}
+
+/// How often the reaper empties the rings: at the fastest store rate here
+/// (~1M guest instructions/s) 10 ms is at most ~10,000 entries, far below a
+/// default ring's 65,536.
+pub const REAP_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A thread that empties the rings every [`REAP_INTERVAL`] while the VM
+/// lives, as QEMU's dirty-ring reaper does, so that a ring is drained long
+/// before it is full however rarely the engine harvests.
+pub struct Reaper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reaper {
+    /// Start reaping `set` of `vm`.
+    pub fn spawn(set: Arc<RingSet>, vm: Arc<VmFd>) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("dirty-ring-reaper".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    if let Err(e) = set.reap(&vm) {
+                        tracing::error!("dirty ring reaper: {e}");
+                    }
+                    std::thread::sleep(REAP_INTERVAL);
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Push as the kernel does: fill, then release DIRTY; `at` is the
+    /// kernel's free-running dirty index.
+    fn push(ring: &DirtyRing, at: u32, slot: u32, offset: u64) {
+        let e = ring.entry(at);
+        // SAFETY: test ring on the heap, entry in range, no other thread.
+        unsafe {
+            (*e).slot = slot;
+            (*e).offset = offset;
+        }
+        ring.flags(at).store(GFN_F_DIRTY, Ordering::Release);
+    }
+
+    /// Recycle as KVM_RESET_DIRTY_RINGS does: RESET → 0.
+    fn kernel_reset(ring: &DirtyRing) {
+        for i in 0..ring.entries {
+            let f = ring.flags(i);
+            if f.load(Ordering::Acquire) == GFN_F_RESET {
+                f.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    fn slots() -> Vec<Slot> {
+        vec![
+            Slot {
+                index: 0,
+                gpa: 0,
+                size: 1 << 30,
+            },
+            Slot {
+                index: 1,
+                gpa: 1 << 30,
+                size: 1 << 20,
+            },
+        ]
+    }
+
+    #[test]
+    fn index_wraps_with_mask() {
+        let ring = DirtyRing::heap(256);
+        assert_eq!(ring.slot_of(0), 0);
+        assert_eq!(ring.slot_of(255), 255);
+        assert_eq!(ring.slot_of(256), 0);
+        assert_eq!(ring.slot_of(u32::MAX), 255);
+        assert_eq!(ring.slot_of(u32::MAX.wrapping_add(1)), 0);
+    }
+
+    #[test]
+    fn consume_reads_in_order_and_stops_at_clean_entry() {
+        let mut ring = DirtyRing::heap(256);
+        for (i, off) in [5u64, 9, 5].iter().enumerate() {
+            push(&ring, u32::try_from(i).unwrap(), 0, *off);
+        }
+        let mut seen = Vec::new();
+        assert_eq!(ring.consume(false, |s, o| seen.push((s, o))), 3);
+        assert_eq!(seen, vec![(0, 5), (0, 9), (0, 5)]);
+        // Marked for reset, not consumed twice.
+        assert_eq!(ring.flags(0).load(Ordering::Relaxed), GFN_F_RESET);
+        assert_eq!(ring.consume(false, |_, _| panic!("nothing new")), 0);
+        assert_eq!(ring.fetch, 3);
+    }
+
+    #[test]
+    fn consume_across_wrap_around() {
+        let mut ring = DirtyRing::heap(256);
+        // Start near the u32 limit, as after a long life.
+        ring.fetch = u32::MAX - 2;
+        for k in 0..6u32 {
+            push(&ring, (u32::MAX - 2).wrapping_add(k), 0, u64::from(k));
+        }
+        let mut seen = Vec::new();
+        assert_eq!(ring.consume(false, |_, o| seen.push(o)), 6);
+        assert_eq!(seen, (0..6).collect::<Vec<u64>>());
+        assert_eq!(ring.fetch, 3);
+    }
+
+    #[test]
+    fn full_ring_is_consumed_once_and_refilled() {
+        let mut ring = DirtyRing::heap(256);
+        for i in 0..256u32 {
+            push(&ring, i, 0, u64::from(i));
+        }
+        assert_eq!(ring.consume(false, |_, _| {}), 256);
+        kernel_reset(&ring);
+        // The kernel reuses the entries after the reset.
+        for i in 256..300u32 {
+            push(&ring, i, 0, u64::from(i));
+        }
+        let mut seen = Vec::new();
+        assert_eq!(ring.consume(false, |_, o| seen.push(o)), 44);
+        assert_eq!(seen, (256..300).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn harvest_maps_slots_into_bitmap_and_drains_pending() {
+        let set = RingSet::new(
+            vec![DirtyRing::heap(256), DirtyRing::heap(256)],
+            slots(),
+            262_400,
+        );
+        {
+            let r0 = set.rings[0].lock().unwrap();
+            push(&r0, 0, 0, 7);
+            push(&r0, 1, 1, 3); // slot 1 starts at page 262144
+        }
+        {
+            let r1 = set.rings[1].lock().unwrap();
+            push(&r1, 0, 0, 7);
+            push(&r1, 1, 0, 100);
+        }
+        // What a vCPU thread set aside earlier.
+        set.pending.lock().unwrap().set(42);
+        let mut into = DirtyBitmap::new(262_400);
+        for v in 0..2 {
+            set.consume_ring(v, |p| into.set(p)).unwrap();
+        }
+        into.union_with(&set.pending.lock().unwrap());
+        set.pending.lock().unwrap().clear();
+        assert_eq!(
+            into.iter_ones().collect::<Vec<_>>(),
+            vec![7, 42, 100, 262_147]
+        );
+        assert_eq!(set.harvested_per_vcpu(), vec![2, 2]);
+        assert_eq!(set.pending.lock().unwrap().count(), 0);
+    }
+
+    #[test]
+    fn entry_outside_ram_is_an_error() {
+        let set = RingSet::new(vec![DirtyRing::heap(256)], slots(), 262_400);
+        {
+            let r0 = set.rings[0].lock().unwrap();
+            push(&r0, 0, 1, 256); // slot 1 has 256 pages: 0..=255
+            push(&r0, 1, 1 << 16, 0); // address space 1
+        }
+        let err = set.consume_ring(0, |_| {}).unwrap_err();
+        assert!(matches!(
+            err,
+            DirtyRingError::BadEntry {
+                slot: 1,
+                offset: 256,
+                ..
+            }
+        ));
+        assert_eq!(page_index(&slots(), 1 << 16, 0), None);
+        assert_eq!(page_index(&slots(), 1, 255), Some(262_399));
+    }
+
+    #[test]
+    fn a_whole_ring_filled_is_an_overrun_and_sets_all_pending() {
+        let set = RingSet::new(vec![DirtyRing::heap(256)], slots(), 262_400);
+        {
+            let r0 = set.rings[0].lock().unwrap();
+            for i in 0..256u32 {
+                push(&r0, i, 0, u64::from(i));
+            }
+        }
+        assert_eq!(set.consume_ring(0, |_| {}).unwrap(), 256);
+        assert_eq!(set.overruns(), 1);
+        assert_eq!(set.pending.lock().unwrap().count(), 262_400);
+        // From now on the whole ring is swept: an entry the kernel wrote
+        // ahead of our index is found.
+        kernel_reset(&set.rings[0].lock().unwrap());
+        push(&set.rings[0].lock().unwrap(), 256 + 10, 0, 77);
+        let mut seen = Vec::new();
+        assert_eq!(set.consume_ring(0, |p| seen.push(p)).unwrap(), 1);
+        assert_eq!(seen, vec![77]);
+    }
+
+    #[test]
+    fn resync_marks_only_clean_entries_from_our_index() {
+        let mut ring = DirtyRing::heap(256);
+        push(&ring, 5, 0, 1);
+        // Entries 0..5 are clean, 5 is filled: only 5 marked, index at 5.
+        assert_eq!(ring.mark_clean_as_reset(128), 5);
+        assert_eq!(ring.fetch, 5);
+        assert_eq!(ring.flags(0).load(Ordering::Relaxed), GFN_F_RESET);
+        // SAFETY: test ring, entry in range.
+        assert_eq!(unsafe { (*ring.entry(0)).slot }, u32::MAX);
+        assert_eq!(ring.flags(5).load(Ordering::Relaxed), GFN_F_DIRTY);
+        kernel_reset(&ring);
+        assert_eq!(ring.consume(false, |_, o| assert_eq!(o, 1)), 1);
+        // At most k at a time.
+        assert_eq!(ring.mark_clean_as_reset(3), 3);
+        assert_eq!(ring.fetch, 9);
+    }
+
+    #[test]
+    fn sizes_checked_against_offer() {
+        let offer = RingOffer {
+            acq_rel: true,
+            max_bytes: 1 << 20,
+        };
+        assert_eq!(check_size(4096, offer).unwrap(), 4096);
+        assert_eq!(check_size(1 << 20, offer).unwrap(), 1 << 20);
+        assert!(matches!(
+            check_size(3 << 12, offer),
+            Err(DirtyRingError::BadSize { .. })
+        ));
+        assert!(check_size(2048, offer).is_err());
+        assert!(check_size(2 << 20, offer).is_err());
+    }
+}
