@@ -10,6 +10,7 @@ pub mod dirty_log;
 pub mod dirty_ring;
 pub mod memory;
 pub mod ports;
+pub mod ring_set;
 pub mod state;
 pub mod vcpu;
 
@@ -23,11 +24,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::dirty::DirtyBitmap;
 use cpu_model::cpu_model_name;
 use dirty_log::{DirtyLogError, DirtyLogMode, DirtyTrack, DirtyTrackConfig};
-use dirty_ring::{DirtyRing, DirtyRingError, Reaper, RingSet};
+use dirty_ring::{DirtyRing, DirtyRingError};
 use memory::{MemoryError, Slot};
 use ports::{PortBus, SerialSink};
+use ring_set::{Reaper, RingSet};
 use state::{StateError, VcpuState};
-use vcpu::{Kickable, Throttle, VcpuCommand, VcpuHandle, VcpuThread, THROTTLE_SLICE};
+use vcpu::{Throttle, Ticker, VcpuCommand, VcpuHandle, VcpuThread};
 
 /// Where a boot image is loaded, as a PC BIOS does.
 pub const BOOT_LOAD_ADDR: u64 = 0x7C00;
@@ -159,35 +161,6 @@ pub struct Vm {
     ticker: std::sync::Mutex<Option<Ticker>>,
     /// Pages ever written (see [`Vm::written_pages`]).
     written: std::sync::Mutex<DirtyBitmap>,
-}
-
-/// The thread that kicks throttled vCPUs out of KVM_RUN every slice.
-struct Ticker {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Ticker {
-    fn spawn(throttle: Arc<Throttle>, vcpus: Vec<Kickable>) -> std::io::Result<Self> {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("throttle".into())
-            .spawn(move || {
-                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                    if throttle.get() > 0.0 {
-                        vcpus.iter().for_each(Kickable::kick);
-                    }
-                    std::thread::sleep(THROTTLE_SLICE);
-                }
-            })?;
-        Ok(Self { stop, thread })
-    }
-
-    fn stop(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.thread.join();
-    }
 }
 
 impl Vm {
@@ -389,7 +362,7 @@ impl Vm {
     }
 
     /// Dirty-ring overruns detected (`None`: bitmap); see
-    /// [`dirty_ring::RingSet`].
+    /// [`ring_set::RingSet`].
     pub fn dirty_ring_overruns(&self) -> Option<u64> {
         self.rings.as_ref().map(|r| r.overruns())
     }

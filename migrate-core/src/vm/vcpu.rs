@@ -25,7 +25,7 @@
 //! Dirty ring: a vCPU whose ring is full exits with
 //! `KVM_EXIT_DIRTY_RING_FULL`; its thread consumes the ring, resets it and
 //! sets the pages aside for the engine's next harvest
-//! ([`super::dirty_ring::RingSet::on_ring_full`]), then re-enters the guest.
+//! ([`super::ring_set::RingSet::on_ring_full`]), then re-enters the guest.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -39,8 +39,8 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::VmFd;
 
-use super::dirty_ring::RingSet;
 use super::ports::{PortAction, PortBus};
+use super::ring_set::RingSet;
 use super::state::{StateError, VcpuState};
 use super::VmEvent;
 
@@ -392,5 +392,36 @@ impl VcpuThread {
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
+    }
+}
+
+/// The thread that kicks throttled vCPUs out of KVM_RUN every slice.
+pub struct Ticker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Ticker {
+    /// Start kicking `vcpus` every slice while a throttle is in force.
+    pub fn spawn(throttle: Arc<Throttle>, vcpus: Vec<Kickable>) -> std::io::Result<Self> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("throttle".into())
+            .spawn(move || {
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    if throttle.get() > 0.0 {
+                        vcpus.iter().for_each(Kickable::kick);
+                    }
+                    std::thread::sleep(THROTTLE_SLICE);
+                }
+            })?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stop the thread and wait for it.
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
     }
 }
