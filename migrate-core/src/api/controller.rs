@@ -278,6 +278,7 @@ impl VmController {
             dirty_ring_entries: self.vm.dirty_ring_entries(),
             dirty_ring_harvested: self.vm.dirty_ring_harvested(),
             dirty_ring_overruns: self.vm.dirty_ring_overruns(),
+            dirty_ring_resynced: self.vm.dirty_ring_resynced(),
             serial_bytes: self.vm.ports().serial_bytes(),
             exits,
             unhandled_ports: self

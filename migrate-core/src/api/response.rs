@@ -137,6 +137,10 @@ pub struct VmStatus {
     /// `None`: bitmap).
     #[serde(default)]
     pub dirty_ring_overruns: Option<u64>,
+    /// Phantom ring entries given back to the kernel after overruns
+    /// (`None`: bitmap).
+    #[serde(default)]
+    pub dirty_ring_resynced: Option<u64>,
     /// Bytes the guest wrote to COM1.
     pub serial_bytes: u64,
     /// VM exits by kind, over all vCPUs.

@@ -193,6 +193,10 @@ pub struct DirtyRing {
     entries: u32,
     /// Index of the next entry to read (free-running, wraps as the kernel's).
     fetch: u32,
+    /// Entries marked consumed since the last reset.
+    outstanding: u32,
+    /// The kernel's reset index (free-running), while we know it.
+    kreset: Option<u32>,
     backing: Backing,
 }
 
@@ -229,6 +233,8 @@ impl DirtyRing {
             base: NonNull::new(p.cast()).expect("mmap succeeded"),
             entries: bytes / ENTRY_BYTES,
             fetch: 0,
+            outstanding: 0,
+            kreset: Some(0),
             backing: Backing::Mmap,
         })
     }
@@ -242,6 +248,8 @@ impl DirtyRing {
             base,
             entries,
             fetch: 0,
+            outstanding: 0,
+            kreset: Some(0),
             backing: Backing::Heap(mem),
         }
     }
@@ -290,6 +298,7 @@ impl DirtyRing {
                 }
             }
         }
+        self.outstanding += n;
         n
     }
 
@@ -317,28 +326,77 @@ impl DirtyRing {
         }
     }
 
-    /// Mark up to `k` clean entries from our fetch index as consumed, with
-    /// a slot no memslot has (so the kernel's reset re-protects nothing),
-    /// and move past them. Used only to resynchronise with a kernel whose
-    /// index ran ahead of the ring's content (see [`super::ring_set::RingSet`]).
-    pub(super) fn mark_clean_as_reset(&mut self, k: u32) -> u32 {
+    /// Entries marked consumed since the last reset.
+    pub(super) fn outstanding(&self) -> u32 {
+        self.outstanding
+    }
+
+    /// The kernel's reset index, when known.
+    pub(super) fn kernel_reset_pos(&self) -> Option<u32> {
+        self.kreset
+    }
+
+    /// After `KVM_RESET_DIRTY_RINGS`: `exact` when the kernel took exactly
+    /// what all rings had marked (then this ring's reset index moved past
+    /// its marks); otherwise the index is unknown if we had marked any.
+    pub(super) fn reset_done(&mut self, exact: bool) {
+        if exact {
+            self.kreset = self.kreset.map(|k| k.wrapping_add(self.outstanding));
+        } else if self.outstanding > 0 {
+            self.kreset = None;
+        }
+        self.outstanding = 0;
+    }
+
+    /// Mark a fake consumed entry at `i` (a slot no memslot has, so the
+    /// kernel re-protects nothing for it).
+    fn mark_fake(&self, i: u32) {
+        let e = self.entry(i);
+        // SAFETY: the entry is inside the live ring and clean, and the
+        // vCPU of this ring is not running (we are on its thread after a
+        // full-ring exit), so the kernel does not write it meanwhile.
+        unsafe { std::ptr::addr_of_mut!((*e).slot).write_volatile(u32::MAX) };
+        self.flags(i).store(GFN_F_RESET, Ordering::Release);
+    }
+
+    /// Probe for the kernel's reset index: mark clean entry `pos` consumed
+    /// (false if it is not clean). Follow with a reset and [`Self::probe_done`].
+    pub(super) fn mark_probe(&mut self, pos: u32) -> bool {
+        if self.flags(pos).load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        self.mark_fake(pos);
+        true
+    }
+
+    /// The reset after a probe at `pos` took `took` entries: the kernel's
+    /// reset index was `pos` (and is now past what it took); if it took
+    /// none, the probe is withdrawn.
+    pub(super) fn probe_done(&mut self, pos: u32, took: u32) {
+        if took > 0 {
+            self.kreset = Some(pos.wrapping_add(took));
+        } else {
+            self.flags(pos).store(0, Ordering::Release);
+        }
+    }
+
+    /// Mark up to `max` clean entries from the kernel's reset index on as
+    /// consumed: the phantoms of an overrun (see
+    /// [`super::ring_set::RingSet`]). Follow with a reset and
+    /// [`Self::phantoms_done`]. Returns how many.
+    pub(super) fn mark_phantoms(&mut self, max: u32) -> u32 {
+        let Some(k) = self.kreset else { return 0 };
         let mut n = 0;
-        while n < k {
-            let flags = self.flags(self.fetch);
-            if flags.load(Ordering::Acquire) != 0 {
-                break;
-            }
-            let e = self.entry(self.fetch);
-            // SAFETY: the entry is inside the live ring and clean (free for
-            // userspace to write until the kernel fills it; the kernel
-            // fills only entries it counts as free, and it counts this one
-            // as used, which is the desynchronisation being repaired).
-            unsafe { std::ptr::addr_of_mut!((*e).slot).write_volatile(u32::MAX) };
-            flags.store(GFN_F_RESET, Ordering::Release);
-            self.fetch = self.fetch.wrapping_add(1);
+        while n < max && self.flags(k.wrapping_add(n)).load(Ordering::Acquire) == 0 {
+            self.mark_fake(k.wrapping_add(n));
             n += 1;
         }
         n
+    }
+
+    /// The reset after [`Self::mark_phantoms`] took `took` entries.
+    pub(super) fn phantoms_done(&mut self, took: u32) {
+        self.kreset = self.kreset.map(|k| k.wrapping_add(took));
     }
 
     /// Consume entry `i` if the kernel filled it.
@@ -456,21 +514,42 @@ mod tests {
     }
 
     #[test]
-    fn resync_marks_only_clean_entries_from_our_index() {
+    fn kernel_reset_index_is_tracked_and_phantoms_stop_at_real_entries() {
         let mut ring = DirtyRing::heap(256);
-        ring.test_push(5, 0, 1);
-        // Entries 0..5 are clean, 5 is filled: only 5 marked, index at 5.
-        assert_eq!(ring.mark_clean_as_reset(128), 5);
-        assert_eq!(ring.fetch, 5);
-        assert_eq!(ring.flags(0).load(Ordering::Relaxed), GFN_F_RESET);
-        // SAFETY: test ring, entry in range.
-        assert_eq!(unsafe { (*ring.entry(0)).slot }, u32::MAX);
-        assert_eq!(ring.flags(5).load(Ordering::Relaxed), GFN_F_DIRTY);
+        for i in 0..3u32 {
+            ring.test_push(i, 0, u64::from(i));
+        }
+        assert_eq!(ring.consume(false, |_, _| {}), 3);
+        assert_eq!(ring.outstanding(), 3);
         ring.test_kernel_reset();
-        assert_eq!(ring.consume(false, |_, o| assert_eq!(o, 1)), 1);
-        // At most k at a time.
-        assert_eq!(ring.mark_clean_as_reset(3), 3);
-        assert_eq!(ring.fetch, 9);
+        ring.reset_done(true);
+        assert_eq!(ring.kernel_reset_pos(), Some(3));
+        // A reset that did not take exactly our marks: index unknown.
+        ring.test_push(3, 0, 9);
+        ring.consume(false, |_, _| {});
+        ring.reset_done(false);
+        assert_eq!(ring.kernel_reset_pos(), None);
+        assert_eq!(ring.mark_phantoms(128), 0, "unknown index: nothing marked");
+        // Probing: a dirty or consumed entry is not a candidate.
+        assert!(!ring.mark_probe(3));
+        ring.test_kernel_reset();
+        assert!(ring.mark_probe(4));
+        ring.probe_done(4, 0);
+        assert_eq!(ring.flags(4).load(Ordering::Relaxed), 0, "withdrawn");
+        assert!(ring.mark_probe(5));
+        ring.probe_done(5, 1);
+        assert_eq!(ring.kernel_reset_pos(), Some(6));
+        // Phantoms: clean entries from the kernel's index up to the first
+        // real (consumed) one, at most `max`.
+        ring.test_push(10, 0, 1);
+        ring.flags(10).store(GFN_F_RESET, Ordering::Release);
+        assert_eq!(ring.mark_phantoms(128), 4); // 6, 7, 8, 9
+                                                // SAFETY: test ring, entry in range.
+        assert_eq!(unsafe { (*ring.entry(6)).slot }, u32::MAX);
+        ring.phantoms_done(5);
+        assert_eq!(ring.kernel_reset_pos(), Some(11));
+        ring.test_kernel_reset();
+        assert_eq!(ring.mark_phantoms(3), 3);
     }
 
     #[test]

@@ -367,6 +367,12 @@ impl Vm {
         self.rings.as_ref().map(|r| r.overruns())
     }
 
+    /// Phantom ring entries given back to the kernel after overruns
+    /// (`None`: bitmap); see [`ring_set::RingSet`].
+    pub fn dirty_ring_resynced(&self) -> Option<u64> {
+        self.rings.as_ref().map(|r| r.resynced())
+    }
+
     /// Pages consumed from each vCPU's dirty ring so far (`None`: bitmap).
     pub fn dirty_ring_harvested(&self) -> Option<Vec<u64>> {
         self.rings.as_ref().map(|r| r.harvested_per_vcpu())

@@ -10,7 +10,7 @@
 //! lost). No `unsafe` here.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kvm_ioctls::VmFd;
@@ -35,28 +35,35 @@ fn page_index(slots: &[Slot], slot: u32, offset: u64) -> Option<usize> {
 ///
 /// **Overruns.** A kernel that keeps pushing entries while a ring is full
 /// overwrites entries not yet consumed: those pages are lost from the ring.
-/// kvm_pvm does this (it logs every emulated store, not only the first one
-/// after write protection, and checks the full condition only between long
+/// kvm_pvm does this: it logs every emulated store (not only the first one
+/// after write protection) and checks the full condition only between long
 /// runs of emulated code, far beyond the 64 entries the kernel keeps in
-/// reserve). An overwrite of an unconsumed entry needs the kernel to write a
+/// reserve. An overwrite of an unconsumed entry needs the kernel to write a
 /// whole lap past it, so the next in-order consumption finds the whole ring
 /// filled: that is how an overrun is detected. Its answer: every page of RAM
 /// is set pending (dirty and written), so the next iteration resends all of
-/// RAM and nothing can be missed; and from then on each consumption also
-/// sweeps the whole ring, since the kernel's index no longer matches ours.
-/// The reaper ([`Reaper`]) exists so that overruns do not happen with a
-/// ring of sensible size.
+/// RAM; this covers the lost pages on a kernel that logs every store (as
+/// kvm_pvm does), and a kernel that honours its reserve never overruns.
+/// From then on each consumption also sweeps the whole ring, since the
+/// kernel's write index no longer follows ours. The reaper ([`Reaper`])
+/// exists so that overruns do not happen with a ring of sensible size.
 ///
-/// **Resynchronising.** After an overrun the kernel counts as used the
-/// entries it wrote past the lap, which the reset already recycled: it
-/// reports the ring full while nothing is in it, and never runs the vCPU
-/// again. A full-ring exit with nothing to consume after an overrun is
-/// answered by marking clean entries, from our index on, consumed (with a
-/// slot no memslot has, so the reset re-protects nothing), at most half a
-/// ring at a time: the exit means the kernel counts at least `entries − 64`
-/// used, so the kernel's reset index cannot be pushed past its write index.
+/// **Resynchronising.** After an overrun the kernel still counts as used
+/// the entries it wrote past the lap, which the reset already recycled:
+/// it reports the ring full with nothing in it and never runs the vCPU
+/// again. We track the kernel's reset index (it advances by what
+/// `KVM_RESET_DIRTY_RINGS` returns when that is exactly what we marked),
+/// find it by probing when unknown (mark one clean entry, reset, see if
+/// the kernel took it), and on a full-ring exit with nothing to consume
+/// mark the clean entries from the kernel's reset index on as consumed
+/// (with a slot no memslot has, so nothing is re-protected): these are
+/// exactly the phantom entries, up to the first real one, and at most half
+/// a ring at a time, since the exit means at least `entries − 64` are
+/// counted used; so the kernel's reset index never passes its write index.
 pub struct RingSet {
-    rings: Vec<Mutex<DirtyRing>>,
+    /// One lock for all rings: every consume is followed by its reset
+    /// under it, so the accounting of reset counts is exact.
+    rings: Mutex<Vec<DirtyRing>>,
     pending: Mutex<DirtyBitmap>,
     slots: Vec<Slot>,
     entries: u32,
@@ -66,7 +73,7 @@ pub struct RingSet {
     overruns: AtomicU64,
     /// An overrun happened: sweep whole rings from now on.
     desynced: AtomicBool,
-    /// Clean entries marked consumed to resynchronise (see above).
+    /// Phantom entries marked consumed to resynchronise (see above).
     resynced: AtomicU64,
 }
 
@@ -76,7 +83,7 @@ impl RingSet {
         let entries = rings.first().map_or(0, DirtyRing::entries);
         Self {
             harvested: rings.iter().map(|_| AtomicU64::new(0)).collect(),
-            rings: rings.into_iter().map(Mutex::new).collect(),
+            rings: Mutex::new(rings),
             pending: Mutex::new(DirtyBitmap::new(pages)),
             slots,
             entries,
@@ -99,7 +106,7 @@ impl RingSet {
             .collect()
     }
 
-    /// Clean entries marked consumed to resynchronise after overruns.
+    /// Phantom entries marked consumed to resynchronise after overruns.
     pub fn resynced(&self) -> u64 {
         self.resynced.load(Ordering::Relaxed)
     }
@@ -109,14 +116,19 @@ impl RingSet {
         self.overruns.load(Ordering::Relaxed)
     }
 
+    fn lock_rings(&self) -> MutexGuard<'_, Vec<DirtyRing>> {
+        self.rings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Consume ring `vcpu` into `into` (a page-index sink). On an overrun,
     /// sets every page pending.
     fn consume_ring(
         &self,
+        rings: &mut [DirtyRing],
         vcpu: usize,
         mut into: impl FnMut(usize),
     ) -> Result<u32, DirtyRingError> {
-        let mut ring = self.rings[vcpu].lock().unwrap_or_else(|e| e.into_inner());
+        let ring = &mut rings[vcpu];
         let mut bad = None;
         let sweep = self.desynced.load(Ordering::Relaxed);
         let n = ring.consume(sweep, |slot, offset| {
@@ -143,17 +155,33 @@ impl RingSet {
         }
     }
 
+    /// `KVM_RESET_DIRTY_RINGS` for what the rings marked, keeping track of
+    /// the kernel's reset index (skipped when nothing is marked).
+    fn reset_marked(vm: &VmFd, rings: &mut [DirtyRing]) -> Result<(), DirtyRingError> {
+        let marked: u32 = rings.iter().map(DirtyRing::outstanding).sum();
+        if marked == 0 {
+            return Ok(());
+        }
+        let done = reset(vm)?;
+        // Each ring's walk stops at its first unmarked entry, so if the
+        // total is what was marked, each ring took exactly its own marks.
+        let exact = done == marked;
+        for r in rings.iter_mut() {
+            r.reset_done(exact);
+        }
+        Ok(())
+    }
+
     /// The engine's harvest: OR every page dirtied since the last harvest
-    /// into `into` (all rings, then what vCPU threads set aside on full-ring
-    /// exits), with write protection re-armed before this returns.
+    /// into `into` (all rings, then what the reaper and vCPU threads set
+    /// aside), with write protection re-armed before this returns.
     pub fn harvest(&self, vm: &VmFd, into: &mut DirtyBitmap) -> Result<(), DirtyRingError> {
-        let mut any = false;
-        for v in 0..self.rings.len() {
-            any |= self.consume_ring(v, |p| into.set(p))? > 0;
+        let mut rings = self.lock_rings();
+        for v in 0..rings.len() {
+            self.consume_ring(&mut rings, v, |p| into.set(p))?;
         }
-        if any {
-            reset(vm)?;
-        }
+        Self::reset_marked(vm, &mut rings)?;
+        drop(rings);
         // Every page in `pending` was re-protected before it was put there.
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         into.union_with(&pending);
@@ -166,43 +194,67 @@ impl RingSet {
     pub fn reap(&self, vm: &VmFd) -> Result<u32, DirtyRingError> {
         let mut pages = Vec::new();
         let mut n = 0;
-        for v in 0..self.rings.len() {
-            n += self.consume_ring(v, |p| pages.push(p))?;
+        let mut rings = self.lock_rings();
+        for v in 0..rings.len() {
+            n += self.consume_ring(&mut rings, v, |p| pages.push(p))?;
         }
-        if n > 0 {
-            reset(vm)?;
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            for p in pages {
-                pending.set(p);
-            }
-        }
+        Self::reset_marked(vm, &mut rings)?;
+        drop(rings);
+        self.publish(pages);
         Ok(n)
     }
 
-    /// A vCPU thread's answer to `KVM_EXIT_DIRTY_RING_FULL`: consume its
-    /// ring, reset, and only then set the pages aside for the engine's next
-    /// harvest. Returns the entries consumed.
-    pub fn on_ring_full(&self, vm: &VmFd, vcpu: u32) -> Result<u32, DirtyRingError> {
-        let v = usize::try_from(vcpu).expect("vCPU index fits usize");
-        let mut pages = Vec::with_capacity(self.entries as usize);
-        let n = self.consume_ring(v, |p| pages.push(p))?;
-        if n == 0 {
-            if self.desynced.load(Ordering::Relaxed) {
-                let mut ring = self.rings[v].lock().unwrap_or_else(|e| e.into_inner());
-                let half = ring.entries() / 2;
-                let k = ring.mark_clean_as_reset(half);
-                drop(ring);
-                self.resynced.fetch_add(u64::from(k), Ordering::Relaxed);
-                reset(vm)?;
-            }
-            return Ok(0);
+    fn publish(&self, pages: Vec<usize>) {
+        if pages.is_empty() {
+            return;
         }
-        reset(vm)?;
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         for p in pages {
             pending.set(p);
         }
+    }
+
+    /// A vCPU thread's answer to `KVM_EXIT_DIRTY_RING_FULL`: consume its
+    /// ring, reset, and only then set the pages aside for the engine's next
+    /// harvest; with nothing to consume, resynchronise (see above).
+    /// Returns the entries consumed.
+    pub fn on_ring_full(&self, vm: &VmFd, vcpu: u32) -> Result<u32, DirtyRingError> {
+        let v = usize::try_from(vcpu).expect("vCPU index fits usize");
+        let mut pages = Vec::with_capacity(self.entries as usize);
+        let mut rings = self.lock_rings();
+        let n = self.consume_ring(&mut rings, v, |p| pages.push(p))?;
+        Self::reset_marked(vm, &mut rings)?;
+        if n == 0 {
+            self.resync(vm, &mut rings[v])?;
+        }
+        drop(rings);
+        self.publish(pages);
         Ok(n)
+    }
+
+    /// Give the kernel back the phantom entries of a ring it reports full
+    /// with nothing in it (the caller holds the rings' lock, so no entry
+    /// of any ring is marked and not yet reset).
+    fn resync(&self, vm: &VmFd, ring: &mut DirtyRing) -> Result<(), DirtyRingError> {
+        if ring.kernel_reset_pos().is_none() {
+            for pos in 0..ring.entries() {
+                if !ring.mark_probe(pos) {
+                    continue;
+                }
+                let took = reset(vm)?;
+                ring.probe_done(pos, took);
+                if took > 0 {
+                    break;
+                }
+            }
+        }
+        let k = ring.mark_phantoms(ring.entries() / 2);
+        if k > 0 {
+            let took = reset(vm)?;
+            ring.phantoms_done(took);
+            self.resynced.fetch_add(u64::from(k), Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 
@@ -277,12 +329,12 @@ mod tests {
             262_400,
         );
         {
-            let r0 = set.rings[0].lock().unwrap();
+            let r0 = &set.rings.lock().unwrap()[0];
             r0.test_push(0, 0, 7);
             r0.test_push(1, 1, 3); // slot 1 starts at page 262144
         }
         {
-            let r1 = set.rings[1].lock().unwrap();
+            let r1 = &set.rings.lock().unwrap()[1];
             r1.test_push(0, 0, 7);
             r1.test_push(1, 0, 100);
         }
@@ -290,7 +342,8 @@ mod tests {
         set.pending.lock().unwrap().set(42);
         let mut into = DirtyBitmap::new(262_400);
         for v in 0..2 {
-            set.consume_ring(v, |p| into.set(p)).unwrap();
+            set.consume_ring(&mut set.lock_rings(), v, |p| into.set(p))
+                .unwrap();
         }
         into.union_with(&set.pending.lock().unwrap());
         set.pending.lock().unwrap().clear();
@@ -306,11 +359,13 @@ mod tests {
     fn entry_outside_ram_is_an_error() {
         let set = RingSet::new(vec![DirtyRing::heap(256)], slots(), 262_400);
         {
-            let r0 = set.rings[0].lock().unwrap();
+            let r0 = &set.rings.lock().unwrap()[0];
             r0.test_push(0, 1, 256); // slot 1 has 256 pages: 0..=255
             r0.test_push(1, 1 << 16, 0); // address space 1
         }
-        let err = set.consume_ring(0, |_| {}).unwrap_err();
+        let err = set
+            .consume_ring(&mut set.lock_rings(), 0, |_| {})
+            .unwrap_err();
         assert!(matches!(
             err,
             DirtyRingError::BadEntry {
@@ -327,20 +382,27 @@ mod tests {
     fn a_whole_ring_filled_is_an_overrun_and_sets_all_pending() {
         let set = RingSet::new(vec![DirtyRing::heap(256)], slots(), 262_400);
         {
-            let r0 = set.rings[0].lock().unwrap();
+            let r0 = &set.rings.lock().unwrap()[0];
             for i in 0..256u32 {
                 r0.test_push(i, 0, u64::from(i));
             }
         }
-        assert_eq!(set.consume_ring(0, |_| {}).unwrap(), 256);
+        assert_eq!(
+            set.consume_ring(&mut set.lock_rings(), 0, |_| {}).unwrap(),
+            256
+        );
         assert_eq!(set.overruns(), 1);
         assert_eq!(set.pending.lock().unwrap().count(), 262_400);
         // From now on the whole ring is swept: an entry the kernel wrote
         // ahead of our index is found.
-        set.rings[0].lock().unwrap().test_kernel_reset();
-        set.rings[0].lock().unwrap().test_push(256 + 10, 0, 77);
+        set.rings.lock().unwrap()[0].test_kernel_reset();
+        set.rings.lock().unwrap()[0].test_push(256 + 10, 0, 77);
         let mut seen = Vec::new();
-        assert_eq!(set.consume_ring(0, |p| seen.push(p)).unwrap(), 1);
+        assert_eq!(
+            set.consume_ring(&mut set.lock_rings(), 0, |p| seen.push(p))
+                .unwrap(),
+            1
+        );
         assert_eq!(seen, vec![77]);
     }
 }
