@@ -24,7 +24,9 @@ pub struct RunArgs {
     /// Raw boot image loaded at 0x7C00 (up to 64 KiB).
     #[arg(long, conflicts_with_all = ["workload", "incoming"])]
     boot: Option<PathBuf>,
-    /// Built-in workload, e.g. `verify`, `sweep`, `hotset:wss=256M`.
+    /// Built-in workload, e.g. `verify`, `sweep`, `hotset:wss=256M`; any of
+    /// them with `fill=random[,fill-seed=N]` (e.g. `idle:fill=random`): RAM
+    /// above 1 MiB filled with pseudo-random bytes before boot.
     #[arg(long, conflicts_with = "incoming")]
     workload: Option<String>,
     /// Wait for a migration on `tcp:HOST:PORT` or `unix:PATH` (needs
@@ -197,14 +199,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
             (image, Vec::new())
         } else if let Some(spec) = &a.workload {
-            let spec: harness::WorkloadSpec = spec.parse()?;
-            let image = harness::build(
-                &spec,
-                &harness::BuildParams {
-                    mem_size,
-                    tsc_hz: tsc_hz_for(&spec),
-                },
-            )?;
+            let spec: harness::GuestSpec = spec.parse()?;
+            let image = spec.build(&harness::BuildParams {
+                mem_size,
+                tsc_hz: tsc_hz_for(&spec.workload),
+            })?;
             (image.boot, image.fills)
         } else {
             bail!("one of --boot, --workload or --incoming is required");
