@@ -373,6 +373,11 @@ impl Vm {
         self.rings.as_ref().map(|r| r.resynced())
     }
 
+    /// Reaper rounds and their total nanoseconds (`None`: bitmap).
+    pub fn dirty_ring_reap_stats(&self) -> Option<(u64, u64)> {
+        self.rings.as_ref().map(|r| r.reap_stats())
+    }
+
     /// Pages consumed from each vCPU's dirty ring so far (`None`: bitmap).
     pub fn dirty_ring_harvested(&self) -> Option<Vec<u64>> {
         self.rings.as_ref().map(|r| r.harvested_per_vcpu())

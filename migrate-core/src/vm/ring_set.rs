@@ -75,6 +75,10 @@ pub struct RingSet {
     desynced: AtomicBool,
     /// Phantom entries marked consumed to resynchronise (see above).
     resynced: AtomicU64,
+    /// Reaper rounds and their total time in ns (the ring's background
+    /// cost, for the harvest benchmark).
+    reap_rounds: AtomicU64,
+    reap_ns: AtomicU64,
 }
 
 impl RingSet {
@@ -90,6 +94,8 @@ impl RingSet {
             overruns: AtomicU64::new(0),
             desynced: AtomicBool::new(false),
             resynced: AtomicU64::new(0),
+            reap_rounds: AtomicU64::new(0),
+            reap_ns: AtomicU64::new(0),
         }
     }
 
@@ -192,6 +198,7 @@ impl RingSet {
     /// Consume every ring, reset, publish into the pending set (the
     /// reaper's round). Returns the entries consumed.
     pub fn reap(&self, vm: &VmFd) -> Result<u32, DirtyRingError> {
+        let start = std::time::Instant::now();
         let mut pages = Vec::new();
         let mut n = 0;
         let mut rings = self.lock_rings();
@@ -201,7 +208,18 @@ impl RingSet {
         Self::reset_marked(vm, &mut rings)?;
         drop(rings);
         self.publish(pages);
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.reap_ns.fetch_add(ns, Ordering::Relaxed);
+        self.reap_rounds.fetch_add(1, Ordering::Relaxed);
         Ok(n)
+    }
+
+    /// Reaper rounds so far and their total time in nanoseconds.
+    pub fn reap_stats(&self) -> (u64, u64) {
+        (
+            self.reap_rounds.load(Ordering::Relaxed),
+            self.reap_ns.load(Ordering::Relaxed),
+        )
     }
 
     fn publish(&self, pages: Vec<usize>) {
