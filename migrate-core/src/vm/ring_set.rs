@@ -1,11 +1,11 @@
 //! The dirty rings of one VM, harvested into the engine's [`DirtyBitmap`].
 //!
 //! Three consumers share the rings: the engine's harvest, a reaper thread
-//! (every [`REAP_INTERVAL`]) and a vCPU thread whose ring is full. Each ring
-//! is consumed under its own mutex; pages the reaper or a vCPU thread took
-//! wait in a pending bitmap (behind its own mutex, never held while taking
-//! a ring's) until the engine's next harvest, which takes them with the
-//! rings. Every page reaches the pending set or the engine only after the
+//! (every [`REAP_INTERVAL`]) and a vCPU thread whose ring is full. The rings
+//! are consumed under one mutex, each consume followed by its reset; pages
+//! the reaper or a vCPU thread took wait in a pending bitmap (behind its own
+//! mutex, never held while taking the rings') until the engine's next
+//! harvest, which takes them with the rings. Every page reaches the pending set or the engine only after the
 //! reset of its entry returned (see [`super::dirty_ring`] on why no page is
 //! lost). No `unsafe` here.
 
@@ -60,6 +60,12 @@ fn page_index(slots: &[Slot], slot: u32, offset: u64) -> Option<usize> {
 /// exactly the phantom entries, up to the first real one, and at most half
 /// a ring at a time, since the exit means at least `entries − 64` are
 /// counted used; so the kernel's reset index never passes its write index.
+/// A full-ring exit can be stale (the reaper may have emptied the ring
+/// since the kernel decided to exit), so this is done only after an
+/// overrun and on the second full-ring exit in a row with no entry of that
+/// ring consumed by anyone in between: the kernel was full when it checked
+/// before that exit, and nothing has been pushed or reset on that ring
+/// since (the vCPU is on our thread, every reset happens under our lock).
 pub struct RingSet {
     /// One lock for all rings: every consume is followed by its reset
     /// under it, so the accounting of reset counts is exact.
@@ -75,6 +81,9 @@ pub struct RingSet {
     desynced: AtomicBool,
     /// Phantom entries marked consumed to resynchronise (see above).
     resynced: AtomicU64,
+    /// Per vCPU: its ring's `harvested` count at its last full-ring exit
+    /// with nothing to consume (`u64::MAX`: none pending).
+    stuck_at: Vec<AtomicU64>,
     /// Reaper rounds and their total time in ns (the ring's background
     /// cost, for the harvest benchmark).
     reap_rounds: AtomicU64,
@@ -87,6 +96,7 @@ impl RingSet {
         let entries = rings.first().map_or(0, DirtyRing::entries);
         Self {
             harvested: rings.iter().map(|_| AtomicU64::new(0)).collect(),
+            stuck_at: rings.iter().map(|_| AtomicU64::new(u64::MAX)).collect(),
             rings: Mutex::new(rings),
             pending: Mutex::new(DirtyBitmap::new(pages)),
             slots,
@@ -242,8 +252,12 @@ impl RingSet {
         let mut rings = self.lock_rings();
         let n = self.consume_ring(&mut rings, v, |p| pages.push(p))?;
         Self::reset_marked(vm, &mut rings)?;
-        if n == 0 {
+        let seen = self.harvested[v].load(Ordering::Relaxed);
+        if n > 0 || !self.desynced.load(Ordering::Relaxed) {
+            self.stuck_at[v].store(u64::MAX, Ordering::Relaxed);
+        } else if self.stuck_at[v].swap(seen, Ordering::Relaxed) == seen {
             self.resync(vm, &mut rings[v])?;
+            self.stuck_at[v].store(u64::MAX, Ordering::Relaxed);
         }
         drop(rings);
         self.publish(pages);
