@@ -13,6 +13,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
+use super::dirty_ring::{check_size, DirtyRingError, RingOffer, DEFAULT_RING_BYTES};
 use super::memory::Slot;
 use crate::dirty::DirtyBitmap;
 use crate::PAGE_SIZE;
@@ -94,6 +95,23 @@ pub struct DirtyTrackConfig {
     pub ring_bytes: Option<u64>,
 }
 
+impl DirtyTrackConfig {
+    /// The ring size to enable given what the kernel offers, or `None` for
+    /// the bitmap: `auto` falls back to the bitmap, `ring` without an offer
+    /// is refused, a size is checked against the offer.
+    pub fn ring_bytes_for(&self, offer: Option<RingOffer>) -> Result<Option<u32>, DirtyRingError> {
+        let offer = match (self.track, offer) {
+            (DirtyTrack::Bitmap, _) | (DirtyTrack::Auto, None) => return Ok(None),
+            (DirtyTrack::Ring, None) => return Err(DirtyRingError::NotOffered),
+            (_, Some(offer)) => offer,
+        };
+        let bytes = self
+            .ring_bytes
+            .unwrap_or_else(|| u64::from(DEFAULT_RING_BYTES.min(offer.max_bytes)));
+        check_size(bytes, offer).map(Some)
+    }
+}
+
 /// Turn on manual protection where the kernel offers it. Must be called
 /// before slots are registered.
 pub fn enable_manual_protect(vm: &VmFd) -> DirtyLogMode {
@@ -161,4 +179,58 @@ fn clear(vm: &VmFd, slot: &Slot, words: &[u64]) -> Result<(), DirtyLogError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_and_ring_size_follow_the_offer() {
+        let offer = Some(RingOffer {
+            acq_rel: true,
+            max_bytes: 1 << 20,
+        });
+        let small = Some(RingOffer {
+            acq_rel: false,
+            max_bytes: 64 << 10,
+        });
+        let cfg = |track, ring_bytes| DirtyTrackConfig { track, ring_bytes };
+        assert_eq!(
+            cfg(DirtyTrack::Bitmap, None).ring_bytes_for(offer).unwrap(),
+            None
+        );
+        assert_eq!(
+            cfg(DirtyTrack::Auto, None).ring_bytes_for(None).unwrap(),
+            None
+        );
+        assert!(matches!(
+            cfg(DirtyTrack::Ring, None).ring_bytes_for(None),
+            Err(DirtyRingError::NotOffered)
+        ));
+        assert_eq!(
+            cfg(DirtyTrack::Auto, None).ring_bytes_for(offer).unwrap(),
+            Some(DEFAULT_RING_BYTES)
+        );
+        // The default shrinks to what the kernel allows.
+        assert_eq!(
+            cfg(DirtyTrack::Ring, None).ring_bytes_for(small).unwrap(),
+            Some(64 << 10)
+        );
+        assert_eq!(
+            cfg(DirtyTrack::Ring, Some(4096))
+                .ring_bytes_for(offer)
+                .unwrap(),
+            Some(4096)
+        );
+        assert!(matches!(
+            cfg(DirtyTrack::Ring, Some(3 << 10)).ring_bytes_for(offer),
+            Err(DirtyRingError::BadSize { .. })
+        ));
+        assert!(cfg(DirtyTrack::Ring, Some(2 << 20))
+            .ring_bytes_for(offer)
+            .is_err());
+        assert_eq!("RING".parse::<DirtyTrack>(), Ok(DirtyTrack::Ring));
+        assert!("sometimes".parse::<DirtyTrack>().is_err());
+    }
 }

@@ -23,7 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::dirty::DirtyBitmap;
 use cpu_model::cpu_model_name;
-use dirty_log::{DirtyLogError, DirtyLogMode, DirtyTrack, DirtyTrackConfig};
+use dirty_log::{DirtyLogError, DirtyLogMode, DirtyTrackConfig};
 use dirty_ring::{DirtyRing, DirtyRingError};
 use memory::{MemoryError, Slot};
 use ports::{PortBus, SerialSink};
@@ -585,13 +585,7 @@ fn ring_size(
     fd: &VmFd,
     config: DirtyTrackConfig,
 ) -> Result<Option<(dirty_ring::RingOffer, u32)>, VmError> {
-    let offer = match (config.track, dirty_ring::offered(fd)) {
-        (DirtyTrack::Bitmap, _) | (DirtyTrack::Auto, None) => return Ok(None),
-        (DirtyTrack::Ring, None) => return Err(DirtyRingError::NotOffered.into()),
-        (_, Some(offer)) => offer,
-    };
-    let bytes = config
-        .ring_bytes
-        .unwrap_or_else(|| u64::from(dirty_ring::DEFAULT_RING_BYTES.min(offer.max_bytes)));
-    Ok(Some((offer, dirty_ring::check_size(bytes, offer)?)))
+    let offer = dirty_ring::offered(fd);
+    let bytes = config.ring_bytes_for(offer)?;
+    Ok(offer.zip(bytes))
 }
