@@ -210,3 +210,39 @@ fn sweep_guest_in_ring_mode_arrives_intact() {
         r.report
     );
 }
+
+#[test]
+fn idle_guest_in_ring_mode_still_skips_untouched_memory() {
+    if !kvm_available("idle_guest_in_ring_mode_still_skips_untouched_memory") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("ring-idle");
+    let mut src = VmProcess::source_with(
+        bin(),
+        &dir,
+        "src",
+        "idle",
+        "256M",
+        &["--dirty-track", "ring"],
+    );
+    src.wait_api();
+    src.wait_marks(harness::BOOT_MARK, 1, T);
+    let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+    let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &[]);
+    let r = report.unwrap_or_else(|| panic!("{stderr}"));
+    assert!(ok, "{r:#}");
+    assert_eq!(r["dirty-track"], "ring");
+    assert_eq!(r["digest"]["equal"], true);
+    // The pages ever written came from the rings (and the boot image): the
+    // rest is still known to be zero and is not even read.
+    let pages = (256u64 << 20) / 4096;
+    let skipped = r["ram"]["skipped"].as_u64().unwrap();
+    let normal = r["ram"]["normal"].as_u64().unwrap();
+    assert!(skipped >= pages - 64, "only {skipped} pages skipped: {r:#}");
+    assert!(normal < 64, "idle guest sent {normal} data pages");
+    let before = dst.count(PASS_MARK);
+    dst.wait_marks(PASS_MARK, before + 1, T);
+    assert!(src.wait_exit(T).success());
+    drop(dst.child.kill());
+}
