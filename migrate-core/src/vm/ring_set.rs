@@ -268,6 +268,9 @@ impl RingSet {
     /// with nothing in it (the caller holds the rings' lock, so no entry
     /// of any ring is marked and not yet reset).
     fn resync(&self, vm: &VmFd, ring: &mut DirtyRing) -> Result<(), DirtyRingError> {
+        // The kernel counts at least `entries - RESERVED` used (it reported
+        // the ring full); whatever a probe's reset took comes off that.
+        let mut used_at_least = ring.entries().saturating_sub(RESERVED_ENTRIES);
         if ring.kernel_reset_pos().is_none() {
             for pos in 0..ring.entries() {
                 if !ring.mark_probe(pos) {
@@ -276,11 +279,12 @@ impl RingSet {
                 let took = reset(vm)?;
                 ring.probe_done(pos, took);
                 if took > 0 {
+                    used_at_least = used_at_least.saturating_sub(took);
                     break;
                 }
             }
         }
-        let k = ring.mark_phantoms(ring.entries() / 2);
+        let k = ring.mark_phantoms(used_at_least.min(ring.entries() / 2));
         if k > 0 {
             let took = reset(vm)?;
             ring.phantoms_done(took);
@@ -289,6 +293,11 @@ impl RingSet {
         Ok(())
     }
 }
+
+/// Entries the kernel keeps free before it reports a ring full
+/// (`KVM_DIRTY_RING_RSVD_ENTRIES`; x86 adds the PML buffer's 512 only with
+/// VMX's page-modification logging, which kvm_pvm does not use).
+const RESERVED_ENTRIES: u32 = 64;
 
 /// How often the reaper empties the rings: at the fastest store rate here
 /// (~1M guest instructions/s) 10 ms is at most ~10,000 entries, far below a
