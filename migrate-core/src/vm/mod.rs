@@ -9,6 +9,7 @@ mod cpu_model;
 pub mod dirty_log;
 pub mod dirty_ring;
 pub mod memory;
+mod pending;
 pub mod ports;
 pub mod ring_set;
 pub mod state;
@@ -489,11 +490,14 @@ impl Vm {
     /// all of guest RAM) and reset the log. The pages also join the set of
     /// pages ever written ([`Vm::written_pages`]).
     pub fn harvest_dirty_log(&self, into: &mut DirtyBitmap) -> Result<(), VmError> {
-        let mut fresh = DirtyBitmap::new(into.len());
-        match &self.rings {
-            Some(rings) => rings.harvest(&self.fd, &mut fresh)?,
-            None => dirty_log::harvest(&self.fd, self.dirty_mode, &self.slots, &mut fresh)?,
+        if let Some(rings) = &self.rings {
+            // Straight into both sets: O(pages found), not O(RAM).
+            let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            rings.harvest(&self.fd, into, &mut written)?;
+            return Ok(());
         }
+        let mut fresh = DirtyBitmap::new(into.len());
+        dirty_log::harvest(&self.fd, self.dirty_mode, &self.slots, &mut fresh)?;
         into.union_with(&fresh);
         self.written
             .lock()

@@ -17,6 +17,7 @@ use kvm_ioctls::VmFd;
 
 use super::dirty_ring::{reset, DirtyRing, DirtyRingError};
 use super::memory::Slot;
+use super::pending::Pending;
 use crate::dirty::DirtyBitmap;
 use crate::PAGE_SIZE;
 
@@ -70,7 +71,7 @@ pub struct RingSet {
     /// One lock for all rings: every consume is followed by its reset
     /// under it, so the accounting of reset counts is exact.
     rings: Mutex<Vec<DirtyRing>>,
-    pending: Mutex<DirtyBitmap>,
+    pending: Mutex<Pending>,
     slots: Vec<Slot>,
     entries: u32,
     /// Pages consumed from the rings, per vCPU (for per-vCPU dirty rates).
@@ -98,7 +99,7 @@ impl RingSet {
             harvested: rings.iter().map(|_| AtomicU64::new(0)).collect(),
             stuck_at: rings.iter().map(|_| AtomicU64::new(u64::MAX)).collect(),
             rings: Mutex::new(rings),
-            pending: Mutex::new(DirtyBitmap::new(pages)),
+            pending: Mutex::new(Pending::new(pages)),
             slots,
             entries,
             overruns: AtomicU64::new(0),
@@ -156,8 +157,10 @@ impl RingSet {
         if n >= ring.entries() {
             self.overruns.fetch_add(1, Ordering::Relaxed);
             self.desynced.store(true, Ordering::Relaxed);
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            *pending = DirtyBitmap::all(pending.len());
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_all();
             tracing::warn!("dirty ring of vCPU {vcpu} overran; all of RAM is treated as dirty");
         }
         self.harvested[vcpu].fetch_add(u64::from(n), Ordering::Relaxed);
@@ -189,19 +192,29 @@ impl RingSet {
     }
 
     /// The engine's harvest: OR every page dirtied since the last harvest
-    /// into `into` (all rings, then what the reaper and vCPU threads set
-    /// aside), with write protection re-armed before this returns.
-    pub fn harvest(&self, vm: &VmFd, into: &mut DirtyBitmap) -> Result<(), DirtyRingError> {
+    /// into `into` and `written` (all rings, then what the reaper and vCPU
+    /// threads set aside), with write protection re-armed before this
+    /// returns (the caller reads no page before).
+    pub fn harvest(
+        &self,
+        vm: &VmFd,
+        into: &mut DirtyBitmap,
+        written: &mut DirtyBitmap,
+    ) -> Result<(), DirtyRingError> {
         let mut rings = self.lock_rings();
         for v in 0..rings.len() {
-            self.consume_ring(&mut rings, v, |p| into.set(p))?;
+            self.consume_ring(&mut rings, v, |p| {
+                into.set(p);
+                written.set(p);
+            })?;
         }
         Self::reset_marked(vm, &mut rings)?;
         drop(rings);
         // Every page in `pending` was re-protected before it was put there.
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        into.union_with(&pending);
-        pending.clear();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_into(into, written);
         Ok(())
     }
 
@@ -238,7 +251,7 @@ impl RingSet {
         }
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         for p in pages {
-            pending.set(p);
+            pending.add(p);
         }
     }
 
@@ -380,14 +393,18 @@ mod tests {
             r1.test_push(1, 0, 100);
         }
         // What a vCPU thread set aside earlier.
-        set.pending.lock().unwrap().set(42);
+        set.pending.lock().unwrap().add(42);
         let mut into = DirtyBitmap::new(262_400);
         for v in 0..2 {
             set.consume_ring(&mut set.lock_rings(), v, |p| into.set(p))
                 .unwrap();
         }
-        into.union_with(&set.pending.lock().unwrap());
-        set.pending.lock().unwrap().clear();
+        let mut written = DirtyBitmap::new(262_400);
+        set.pending
+            .lock()
+            .unwrap()
+            .take_into(&mut into, &mut written);
+        assert_eq!(written.iter_ones().collect::<Vec<_>>(), vec![42]);
         assert_eq!(
             into.iter_ones().collect::<Vec<_>>(),
             vec![7, 42, 100, 262_147]
