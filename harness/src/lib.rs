@@ -19,6 +19,6 @@ pub use size::{format_size, parse_size, ParseSizeError};
 #[cfg(target_arch = "x86_64")]
 pub use workload::measure_tsc_hz;
 pub use workload::{
-    build, BuildParams, FillContent, GuestImage, MemoryFill, SweepMode, WorkloadError,
+    build, BuildParams, FillContent, GuestImage, GuestSpec, MemoryFill, SweepMode, WorkloadError,
     WorkloadSpec, BOOT_LOAD_ADDR, BOOT_MARK, MISMATCH_EXIT_STATUS, MISMATCH_MARK, PASS_MARK,
 };

@@ -4,6 +4,7 @@
 //! command line; for `run`, the guest's own exit status when it writes one
 //! to port 0x501.
 
+mod bench;
 mod client;
 mod demo;
 mod run;
@@ -54,6 +55,11 @@ enum Command {
     Workload {
         #[command(subcommand)]
         command: WorkloadCommand,
+    },
+    /// In-process benchmarks on real KVM guests (bench-data/README.md).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
     /// Start a destination and a source locally, migrate a self-checking
     /// guest over TCP while it runs, and print the report.
@@ -110,6 +116,7 @@ fn main() -> ExitCode {
             command: WorkloadCommand::Export(a),
         } => export(a),
         Command::Demo(a) => demo::demo(a),
+        Command::Bench { command } => bench::bench(command),
     };
     match result {
         Ok(code) => code,

@@ -14,6 +14,7 @@ use migrate_core::engine::{receive_migration_with_channels, ReceiveOptions};
 use migrate_core::transport::{
     ChannelSecurity, Listener, MigrationUri, Psk, Stream, TlsCredentials, TlsFiles,
 };
+use migrate_core::vm::dirty_log::{DirtyTrack, DirtyTrackConfig};
 use migrate_core::vm::ports::SerialSink;
 use migrate_core::vm::{Vm, VmConfig, VmEvent};
 
@@ -23,7 +24,9 @@ pub struct RunArgs {
     /// Raw boot image loaded at 0x7C00 (up to 64 KiB).
     #[arg(long, conflicts_with_all = ["workload", "incoming"])]
     boot: Option<PathBuf>,
-    /// Built-in workload, e.g. `verify`, `sweep`, `hotset:wss=256M`.
+    /// Built-in workload, e.g. `verify`, `sweep`, `hotset:wss=256M`; any of
+    /// them with `fill=random[,fill-seed=N]` (e.g. `idle:fill=random`): RAM
+    /// above 1 MiB filled with pseudo-random bytes before boot.
     #[arg(long, conflicts_with = "incoming")]
     workload: Option<String>,
     /// Wait for a migration on `tcp:HOST:PORT` or `unix:PATH` (needs
@@ -70,6 +73,16 @@ pub struct RunArgs {
     /// mapped.
     #[arg(long, requires = "incoming")]
     max_mem: Option<String>,
+    /// Dirty-page tracking: `bitmap` (KVM_GET_DIRTY_LOG per slot), `ring`
+    /// (per-vCPU KVM dirty ring; refused where the kernel lacks it) or
+    /// `auto` (ring where offered, else bitmap). Also for --incoming: how
+    /// the arrived guest is tracked when it migrates on.
+    #[arg(long, default_value = "bitmap")]
+    dirty_track: DirtyTrack,
+    /// Dirty ring size per vCPU in bytes (16 per page; a power of two from
+    /// 4K to the kernel's maximum; default 1M or the maximum if smaller).
+    #[arg(long)]
+    dirty_ring_size: Option<String>,
 }
 
 fn serial_sink(path: &str) -> anyhow::Result<SerialSink> {
@@ -90,6 +103,15 @@ pub fn tsc_hz_for(spec: &harness::WorkloadSpec) -> Option<u64> {
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let serial = serial_sink(&a.serial)?;
     let mem = a.mem.as_deref().map(harness::parse_size).transpose()?;
+    let dirty_track = DirtyTrackConfig {
+        track: a.dirty_track,
+        ring_bytes: a
+            .dirty_ring_size
+            .as_deref()
+            .map(harness::parse_size)
+            .transpose()
+            .context("--dirty-ring-size")?,
+    };
     let (vm_tx, vm_rx) = mpsc::channel::<VmEvent>();
     let api = a.api_socket.as_deref().map(ApiServer::bind).transpose()?;
     // Remove the socket file however this function returns.
@@ -158,6 +180,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                         mem_size,
                         vcpus: hello.vcpu_count,
                         serial: serial.take().expect("one VM per migration"),
+                        dirty_track,
                     },
                     vm_tx.clone(),
                 )?;
@@ -189,14 +212,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
             (image, Vec::new())
         } else if let Some(spec) = &a.workload {
-            let spec: harness::WorkloadSpec = spec.parse()?;
-            let image = harness::build(
-                &spec,
-                &harness::BuildParams {
-                    mem_size,
-                    tsc_hz: tsc_hz_for(&spec),
-                },
-            )?;
+            let spec: harness::GuestSpec = spec.parse()?;
+            let image = spec.build(&harness::BuildParams {
+                mem_size,
+                tsc_hz: tsc_hz_for(&spec.workload),
+            })?;
             (image.boot, image.fills)
         } else {
             bail!("one of --boot, --workload or --incoming is required");
@@ -206,6 +226,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 mem_size,
                 vcpus: a.vcpus.unwrap_or(1),
                 serial,
+                dirty_track,
             },
             vm_tx.clone(),
         )?;

@@ -43,6 +43,11 @@ impl DirtyBitmap {
         self.bits.set(page, true);
     }
 
+    /// Mark one page clean.
+    pub fn unset(&mut self, page: usize) {
+        self.bits.set(page, false);
+    }
+
     /// Whether a page is dirty.
     pub fn get(&self, page: usize) -> bool {
         self.bits.get(page).is_some_and(|b| *b)

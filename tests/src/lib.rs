@@ -87,6 +87,21 @@ impl VmProcess {
         Self::spawn(cmd, dir, name)
     }
 
+    /// Start a source with more `run` arguments (e.g. `--dirty-track ring`).
+    pub fn source_with(
+        bin: &Path,
+        dir: &Scratch,
+        name: &str,
+        workload: &str,
+        mem: &str,
+        args: &[&str],
+    ) -> Self {
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--workload", workload, "--mem", mem])
+            .args(args);
+        Self::spawn(cmd, dir, name)
+    }
+
     /// Start `vmigrate run --boot IMAGE --mem MEM`.
     pub fn boot(bin: &Path, dir: &Scratch, name: &str, image: &Path, mem: &str) -> Self {
         let mut cmd = Command::new(bin);

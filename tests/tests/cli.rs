@@ -158,6 +158,18 @@ fn bad_arguments_get_clear_errors() {
         ),
         (
             &[
+                "run",
+                "--workload",
+                "idle:fill=zeros",
+                "--mem",
+                "16M",
+                "--serial",
+                serial,
+            ],
+            "fill",
+        ),
+        (
+            &[
                 "send",
                 "--api-socket",
                 "/nonexistent/x.sock",
@@ -212,6 +224,22 @@ fn bad_arguments_get_clear_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     // A clap usage error exits 2.
     assert_eq!(vmigrate(bin(), &["send", "--bogus"]).status.code(), Some(2));
+    let out = vmigrate(
+        bin(),
+        &[
+            "run",
+            "--workload",
+            "idle",
+            "--mem",
+            "16M",
+            "--serial",
+            serial,
+            "--dirty-track",
+            "sometimes",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bitmap, ring or auto"));
     // Plaintext only when asked for: a destination or a send without a
     // credential and without --insecure is a usage error, as are both.
     for args in [

@@ -159,6 +159,42 @@ fn idle_guest_sends_zero_pages_as_ranges() {
 }
 
 #[test]
+fn random_filled_idle_guest_sends_its_whole_ram_even_with_zstd() {
+    if !kvm_available("random_filled_idle_guest_sends_its_whole_ram_even_with_zstd") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("idle-random");
+    let (mut src, mut dst, uri) = running_pair(
+        &dir,
+        "idle:fill=random,fill-seed=0x1234",
+        "128M",
+        (harness::BOOT_MARK, 1),
+        "tcp:127.0.0.1:0",
+    );
+    let (ok, report, stderr) = send_json(bin(), &src.api, &uri, &["--compress", "zstd"]);
+    let r = report.unwrap_or_else(|| panic!("{stderr}"));
+    assert!(ok, "{r:#}");
+    assert_eq!(r["digest"]["equal"], true, "{r:#}");
+    assert_eq!(r["compression"], "zstd:1");
+    // Everything above 1 MiB was filled with incompressible bytes: zstd
+    // cannot shrink it, and none of it is a zero page.
+    let filled = (128u64 - 1) << 20;
+    let wire = r["ram"]["transferred"].as_u64().unwrap();
+    assert!(
+        wire as f64 >= 0.95 * filled as f64,
+        "{wire} bytes on the wire for {filled} filled bytes: {r:#}"
+    );
+    let normal = r["ram"]["normal"].as_u64().unwrap();
+    assert!(normal >= filled / 4096, "{normal} data pages");
+    // The guest goes on idling on the destination.
+    let before = dst.count(PASS_MARK);
+    dst.wait_marks(PASS_MARK, before + 1, T);
+    assert!(src.wait_exit(T).success());
+    drop(dst.child.kill());
+}
+
+#[test]
 fn sweep_guest_with_xen_policy_stops_at_the_iteration_cap() {
     if !kvm_available("sweep_guest_with_xen_policy_stops_at_the_iteration_cap") {
         return;

@@ -45,6 +45,7 @@ fn boot_sector_prints_dirties_and_halts() {
             mem_size: 16 << 20,
             vcpus: 1,
             serial: Box::new(out.clone()),
+            dirty_track: Default::default(),
         },
         tx,
     )

@@ -35,6 +35,7 @@
 mod asm;
 mod burst;
 mod fill;
+mod guest;
 mod hotset;
 mod idle;
 mod spec;
@@ -50,6 +51,7 @@ use thiserror::Error;
 pub use asm::{COM1_DATA, COM1_LSR, EXIT_PORT, PDPT_GPA, PD_GPA, PML4_GPA, STACK_TOP};
 pub use burst::{BURST_CHECK_PAGES, DEFAULT_BURST_QUIET_MS, DEFAULT_BURST_STORM_MS};
 pub use fill::{fill_pseudo_random, FillContent, MemoryFill};
+pub use guest::{GuestSpec, DEFAULT_FILL_SEED};
 #[cfg(target_arch = "x86_64")]
 pub use hotset::measure_tsc_hz;
 pub use hotset::{HOTSET_FILL_SEED, HOTSET_MAX_CATCH_UP_MS};

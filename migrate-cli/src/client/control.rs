@@ -114,7 +114,16 @@ fn print_status(s: &VmStatus) {
     println!("vcpus:      {}", s.vcpus);
     println!("uptime:     {:.1} s", s.uptime);
     println!("cpu model:  {}", s.cpu_model);
-    println!("dirty log:  {}", s.dirty_log);
+    match s.dirty_ring_entries {
+        Some(n) => println!(
+            "dirty log:  ring, {n} entries ({}) per vCPU; {} full-ring exits, {} overruns, {} phantom entries resynced",
+            harness::format_size(u64::from(n) * 16),
+            s.exits.dirty_ring_full,
+            s.dirty_ring_overruns.unwrap_or(0),
+            s.dirty_ring_resynced.unwrap_or(0),
+        ),
+        None => println!("dirty log:  bitmap ({})", s.dirty_log),
+    }
     println!("serial:     {} bytes", s.serial_bytes);
     println!(
         "exits:      io-out {} io-in {} mmio {} hlt {} kicked {}",

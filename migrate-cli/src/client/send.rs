@@ -249,6 +249,7 @@ pub fn print_report(r: &MigrationReport) {
         r.policy,
         r.stop_reason.as_deref().unwrap_or("-")
     );
+    println!("dirty tracking: {}", r.dirty_track);
     println!("total time:     {:.1} ms", r.total_time);
     if let Some(l) = r.downtime_limit {
         println!("downtime limit: {l:.0} ms (at the last decision)");

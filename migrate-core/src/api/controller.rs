@@ -263,6 +263,7 @@ impl VmController {
             exits.mmio += c.mmio.load(Ordering::Relaxed);
             exits.hlt += c.hlt.load(Ordering::Relaxed);
             exits.interrupted += c.interrupted.load(Ordering::Relaxed);
+            exits.dirty_ring_full += c.dirty_ring_full.load(Ordering::Relaxed);
         }
         VmStatus {
             state: *self.state(),
@@ -273,6 +274,11 @@ impl VmController {
             uptime: self.started.elapsed().as_secs_f64(),
             cpu_model: self.vm.cpu_model().to_string(),
             dirty_log: format!("{:?}", self.vm.dirty_log_mode()),
+            dirty_track: self.vm.dirty_track().to_string(),
+            dirty_ring_entries: self.vm.dirty_ring_entries(),
+            dirty_ring_harvested: self.vm.dirty_ring_harvested(),
+            dirty_ring_overruns: self.vm.dirty_ring_overruns(),
+            dirty_ring_resynced: self.vm.dirty_ring_resynced(),
             serial_bytes: self.vm.ports().serial_bytes(),
             exits,
             unhandled_ports: self

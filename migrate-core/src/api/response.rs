@@ -122,8 +122,25 @@ pub struct VmStatus {
     pub uptime: f64,
     /// CPU model name.
     pub cpu_model: String,
-    /// How the dirty log is read.
+    /// How the dirty log is read (`GetClears`, `ManualProtect`, `Ring`).
     pub dirty_log: String,
+    /// Dirty tracking: `bitmap` or `ring`.
+    #[serde(default)]
+    pub dirty_track: String,
+    /// Entries per vCPU dirty ring (16 bytes each; `None` with the bitmap).
+    #[serde(default)]
+    pub dirty_ring_entries: Option<u32>,
+    /// Pages consumed from each vCPU's dirty ring so far (`None`: bitmap).
+    #[serde(default)]
+    pub dirty_ring_harvested: Option<Vec<u64>>,
+    /// Ring overruns detected (all of RAM then counts as dirty once;
+    /// `None`: bitmap).
+    #[serde(default)]
+    pub dirty_ring_overruns: Option<u64>,
+    /// Phantom ring entries given back to the kernel after overruns
+    /// (`None`: bitmap).
+    #[serde(default)]
+    pub dirty_ring_resynced: Option<u64>,
     /// Bytes the guest wrote to COM1.
     pub serial_bytes: u64,
     /// VM exits by kind, over all vCPUs.
@@ -148,4 +165,8 @@ pub struct ExitSummary {
     pub hlt: u64,
     /// Kicks out of KVM_RUN.
     pub interrupted: u64,
+    /// `KVM_EXIT_DIRTY_RING_FULL`: a vCPU filled its dirty ring and emptied
+    /// it itself before running on.
+    #[serde(default)]
+    pub dirty_ring_full: u64,
 }

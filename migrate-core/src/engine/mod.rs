@@ -81,6 +81,10 @@ pub trait MigratableVm: Sync {
     /// Record pages written by the migration itself (destination side), so
     /// the next migration of this VM knows them.
     fn note_written(&self, _pages: &DirtyBitmap) {}
+    /// How the VM tracks dirty pages, for the report (`bitmap`, `ring`).
+    fn dirty_track(&self) -> &'static str {
+        "memory"
+    }
     /// Save every vCPU's state as an opaque blob, in index order (paused).
     fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError>;
     /// Restore every vCPU from blobs, in index order (paused).
@@ -117,6 +121,9 @@ impl MigratableVm for crate::vm::Vm {
     }
     fn note_written(&self, pages: &DirtyBitmap) {
         crate::vm::Vm::note_written(self, pages)
+    }
+    fn dirty_track(&self) -> &'static str {
+        crate::vm::Vm::dirty_track(self)
     }
     fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError> {
         Ok(crate::vm::Vm::save_vcpus(self)?

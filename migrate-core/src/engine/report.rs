@@ -142,6 +142,10 @@ pub struct MigrationReport {
     pub destination: String,
     /// Page compression used.
     pub compression: String,
+    /// Dirty tracking of the source VM (`bitmap`, `ring`; `memory` for a
+    /// VM without KVM).
+    #[serde(default)]
+    pub dirty_track: String,
     /// Memory digests (source, destination) when checked.
     pub digest: Option<DigestReport>,
     /// Error text when failed.
@@ -208,6 +212,7 @@ impl MigrationReport {
             stop_reason: None,
             destination: destination.to_string(),
             compression: compression.to_string(),
+            dirty_track: String::new(),
             digest: None,
             error: None,
             iterations: Vec::new(),

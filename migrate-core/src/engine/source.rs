@@ -100,6 +100,7 @@ pub fn send_migration<V: MigratableVm>(
         &compression,
         ram_total,
     );
+    report.dirty_track = vm.dirty_track().to_string();
     let start = Instant::now();
     opts.control.start_clock(start);
     let mut paused = false;

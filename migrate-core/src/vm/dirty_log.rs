@@ -13,6 +13,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
+use super::dirty_ring::{check_size, DirtyRingError, RingOffer, DEFAULT_RING_BYTES};
 use super::memory::Slot;
 use crate::dirty::DirtyBitmap;
 use crate::PAGE_SIZE;
@@ -50,6 +51,65 @@ pub enum DirtyLogMode {
     GetClears,
     /// `KVM_GET_DIRTY_LOG` then `KVM_CLEAR_DIRTY_LOG` on the pages read.
     ManualProtect,
+    /// No bitmap: the per-vCPU dirty rings ([`super::dirty_ring`]).
+    Ring,
+}
+
+/// Which dirty tracking a VM is asked to use (`--dirty-track`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyTrack {
+    /// The per-slot bitmap (`KVM_GET_DIRTY_LOG`, manual protection where
+    /// offered). The default: it is what every kernel has, and on our hosts
+    /// its harvest is already cheap (see bench-data/README.md).
+    #[default]
+    Bitmap,
+    /// The per-vCPU dirty ring; refused where the kernel does not offer it.
+    Ring,
+    /// The ring where offered, else the bitmap.
+    Auto,
+}
+
+impl std::str::FromStr for DirtyTrack {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "bitmap" => Ok(Self::Bitmap),
+            "ring" => Ok(Self::Ring),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!(
+                "unknown dirty tracking `{s}` (expected bitmap, ring or auto)"
+            )),
+        }
+    }
+}
+
+/// How a VM tracks dirty pages: the mode and, for the ring, its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DirtyTrackConfig {
+    /// Bitmap, ring or auto.
+    pub track: DirtyTrack,
+    /// Ring bytes per vCPU (a power of two, 4 KiB up to what the kernel
+    /// offers); `None`: [`super::dirty_ring::DEFAULT_RING_BYTES`] or the
+    /// kernel's maximum if that is smaller.
+    pub ring_bytes: Option<u64>,
+}
+
+impl DirtyTrackConfig {
+    /// The ring size to enable given what the kernel offers, or `None` for
+    /// the bitmap: `auto` falls back to the bitmap, `ring` without an offer
+    /// is refused, a size is checked against the offer.
+    pub fn ring_bytes_for(&self, offer: Option<RingOffer>) -> Result<Option<u32>, DirtyRingError> {
+        let offer = match (self.track, offer) {
+            (DirtyTrack::Bitmap, _) | (DirtyTrack::Auto, None) => return Ok(None),
+            (DirtyTrack::Ring, None) => return Err(DirtyRingError::NotOffered),
+            (_, Some(offer)) => offer,
+        };
+        let bytes = self
+            .ring_bytes
+            .unwrap_or_else(|| u64::from(DEFAULT_RING_BYTES.min(offer.max_bytes)));
+        check_size(bytes, offer).map(Some)
+    }
 }
 
 /// Turn on manual protection where the kernel offers it. Must be called
@@ -119,4 +179,58 @@ fn clear(vm: &VmFd, slot: &Slot, words: &[u64]) -> Result<(), DirtyLogError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_and_ring_size_follow_the_offer() {
+        let offer = Some(RingOffer {
+            acq_rel: true,
+            max_bytes: 1 << 20,
+        });
+        let small = Some(RingOffer {
+            acq_rel: false,
+            max_bytes: 64 << 10,
+        });
+        let cfg = |track, ring_bytes| DirtyTrackConfig { track, ring_bytes };
+        assert_eq!(
+            cfg(DirtyTrack::Bitmap, None).ring_bytes_for(offer).unwrap(),
+            None
+        );
+        assert_eq!(
+            cfg(DirtyTrack::Auto, None).ring_bytes_for(None).unwrap(),
+            None
+        );
+        assert!(matches!(
+            cfg(DirtyTrack::Ring, None).ring_bytes_for(None),
+            Err(DirtyRingError::NotOffered)
+        ));
+        assert_eq!(
+            cfg(DirtyTrack::Auto, None).ring_bytes_for(offer).unwrap(),
+            Some(DEFAULT_RING_BYTES)
+        );
+        // The default shrinks to what the kernel allows.
+        assert_eq!(
+            cfg(DirtyTrack::Ring, None).ring_bytes_for(small).unwrap(),
+            Some(64 << 10)
+        );
+        assert_eq!(
+            cfg(DirtyTrack::Ring, Some(4096))
+                .ring_bytes_for(offer)
+                .unwrap(),
+            Some(4096)
+        );
+        assert!(matches!(
+            cfg(DirtyTrack::Ring, Some(3 << 10)).ring_bytes_for(offer),
+            Err(DirtyRingError::BadSize { .. })
+        ));
+        assert!(cfg(DirtyTrack::Ring, Some(2 << 20))
+            .ring_bytes_for(offer)
+            .is_err());
+        assert_eq!("RING".parse::<DirtyTrack>(), Ok(DirtyTrack::Ring));
+        assert!("sometimes".parse::<DirtyTrack>().is_err());
+    }
 }

@@ -5,25 +5,32 @@
 //! and exposes what a migration needs: the memory, the dirty log, pause and
 //! resume, and the vCPU state.
 
+mod cpu_model;
 pub mod dirty_log;
+pub mod dirty_ring;
 pub mod memory;
+mod pending;
 pub mod ports;
+pub mod ring_set;
 pub mod state;
 pub mod vcpu;
 
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_segment, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::dirty::DirtyBitmap;
-use dirty_log::{DirtyLogError, DirtyLogMode};
+use cpu_model::cpu_model_name;
+use dirty_log::{DirtyLogError, DirtyLogMode, DirtyTrackConfig};
+use dirty_ring::{DirtyRing, DirtyRingError};
 use memory::{MemoryError, Slot};
 use ports::{PortBus, SerialSink};
+use ring_set::{Reaper, RingSet};
 use state::{StateError, VcpuState};
-use vcpu::{Kickable, Throttle, VcpuCommand, VcpuHandle, VcpuThread, THROTTLE_SLICE};
+use vcpu::{Throttle, Ticker, VcpuCommand, VcpuHandle, VcpuThread};
 
 /// Where a boot image is loaded, as a PC BIOS does.
 pub const BOOT_LOAD_ADDR: u64 = 0x7C00;
@@ -78,6 +85,9 @@ pub enum VmError {
     /// The dirty log could not be read.
     #[error(transparent)]
     DirtyLog(#[from] DirtyLogError),
+    /// The dirty ring could not be set up or read.
+    #[error(transparent)]
+    DirtyRing(#[from] DirtyRingError),
     /// vCPU state could not be saved or restored.
     #[error(transparent)]
     State(#[from] StateError),
@@ -130,6 +140,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Where COM1 output goes.
     pub serial: SerialSink,
+    /// Dirty bitmap or dirty ring.
+    pub dirty_track: DirtyTrackConfig,
 }
 
 /// A KVM VM with its memory and vCPU threads.
@@ -139,6 +151,10 @@ pub struct Vm {
     memory: GuestMemoryMmap,
     slots: Vec<Slot>,
     dirty_mode: DirtyLogMode,
+    /// The dirty rings, when the VM tracks with them (else the bitmap).
+    rings: Option<Arc<RingSet>>,
+    /// Empties the rings every few ms while the VM lives (ring mode).
+    reaper: Option<Reaper>,
     vcpus: Vec<VcpuHandle>,
     ports: Arc<PortBus>,
     cpu_model: String,
@@ -146,35 +162,6 @@ pub struct Vm {
     ticker: std::sync::Mutex<Option<Ticker>>,
     /// Pages ever written (see [`Vm::written_pages`]).
     written: std::sync::Mutex<DirtyBitmap>,
-}
-
-/// The thread that kicks throttled vCPUs out of KVM_RUN every slice.
-struct Ticker {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Ticker {
-    fn spawn(throttle: Arc<Throttle>, vcpus: Vec<Kickable>) -> std::io::Result<Self> {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("throttle".into())
-            .spawn(move || {
-                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                    if throttle.get() > 0.0 {
-                        vcpus.iter().for_each(Kickable::kick);
-                    }
-                    std::thread::sleep(THROTTLE_SLICE);
-                }
-            })?;
-        Ok(Self { stop, thread })
-    }
-
-    fn stop(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.thread.join();
-    }
 }
 
 impl Vm {
@@ -202,7 +189,18 @@ impl Vm {
                 op: "KVM_SET_TSS_ADDR",
                 source,
             })?;
-        let dirty_mode = dirty_log::enable_manual_protect(&fd);
+        let fd = Arc::new(fd);
+        let ring_bytes = ring_size(&fd, config.dirty_track)?;
+        // The ring must be enabled before any vCPU exists; slots keep
+        // KVM_MEM_LOG_DIRTY_PAGES (the kernel logs only such slots) and
+        // manual protection is left off (it concerns the bitmap only).
+        let dirty_mode = match ring_bytes {
+            Some((offer, bytes)) => {
+                dirty_ring::enable(&fd, offer, bytes)?;
+                DirtyLogMode::Ring
+            }
+            None => dirty_log::enable_manual_protect(&fd),
+        };
         let memory = memory::map_memory(&slots)?;
         memory::register_slots(&fd, &memory, &slots)?;
 
@@ -230,7 +228,8 @@ impl Vm {
         })?;
 
         let mut msrs = None;
-        let mut vcpus = Vec::new();
+        let mut vcpu_fds = Vec::new();
+        let mut rings = Vec::new();
         for index in 0..config.vcpus {
             let vcpu_fd = fd
                 .create_vcpu(u64::from(index))
@@ -242,18 +241,38 @@ impl Vm {
                 op: "KVM_SET_CPUID2",
                 source,
             })?;
-            let msrs = msrs
-                .get_or_insert_with(|| Arc::new(state::probe_saveable_msrs(&vcpu_fd, &listed_msrs)))
-                .clone();
+            msrs.get_or_insert_with(|| {
+                Arc::new(state::probe_saveable_msrs(&vcpu_fd, &listed_msrs))
+            });
+            if let Some((_, bytes)) = ring_bytes {
+                rings.push(DirtyRing::map(&vcpu_fd, index, bytes)?);
+            }
+            vcpu_fds.push(vcpu_fd);
+        }
+        let pages =
+            usize::try_from(config.mem_size / crate::PAGE_SIZE).expect("checked by slot_layout");
+        let rings = ring_bytes.map(|_| Arc::new(RingSet::new(rings, slots.clone(), pages)));
+        let reaper = rings
+            .clone()
+            .map(|set| Reaper::spawn(set, fd.clone()))
+            .transpose()
+            .map_err(|source| VmError::SpawnVcpu { vcpu: 0, source })?;
+        let msrs = msrs.unwrap_or_default();
+        let mut vcpus = Vec::new();
+        for (index, vcpu_fd) in (0..config.vcpus).zip(vcpu_fds) {
             let handle = VcpuHandle::spawn(VcpuThread {
                 index,
                 fd: vcpu_fd,
                 ports: ports.clone(),
                 events: events.clone(),
-                msrs,
+                msrs: msrs.clone(),
                 use_xsave,
                 parked: index != 0,
                 throttle: throttle.clone(),
+                ring: rings.clone().map(|set| vcpu::RingHook {
+                    set,
+                    vm: fd.clone(),
+                }),
             })
             .map_err(|source| VmError::SpawnVcpu {
                 vcpu: index,
@@ -263,19 +282,18 @@ impl Vm {
         }
         Ok(Self {
             _kvm: kvm,
-            fd: Arc::new(fd),
+            fd,
             memory,
             slots,
             dirty_mode,
+            rings,
+            reaper,
             vcpus,
             ports,
             cpu_model,
             throttle,
             ticker: std::sync::Mutex::new(None),
-            written: std::sync::Mutex::new(DirtyBitmap::new(
-                usize::try_from(config.mem_size / crate::PAGE_SIZE)
-                    .expect("checked by slot_layout"),
-            )),
+            written: std::sync::Mutex::new(DirtyBitmap::new(pages)),
         })
     }
 
@@ -328,6 +346,42 @@ impl Vm {
     /// How the dirty log is read.
     pub fn dirty_log_mode(&self) -> DirtyLogMode {
         self.dirty_mode
+    }
+
+    /// `"ring"` or `"bitmap"`: how dirty pages are tracked.
+    pub fn dirty_track(&self) -> &'static str {
+        if self.rings.is_some() {
+            "ring"
+        } else {
+            "bitmap"
+        }
+    }
+
+    /// Entries per vCPU dirty ring (`None`: bitmap).
+    pub fn dirty_ring_entries(&self) -> Option<u32> {
+        self.rings.as_ref().map(|r| r.entries())
+    }
+
+    /// Dirty-ring overruns detected (`None`: bitmap); see
+    /// [`ring_set::RingSet`].
+    pub fn dirty_ring_overruns(&self) -> Option<u64> {
+        self.rings.as_ref().map(|r| r.overruns())
+    }
+
+    /// Phantom ring entries given back to the kernel after overruns
+    /// (`None`: bitmap); see [`ring_set::RingSet`].
+    pub fn dirty_ring_resynced(&self) -> Option<u64> {
+        self.rings.as_ref().map(|r| r.resynced())
+    }
+
+    /// Reaper rounds and their total nanoseconds (`None`: bitmap).
+    pub fn dirty_ring_reap_stats(&self) -> Option<(u64, u64)> {
+        self.rings.as_ref().map(|r| r.reap_stats())
+    }
+
+    /// Pages consumed from each vCPU's dirty ring so far (`None`: bitmap).
+    pub fn dirty_ring_harvested(&self) -> Option<Vec<u64>> {
+        self.rings.as_ref().map(|r| r.harvested_per_vcpu())
     }
 
     /// The port devices (serial sink, counters).
@@ -436,6 +490,12 @@ impl Vm {
     /// all of guest RAM) and reset the log. The pages also join the set of
     /// pages ever written ([`Vm::written_pages`]).
     pub fn harvest_dirty_log(&self, into: &mut DirtyBitmap) -> Result<(), VmError> {
+        if let Some(rings) = &self.rings {
+            // Straight into both sets: O(pages found), not O(RAM).
+            let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            rings.harvest(&self.fd, into, &mut written)?;
+            return Ok(());
+        }
         let mut fresh = DirtyBitmap::new(into.len());
         dirty_log::harvest(&self.fd, self.dirty_mode, &self.slots, &mut fresh)?;
         into.union_with(&fresh);
@@ -488,6 +548,7 @@ impl Vm {
     /// Stop the vCPU threads for good.
     pub fn shutdown(&mut self) {
         self.stop_ticker();
+        self.reaper = None;
         for v in &mut self.vcpus {
             v.exit();
         }
@@ -523,52 +584,12 @@ pub fn ram_pages(memory: &GuestMemoryMmap) -> u64 {
         / crate::PAGE_SIZE
 }
 
-fn cpu_model_name(cpuid: &CpuId) -> String {
-    let entries = cpuid.as_slice();
-    let leaf = |f: u32| entries.iter().find(|e| e.function == f && e.index == 0);
-    let mut vendor = Vec::new();
-    if let Some(e) = leaf(0) {
-        for r in [e.ebx, e.edx, e.ecx] {
-            vendor.extend_from_slice(&r.to_le_bytes());
-        }
-    }
-    let mut brand = Vec::new();
-    for f in 0x8000_0002..=0x8000_0004 {
-        if let Some(e) = leaf(f) {
-            for r in [e.eax, e.ebx, e.ecx, e.edx] {
-                brand.extend_from_slice(&r.to_le_bytes());
-            }
-        }
-    }
-    // Hash what defines the CPU model the guest sees: signature and feature
-    // flags. Topology fields (APIC IDs in leaves 1, 0xB, 0x1F, 0x8000001E)
-    // come from whichever host core ran CPUID and must not count.
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for (f, i, regs) in [
-        (1, 0, [true, false, true, true]),
-        (7, 0, [false, true, true, true]),
-        (0xd, 0, [true, false, false, true]),
-        (0xd, 1, [true, false, false, false]),
-        (0x8000_0001, 0, [false, false, true, true]),
-    ] {
-        if let Some(e) = entries.iter().find(|e| e.function == f && e.index == i) {
-            for (keep, r) in regs.iter().zip([e.eax, e.ebx, e.ecx, e.edx]) {
-                if *keep {
-                    h.update(&r.to_le_bytes());
-                }
-            }
-        }
-    }
-    let text = |b: &[u8]| {
-        String::from_utf8_lossy(b)
-            .trim_matches(char::from(0))
-            .trim()
-            .to_string()
-    };
-    format!(
-        "{} {} cpuid:{:016x}",
-        text(&vendor),
-        text(&brand),
-        h.digest()
-    )
+/// The ring to enable (offer, bytes per vCPU), or `None` for the bitmap.
+fn ring_size(
+    fd: &VmFd,
+    config: DirtyTrackConfig,
+) -> Result<Option<(dirty_ring::RingOffer, u32)>, VmError> {
+    let offer = dirty_ring::offered(fd);
+    let bytes = config.ring_bytes_for(offer)?;
+    Ok(offer.zip(bytes))
 }

@@ -21,6 +21,11 @@
 //! that never exits (a store loop) still leaves KVM_RUN to take its sleep.
 //! The sleep waits on the command channel, so a throttled vCPU still pauses
 //! at once.
+//!
+//! Dirty ring: a vCPU whose ring is full exits with
+//! `KVM_EXIT_DIRTY_RING_FULL`; its thread consumes the ring, resets it and
+//! sets the pages aside for the engine's next harvest
+//! ([`super::ring_set::RingSet::on_ring_full`]), then re-enters the guest.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -31,7 +36,11 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
+use kvm_ioctls::VmFd;
+
 use super::ports::{PortAction, PortBus};
+use super::ring_set::RingSet;
 use super::state::{StateError, VcpuState};
 use super::VmEvent;
 
@@ -120,6 +129,17 @@ pub struct ExitCounts {
     pub hlt: AtomicU64,
     /// Returns from KVM_RUN because of a kick.
     pub interrupted: AtomicU64,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits (the ring was harvested by the vCPU
+    /// thread itself).
+    pub dirty_ring_full: AtomicU64,
+}
+
+/// What a vCPU thread needs to empty its own full dirty ring.
+pub struct RingHook {
+    /// The VM's rings.
+    pub set: Arc<RingSet>,
+    /// The VM, for `KVM_RESET_DIRTY_RINGS`.
+    pub vm: Arc<VmFd>,
 }
 
 /// A request to a vCPU thread.
@@ -165,6 +185,8 @@ pub struct VcpuThread {
     pub parked: bool,
     /// The throttle shared by all vCPUs.
     pub throttle: Arc<Throttle>,
+    /// The dirty rings (`None`: the VM uses the bitmap).
+    pub ring: Option<RingHook>,
 }
 
 impl VcpuHandle {
@@ -332,6 +354,21 @@ impl VcpuThread {
                 }
                 self.parked = true;
             }
+            VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                counts.dirty_ring_full.fetch_add(1, Ordering::Relaxed);
+                let Some(hook) = &self.ring else {
+                    return Some(VmEvent::Failed {
+                        vcpu: self.index,
+                        reason: "dirty ring full exit without a dirty ring".into(),
+                    });
+                };
+                if let Err(e) = hook.set.on_ring_full(&hook.vm, self.index) {
+                    return Some(VmEvent::Failed {
+                        vcpu: self.index,
+                        reason: format!("full dirty ring: {e}"),
+                    });
+                }
+            }
             VcpuExit::Shutdown => {
                 return Some(VmEvent::Failed {
                     vcpu: self.index,
@@ -355,5 +392,36 @@ impl VcpuThread {
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
+    }
+}
+
+/// The thread that kicks throttled vCPUs out of KVM_RUN every slice.
+pub struct Ticker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Ticker {
+    /// Start kicking `vcpus` every slice while a throttle is in force.
+    pub fn spawn(throttle: Arc<Throttle>, vcpus: Vec<Kickable>) -> std::io::Result<Self> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("throttle".into())
+            .spawn(move || {
+                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                    if throttle.get() > 0.0 {
+                        vcpus.iter().for_each(Kickable::kick);
+                    }
+                    std::thread::sleep(THROTTLE_SLICE);
+                }
+            })?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stop the thread and wait for it.
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
     }
 }
