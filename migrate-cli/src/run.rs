@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use migrate_core::api::{ApiServer, ProcessEvent, VmController};
-use migrate_core::engine::{receive_migration, ReceiveOptions};
+use migrate_core::engine::{error_chain, receive_migration, ReceiveOptions, SessionEnd};
 use migrate_core::transport::{
     ChannelSecurity, Listener, MigrationUri, Psk, TlsCredentials, TlsFiles,
 };
@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// With --incoming: seconds to wait on a silent source.
     #[arg(long, default_value_t = 60)]
     incoming_timeout: u64,
+    /// With --incoming: be a live clone's standby (`vmigrate clone`): hold
+    /// the copy paused and never run it; a migration is refused.
+    #[arg(long, requires = "incoming")]
+    standby: bool,
     /// With --incoming: refuse a guest larger than this (default 1T, the
     /// most this VMM builds); checked on the Hello, before any memory is
     /// mapped.
@@ -96,6 +100,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let _api_path = api.as_ref().map(|s| RemoveOnDrop(s.path().to_path_buf()));
 
     let mut arrived_paused = false;
+    let mut standby_session = None;
     let vm = if let Some(uri) = &a.incoming {
         let uri: MigrationUri = uri.parse()?;
         let security = match (&a.psk_file, &a.tls_cert, &a.tls_key, &a.tls_ca) {
@@ -137,6 +142,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             expect_mem: mem,
             expect_vcpus: a.vcpus,
             max_mem,
+            standby: a.standby,
         };
         let mut serial = Some(serial);
         let outcome = receive_migration(stream, &opts, |hello| {
@@ -151,8 +157,22 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             )?;
             Ok(vm)
         })
-        .context("incoming migration failed; the guest was not started here")?;
-        eprintln!(
+        .context(if a.standby {
+            "incoming live clone failed; no standby copy is held and the guest was not started here"
+        } else {
+            "incoming migration failed; the guest was not started here"
+        })?;
+        if let Some(session) = outcome.standby {
+            eprintln!(
+                "vmigrate: standby: holding a paused copy of the primary ({} iterations, {} pages, \
+                 digest {:016x}); it does not run here",
+                outcome.iterations,
+                outcome.pages,
+                outcome.digest.unwrap_or(0)
+            );
+            standby_session = Some(session);
+        } else {
+            eprintln!(
             "vmigrate: migration received ({} iterations, {} pages; resident memory {} MiB before resume); {}",
             outcome.iterations,
             outcome.pages,
@@ -163,6 +183,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 "guest running"
             }
         );
+        }
         arrived_paused = outcome.paused;
         outcome.vm
     } else {
@@ -212,6 +233,30 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     });
+    if let Some(session) = standby_session.take() {
+        // The session ends when the primary says so or goes away; the copy
+        // stays held, paused, either way (failover does not exist yet).
+        std::thread::spawn(move || match session.wait_for_end() {
+            SessionEnd::Closed => eprintln!(
+                "vmigrate: standby: the primary closed the clone session; still holding the \
+                 clone-point copy, paused"
+            ),
+            SessionEnd::Ended { reason } => eprintln!(
+                "vmigrate: standby: the primary ended the clone session ({reason}); still \
+                 holding the clone-point copy, paused"
+            ),
+            SessionEnd::Failed(e) => eprintln!(
+                "vmigrate: standby: the clone session failed ({}); still holding the \
+                 clone-point copy, paused",
+                error_chain(&e)
+            ),
+        });
+        let controller = Arc::new(VmController::new_standby(vm.clone(), tx));
+        if let Some(server) = api {
+            server.spawn(controller.clone())?;
+        }
+        return Ok(main_loop(&rx, &controller));
+    }
     let controller = Arc::new(if arrived_paused {
         VmController::new_paused(vm.clone(), tx)
     } else {

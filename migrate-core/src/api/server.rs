@@ -78,6 +78,20 @@ fn handle(c: &VmController, req: ApiRequest, out: &mut UnixStream) -> std::io::R
             let _ = c.events().send(ProcessEvent::Shutdown);
             Ok(())
         }
+        ApiRequest::Digest {} => match c.digest() {
+            Ok(d) => reply(out, &ApiResponse::Digest(d)),
+            Err(e) => reply(out, &error(&e)),
+        },
+        ApiRequest::Clone(req) => {
+            let mut progress_out = out.try_clone()?;
+            let result = c.clone_to(&req, move |r| {
+                let _ = reply(&mut progress_out, &ApiResponse::Progress(r.clone()));
+            });
+            match result {
+                Ok(report) => reply(out, &ApiResponse::Done(report)),
+                Err(e) => reply(out, &error(&e)),
+            }
+        }
         ApiRequest::Send(req) => {
             let mut progress_out = out.try_clone()?;
             let result = c.send(&req, move |r| {

@@ -5,7 +5,8 @@
 //!  Memory --VcpuState--> State --VcpuState--> State
 //!  State --Complete (all vCPUs)--> Committing (vCPUs restored, Accepted sent)
 //!  Committing --Commit--> Done (guest resumed, or kept paused when the
-//!                                Hello had FEATURE_GUEST_PAUSED)
+//!                                Hello had FEATURE_GUEST_PAUSED; a standby
+//!                                keeps it paused and answers StandbyHeld)
 //!  any --Error--> failed (peer aborted);  any --other--> failed (protocol)
 //! ```
 //! The guest is resumed only on `Commit`; every failure before that drops
@@ -14,6 +15,7 @@
 use std::io::{BufReader, BufWriter, Write};
 use std::time::Duration;
 
+use super::clone::StandbySession;
 use super::pages::PageApplier;
 use super::source::peer_message;
 use super::{memory_digest, MigratableVm, MigrationError, VmOpError};
@@ -21,7 +23,8 @@ use crate::transport::Stream;
 use crate::vm::memory::slot_layout;
 use crate::wire::{
     read_message, write_message, Accepted, ErrorCode, ErrorMessage, Hello, HelloAck, Limits,
-    Message, MessageKind, FEATURES_KNOWN, FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST,
+    Message, MessageKind, FEATURES_KNOWN, FEATURE_CLONE, FEATURE_GUEST_PAUSED,
+    FEATURE_MEMORY_DIGEST,
 };
 
 /// Limits and expectations of the receiving side.
@@ -35,6 +38,10 @@ pub struct ReceiveOptions {
     pub expect_vcpus: Option<u32>,
     /// Refuse a guest larger than this.
     pub max_mem: u64,
+    /// Take only a live clone (`run --incoming --standby`): keep the copy
+    /// paused after `Commit` and hand back the open session. A standby
+    /// refuses a migration, and any other destination refuses a clone.
+    pub standby: bool,
 }
 
 impl Default for ReceiveOptions {
@@ -44,6 +51,7 @@ impl Default for ReceiveOptions {
             expect_mem: None,
             expect_vcpus: None,
             max_mem: crate::vm::memory::MAX_MEM_SIZE,
+            standby: false,
         }
     }
 }
@@ -63,6 +71,9 @@ pub struct ReceiveOutcome<V> {
     /// The guest arrived paused (it was paused on the source) and was not
     /// resumed: `resume` on the API starts it.
     pub paused: bool,
+    /// A live clone: the copy is held paused as a standby (never resumed
+    /// here) and this is the session with the primary, still open.
+    pub standby: Option<StandbySession>,
 }
 
 /// Where the receiver is in the exchange.
@@ -165,6 +176,24 @@ pub fn receive_migration<V: MigratableVm>(
                     crate::faults::crash_point("dest-after-accepted");
                 }
             }
+            Ok(Step::Resume) if opts.standby => {
+                // The copy is verified and the primary has let it go: hold
+                // it, paused. Only a later failover may run it.
+                write_message(&mut w, &Message::StandbyHeld).map_err(wire("clone hand-over"))?;
+                w.flush().map_err(|e| wire("clone hand-over")(e.into()))?;
+                return Ok(ReceiveOutcome {
+                    vm,
+                    iterations: rx.iterations,
+                    pages: rx.total_pages,
+                    digest: rx.digest,
+                    rss_before_resume: resident_bytes(),
+                    paused: true,
+                    standby: Some(StandbySession {
+                        reader: r,
+                        writer: w,
+                    }),
+                });
+            }
             Ok(Step::Resume) => {
                 let rss_before_resume = resident_bytes();
                 // A guest paused on the source stays paused here until
@@ -196,6 +225,7 @@ pub fn receive_migration<V: MigratableVm>(
                     digest: rx.digest,
                     rss_before_resume,
                     paused,
+                    standby: None,
                 });
             }
             Err(e) => {
@@ -213,6 +243,7 @@ fn refuse<W: Write>(w: &mut W, e: &MigrationError) {
     let code = match e {
         MigrationError::Incompatible(_) => ErrorCode::LayoutMismatch,
         MigrationError::Vm { .. } => ErrorCode::Internal,
+        // WrongMode, like every refusal of the stream itself.
         _ => ErrorCode::ProtocolViolation,
     };
     let text = super::source::error_chain(e);
@@ -256,7 +287,22 @@ fn check_hello(hello: &Hello, opts: &ReceiveOptions) -> Result<(), MigrationErro
     if hello.page_size != 4096 {
         return bad(format!("page size {} is not 4096", hello.page_size));
     }
-    Ok(())
+    let clone = hello.features & FEATURE_CLONE != 0;
+    let wrong = |s: &str| Err(MigrationError::WrongMode(s.to_string()));
+    match (clone, opts.standby) {
+        (true, false) => wrong(
+            "the source sends a live clone (vmigrate clone) but this destination takes \
+             migrations; start it with run --incoming --standby",
+        ),
+        (false, true) => wrong(
+            "this destination is a standby (run --standby) and takes only a live clone \
+             (vmigrate clone), not a migration",
+        ),
+        (true, true) if hello.features & FEATURE_MEMORY_DIGEST == 0 => {
+            wrong("a live clone must be verified with memory digests")
+        }
+        _ => Ok(()),
+    }
 }
 
 enum Step {

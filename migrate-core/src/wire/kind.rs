@@ -38,11 +38,14 @@ pub enum MessageKind {
     Heartbeat = 12,
     /// Destination: the guest runs here now (the answer to `Commit`).
     Resumed = 13,
+    /// Standby (live clone): the verified copy is held here, paused (the
+    /// answer to `Commit` in a clone).
+    StandbyHeld = 14,
 }
 
 impl MessageKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [MessageKind; 13] = [
+    pub const ALL: [MessageKind; 14] = [
         Self::Hello,
         Self::HelloAck,
         Self::Error,
@@ -56,6 +59,7 @@ impl MessageKind {
         Self::Commit,
         Self::Heartbeat,
         Self::Resumed,
+        Self::StandbyHeld,
     ];
 
     /// Decodes a wire value; `None` for `0` and unknown values.
@@ -84,6 +88,7 @@ impl MessageKind {
             Self::Commit => "Commit",
             Self::Heartbeat => "Heartbeat",
             Self::Resumed => "Resumed",
+            Self::StandbyHeld => "StandbyHeld",
         }
     }
 
@@ -101,7 +106,7 @@ impl MessageKind {
             Self::VmState => 1_048_580,
             Self::Complete => 17,
             Self::Accepted => 9,
-            Self::Commit | Self::Heartbeat | Self::Resumed => 0,
+            Self::Commit | Self::Heartbeat | Self::Resumed | Self::StandbyHeld => 0,
         }
     }
 }

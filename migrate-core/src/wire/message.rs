@@ -246,6 +246,9 @@ pub enum Message {
     /// Destination: the guest was resumed here after `Commit`; only now
     /// does the source know the migration completed.
     Resumed,
+    /// Standby (live clone): the verified copy is held here, paused; the
+    /// answer to `Commit` when the Hello carried `FEATURE_CLONE`.
+    StandbyHeld,
     /// Keep-alive (reserved).
     Heartbeat,
 }
@@ -266,6 +269,7 @@ impl Message {
             Self::Accepted(_) => MessageKind::Accepted,
             Self::Commit => MessageKind::Commit,
             Self::Resumed => MessageKind::Resumed,
+            Self::StandbyHeld => MessageKind::StandbyHeld,
             Self::Heartbeat => MessageKind::Heartbeat,
         }
     }
@@ -305,6 +309,7 @@ impl Message {
             | Self::Accepted(_)
             | Self::Commit
             | Self::Resumed
+            | Self::StandbyHeld
             | Self::Heartbeat => Ok(()),
         }
     }
@@ -369,7 +374,7 @@ pub(super) fn encode_payload<'m>(
             out.put_u64(c.total_pages);
         }
         Message::Accepted(a) => put_opt64(out, a.digest),
-        Message::Commit | Message::Resumed | Message::Heartbeat => {}
+        Message::Commit | Message::Resumed | Message::StandbyHeld | Message::Heartbeat => {}
     }
     Ok(&[])
 }
@@ -412,6 +417,7 @@ pub(super) fn decode_payload(kind: MessageKind, payload: &[u8]) -> Result<Messag
         }),
         MessageKind::Commit => Message::Commit,
         MessageKind::Resumed => Message::Resumed,
+        MessageKind::StandbyHeld => Message::StandbyHeld,
         MessageKind::Heartbeat => Message::Heartbeat,
     };
     d.finish()?;

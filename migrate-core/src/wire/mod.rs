@@ -50,6 +50,7 @@
 //! | 11   | `Commit`       | src → dst | empty                                                                                                                    | 0           |
 //! | 12   | `Heartbeat`    | both      | empty                                                                                                                    | 0           |
 //! | 13   | `Resumed`      | dst → src | empty (since version 2)                                                                                                  | 0           |
+//! | 14   | `StandbyHeld`  | dst → src | empty: the answer to `Commit` in a live clone (`FEATURE_CLONE`)                                                          | 0           |
 //!
 //! Field rules beyond the layout (enforced when decoding *and* before
 //! writing, see [`Message::validate`]):
@@ -174,8 +175,17 @@ pub const FEATURE_MEMORY_DIGEST: u64 = 1 << 1;
 /// migrates a stopped guest. A source sending a paused guest requires the
 /// ack to carry it, so a destination that would run the guest is refused.
 pub const FEATURE_GUEST_PAUSED: u64 = 1 << 2;
+/// Feature bit: a live clone, not a migration. After `Commit` the
+/// destination keeps the copy paused as a standby and answers
+/// `StandbyHeld` instead of `Resumed`, and the source resumes the guest.
+/// A standby destination (`run --standby`) refuses a Hello without it and
+/// any other destination refuses a Hello with it, so neither side can
+/// mistake one for the other; a destination that does not know the bit
+/// does not ack it and the source stops before sending memory.
+pub const FEATURE_CLONE: u64 = 1 << 3;
 /// Every feature bit this implementation knows.
-pub const FEATURES_KNOWN: u64 = FEATURE_ZSTD | FEATURE_MEMORY_DIGEST | FEATURE_GUEST_PAUSED;
+pub const FEATURES_KNOWN: u64 =
+    FEATURE_ZSTD | FEATURE_MEMORY_DIGEST | FEATURE_GUEST_PAUSED | FEATURE_CLONE;
 
 /// Receiver-side caps on payload sizes, checked against the header's `len`
 /// before any payload buffer is allocated.
