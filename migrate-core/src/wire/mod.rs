@@ -105,6 +105,11 @@
 //! the outcome is unknown, for the operator to decide (QEMU's source sits in
 //! `postmigrate` the same way).
 //!
+//! A live clone (`FEATURE_CLONE`) runs the same exchange up to `Accepted`;
+//! then the source resumes its guest, sends `Commit`, and the standby answers
+//! `StandbyHeld` (kind 14) instead of `Resumed`, keeping the copy paused;
+//! the connection stays open for the session that follows.
+//!
 //! `Error` may be sent by either side at any point; it ends the migration.
 //! `Heartbeat` is reserved for keep-alives and may be ignored.
 //!
