@@ -234,24 +234,25 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
     });
     if let Some(session) = standby_session.take() {
-        // The session ends when the primary says so or goes away; the copy
-        // stays held, paused, either way (failover does not exist yet).
-        std::thread::spawn(move || match session.wait_for_end() {
+        let controller = Arc::new(VmController::new_standby(vm.clone(), tx));
+        // Checkpoints are applied until the primary ends the session or goes
+        // away; the copy stays held, paused, either way (no failover yet).
+        let follower = controller.clone();
+        std::thread::spawn(move || match follower.follow_primary(session) {
             SessionEnd::Closed => eprintln!(
                 "vmigrate: standby: the primary closed the clone session; still holding the \
-                 clone-point copy, paused"
+                 last checkpoint, paused"
             ),
             SessionEnd::Ended { reason } => eprintln!(
                 "vmigrate: standby: the primary ended the clone session ({reason}); still \
-                 holding the clone-point copy, paused"
+                 holding the last checkpoint, paused"
             ),
             SessionEnd::Failed(e) => eprintln!(
-                "vmigrate: standby: the clone session failed ({}); still holding the \
-                 clone-point copy, paused",
+                "vmigrate: standby: the clone session failed ({}); still holding the last \
+                 whole checkpoint, paused",
                 error_chain(&e)
             ),
         });
-        let controller = Arc::new(VmController::new_standby(vm.clone(), tx));
         if let Some(server) = api {
             server.spawn(controller.clone())?;
         }

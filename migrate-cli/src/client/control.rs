@@ -142,6 +142,22 @@ fn print_status(s: &VmStatus) {
     if let Some(standby) = &s.standby {
         println!("standby:    {standby} (clone session open)");
     }
+    if let Some(c) = &s.checkpoints {
+        println!(
+            "checkpoints: {} epochs (every {} ms), pause p50 {:.2} ms p99 {:.2} ms max {:.2} ms, \
+             {} pages, {} bytes{}",
+            c.epochs,
+            c.epoch_ms,
+            c.pause.p50,
+            c.pause.p99,
+            c.pause.max,
+            c.pages,
+            c.bytes,
+            c.ended
+                .as_deref()
+                .map_or_else(String::new, |e| format!("; ended: {e}"))
+        );
+    }
     println!("api:        {}", s.api);
 }
 

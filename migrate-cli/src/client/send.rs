@@ -86,6 +86,14 @@ pub struct SendArgs {
     /// --insecure too).
     #[arg(long)]
     insecure: bool,
+    /// `clone` only: after the clone, checkpoint the guest to the standby
+    /// every --epoch-ms (pause, send the pages written since the last
+    /// checkpoint and the vCPU state, resume).
+    #[arg(long)]
+    epochs: bool,
+    /// With --epochs: milliseconds between checkpoints.
+    #[arg(long, default_value_t = 50, requires = "epochs")]
+    epoch_ms: u64,
     /// Print the final report as JSON (QEMU `query-migrate` field names).
     #[arg(long)]
     json: bool,
@@ -106,6 +114,9 @@ pub fn clone(a: SendArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn outgoing(a: SendArgs, clone: bool) -> anyhow::Result<ExitCode> {
+    if a.epochs && !clone {
+        bail!("--epochs is for vmigrate clone: a migration leaves no standby to checkpoint to");
+    }
     let max_bandwidth = a
         .max_bandwidth
         .as_deref()
@@ -152,6 +163,7 @@ fn outgoing(a: SendArgs, clone: bool) -> anyhow::Result<ExitCode> {
         tls_cert: absolute(a.tls_cert.as_deref()).context("--tls-cert")?,
         tls_key: absolute(a.tls_key.as_deref()).context("--tls-key")?,
         tls_ca: absolute(a.tls_ca.as_deref()).context("--tls-ca")?,
+        epoch_ms: a.epochs.then_some(a.epoch_ms),
     };
     let req = if clone {
         ApiRequest::Clone(req)

@@ -27,7 +27,7 @@ use super::{
     ExitSummary, MemsaveRequest, MigrationQuery, NoMigration, ProcessEvent, RunState,
     SetParameters, VmStatus, API_VERSION,
 };
-use crate::engine::{CloneSession, MigrationControl, MigrationReport, RampError};
+use crate::engine::{CloneSession, EpochReport, MigrationControl, MigrationReport, RampError};
 use crate::transport::{ChannelError, TransportError};
 use crate::vm::{Vm, VmError};
 
@@ -197,6 +197,11 @@ pub struct VmController {
     pub(super) bus: Arc<EventBus>,
     /// The open session with this VM's standby after a live clone.
     pub(super) clone_session: Mutex<Option<CloneSession>>,
+    /// The attached standby's address while `clone_session` is open, kept
+    /// apart so that `status` never waits for a checkpoint in flight.
+    pub(super) standby_addr: Mutex<Option<String>>,
+    /// Checkpoint figures (primary: sent; standby: applied).
+    pub(super) checkpoints: Mutex<Option<EpochReport>>,
 }
 
 impl VmController {
@@ -225,6 +230,8 @@ impl VmController {
             current: Mutex::new(None),
             bus: Arc::new(EventBus::default()),
             clone_session: Mutex::new(None),
+            standby_addr: Mutex::new(None),
+            checkpoints: Mutex::new(None),
         }
     }
 
@@ -299,11 +306,15 @@ impl VmController {
                 .collect(),
             migration: self.last_report(),
             standby: self
-                .clone_session
+                .standby_addr
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(|s| s.standby().to_string()),
+                .clone(),
+            checkpoints: self
+                .checkpoints
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 

@@ -182,6 +182,11 @@ pub struct SendRequest {
     /// absolute path).
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
+    /// `clone` only: after the clone, checkpoint the guest to the standby
+    /// every this many milliseconds (≥ 1; default: no checkpoints, the
+    /// standby keeps the clone point).
+    #[serde(default)]
+    pub epoch_ms: Option<u64>,
 }
 
 fn default_policy() -> String {
@@ -215,6 +220,7 @@ impl SendRequest {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            epoch_ms: None,
         }
     }
 }

@@ -158,6 +158,11 @@ pub struct VmStatus {
     /// open with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby: Option<String>,
+    /// Checkpoint epochs: on a primary, those sent and acknowledged (pause
+    /// times, pages, bytes, why they ended); on a standby, `epochs` is the
+    /// number applied (the last whole checkpoint it holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<crate::engine::EpochReport>,
 }
 
 /// VM exits by kind.

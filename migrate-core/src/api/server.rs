@@ -46,7 +46,7 @@ pub enum ProcessEvent {
 }
 
 /// Carry out one request, writing its answer lines to `out`.
-fn handle(c: &VmController, req: ApiRequest, out: &mut UnixStream) -> std::io::Result<()> {
+fn handle(c: &Arc<VmController>, req: ApiRequest, out: &mut UnixStream) -> std::io::Result<()> {
     let done = |out: &mut UnixStream, r: Result<(), ControlError>| match r {
         Ok(()) => reply(out, &ApiResponse::Ok),
         Err(e) => reply(out, &error(&e)),
@@ -183,7 +183,7 @@ impl ApiServer {
     }
 }
 
-fn serve_client(c: &VmController, conn: UnixStream) {
+fn serve_client(c: &Arc<VmController>, conn: UnixStream) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };

@@ -21,12 +21,16 @@
 //! is what a checkpoint epoch will send over the same session. The
 //! connection stays open on both sides for that reason; ending it (either
 //! side closing, the primary migrating away) leaves the standby holding the
-//! clone-point copy, still paused. Nothing here ever runs the standby.
+//! last checkpoint it applied (the clone point if none), still paused.
+//! Nothing here ever runs the standby. Checkpoint epochs: `epoch.rs`.
 
 use std::io::{BufReader, BufWriter, Write};
 
+use super::pages::{PageApplier, PageSender};
 use super::report::{ms, MigrationReport};
-use super::source::{error_chain, send_outgoing, vm_err, Channel, Outgoing, SendOptions};
+use super::source::{
+    error_chain, send_outgoing, vm_err, Channel, CompressMode, Outgoing, SendOptions,
+};
 use super::{MigratableVm, MigrationError};
 use crate::dirty::DirtyBitmap;
 use crate::transport::Stream;
@@ -49,12 +53,16 @@ pub struct CloneOutcome {
 /// closes the connection, which leaves the standby holding the clone-point
 /// copy, paused.
 pub struct CloneSession {
-    channel: Channel,
+    pub(super) channel: Channel,
     standby: String,
-    /// Pages the primary wrote since the clone point, as harvested so far
-    /// (empty at the clone point: KVM's log holds the rest).
-    dirty: DirtyBitmap,
+    /// Pages the primary wrote since the last checkpoint (the clone point
+    /// at first), as harvested so far: KVM's log holds the rest.
+    pub(super) dirty: DirtyBitmap,
     report: MigrationReport,
+    /// Encodes the checkpoints' pages as the clone's were.
+    pub(super) sender: PageSender,
+    /// The last checkpoint the standby acknowledged (0: the clone point).
+    pub(super) epoch: u32,
 }
 
 impl CloneSession {
@@ -104,14 +112,31 @@ impl CloneSession {
 pub fn live_clone<V: MigratableVm>(vm: &V, stream: Stream, mut opts: SendOptions) -> CloneOutcome {
     opts.verify_digest = true;
     let standby = opts.destination.clone();
+    let zstd = match opts.compress {
+        CompressMode::None => None,
+        CompressMode::Zstd(level) => Some(level),
+    };
     let pages = usize::try_from(ram_pages(vm.memory())).expect("page count fits usize");
-    let (report, channel) = send_outgoing(vm, stream, opts, Outgoing::Clone);
-    let session = channel.map(|channel| CloneSession {
-        channel,
-        standby,
-        dirty: DirtyBitmap::new(pages),
-        report: report.clone(),
-    });
+    let (mut report, channel) = send_outgoing(vm, stream, opts, Outgoing::Clone);
+    let session = match channel.map(|channel| (channel, PageSender::new(zstd))) {
+        Some((channel, Ok(sender))) => Some(CloneSession {
+            channel,
+            standby,
+            dirty: DirtyBitmap::new(pages),
+            report: report.clone(),
+            sender,
+            epoch: 0,
+        }),
+        Some((_, Err(e))) => {
+            // The standby holds the clone; only the session cannot go on.
+            report.error = Some(format!(
+                "the clone completed but its session cannot send checkpoints: {}",
+                error_chain(&e)
+            ));
+            None
+        }
+        None => None,
+    };
     CloneOutcome { report, session }
 }
 
@@ -156,10 +181,17 @@ pub(super) fn hold_standby<V: MigratableVm, W: Write>(
 }
 
 /// The standby's side of a completed live clone: the channel from the
-/// primary, kept open for the checkpoints that will follow.
+/// primary, kept open for checkpoint epochs ([`StandbySession::receive_epoch`],
+/// [`StandbySession::apply_epoch`]), and what it needs to check them.
 pub struct StandbySession {
     pub(super) reader: BufReader<Stream>,
     pub(super) writer: BufWriter<Stream>,
+    /// The clone's page writer: its written set, its decompressor.
+    pub(super) applier: PageApplier,
+    pub(super) vcpu_count: usize,
+    pub(super) total_pages: u64,
+    /// The last epoch applied (0: the clone point).
+    pub(super) epoch: u32,
 }
 
 /// How a standby session ended. In every case the standby still holds the
@@ -178,11 +210,10 @@ pub enum SessionEnd {
 }
 
 impl StandbySession {
-    /// Wait (without a timeout: a primary may stay quiet for as long as it
-    /// runs) until the primary ends the session. No checkpoint epochs
-    /// exist yet, so any message other than `Heartbeat` or `Error` is a
-    /// protocol violation, answered with an `Error` and ending the session.
-    pub fn wait_for_end(mut self) -> SessionEnd {
+    /// Follow the primary (without a timeout: a primary may stay quiet for
+    /// as long as it runs), applying each whole checkpoint as it completes,
+    /// until the session ends. The VM is not resumed, ever.
+    pub fn follow<V: MigratableVm>(mut self, vm: &V) -> SessionEnd {
         if let Err(e) = self.reader.get_ref().set_timeouts(None) {
             return SessionEnd::Failed(MigrationError::Wire {
                 phase: "standby session".into(),
@@ -190,32 +221,25 @@ impl StandbySession {
             });
         }
         loop {
-            match read_message(&mut self.reader, &Limits::default()) {
-                Ok(Message::Heartbeat) => {}
-                Ok(Message::Error(e)) => {
-                    return SessionEnd::Ended { reason: e.message };
+            match self.receive_epoch() {
+                Ok(staged) => {
+                    if let Err(end) = self.apply_epoch(vm, staged) {
+                        return end;
+                    }
                 }
-                Ok(other) => {
-                    let e = MigrationError::Unexpected {
-                        phase: "standby session".into(),
-                        got: other.kind(),
-                    };
-                    let text = error_chain(&e);
-                    let _ = write_message(
-                        &mut self.writer,
-                        &Message::Error(ErrorMessage::new(ErrorCode::ProtocolViolation, text)),
-                    );
-                    let _ = self.writer.flush();
-                    return SessionEnd::Failed(e);
-                }
-                Err(crate::wire::WireError::ConnectionClosed) => return SessionEnd::Closed,
-                Err(source) => {
-                    return SessionEnd::Failed(MigrationError::Wire {
-                        phase: "standby session".into(),
-                        source,
-                    })
-                }
+                Err(end) => return end,
             }
         }
+    }
+
+    /// Stop reading timeouts on the session (see [`StandbySession::follow`]).
+    pub fn wait_forever(&self) -> Result<(), MigrationError> {
+        self.reader
+            .get_ref()
+            .set_timeouts(None)
+            .map_err(|e| MigrationError::Wire {
+                phase: "standby session".into(),
+                source: e.into(),
+            })
     }
 }

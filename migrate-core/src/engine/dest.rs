@@ -181,8 +181,8 @@ pub fn receive_migration<V: MigratableVm>(
                 // it, paused. Only a later failover may run it.
                 write_message(&mut w, &Message::StandbyHeld).map_err(wire("clone hand-over"))?;
                 w.flush().map_err(|e| wire("clone hand-over")(e.into()))?;
+                let total_pages = crate::vm::ram_pages(vm.memory());
                 return Ok(ReceiveOutcome {
-                    vm,
                     iterations: rx.iterations,
                     pages: rx.total_pages,
                     digest: rx.digest,
@@ -191,7 +191,12 @@ pub fn receive_migration<V: MigratableVm>(
                     standby: Some(StandbySession {
                         reader: r,
                         writer: w,
+                        vcpu_count: rx.vcpus.len(),
+                        applier: rx.applier,
+                        total_pages,
+                        epoch: 0,
                     }),
+                    vm,
                 });
             }
             Ok(Step::Resume) => {

@@ -24,6 +24,7 @@
 mod clone;
 mod control;
 mod dest;
+mod epoch;
 #[cfg(feature = "memory-vm")]
 mod memory_vm;
 mod pages;
@@ -34,6 +35,7 @@ mod source;
 pub use clone::{live_clone, CloneOutcome, CloneSession, SessionEnd, StandbySession};
 pub use control::{DowntimeRamp, MigrationControl, RampError};
 pub use dest::{receive_migration, ReceiveOptions, ReceiveOutcome};
+pub use epoch::{EpochRecord, EpochReport, EpochStats, PauseSummary, SentEpoch, StagedEpoch};
 #[cfg(feature = "memory-vm")]
 pub use memory_vm::MemoryVm;
 pub use pages::is_zero as is_zero_page;

@@ -2,6 +2,8 @@
 //! standby holds a paused, identical copy, and each side refuses the other
 //! kind of stream.
 
+use std::io::Write;
+
 use super::*;
 
 /// A running source whose "guest" writes until it is paused (and then
@@ -86,7 +88,10 @@ fn clone_resumes_the_primary_and_holds_a_paused_identical_standby() {
     // The session stays open; the primary ends it and says why.
     let session = outcome.session.expect("a completed clone has a session");
     assert_eq!(session.standby(), "test");
-    let waiter = std::thread::spawn(move || standby.standby.unwrap().wait_for_end());
+    let waiter = std::thread::spawn(move || {
+        let vm = standby.vm;
+        standby.standby.unwrap().follow(&vm)
+    });
     session.close("primary shuts down");
     match waiter.join().unwrap() {
         SessionEnd::Ended { reason } => assert_eq!(reason, "primary shuts down"),
@@ -97,7 +102,10 @@ fn clone_resumes_the_primary_and_holds_a_paused_identical_standby() {
 #[test]
 fn dropped_session_is_a_closed_connection_for_the_standby() {
     let (_src, outcome, standby) = clone_running_guest(true);
-    let waiter = std::thread::spawn(move || standby.unwrap().standby.unwrap().wait_for_end());
+    let waiter = std::thread::spawn(move || {
+        let s = standby.unwrap();
+        s.standby.unwrap().follow(&s.vm)
+    });
     drop(outcome.session);
     assert!(matches!(waiter.join().unwrap(), SessionEnd::Closed));
 }
@@ -135,4 +143,54 @@ fn a_standby_refuses_a_migration() {
         panic!("the standby took a migration")
     };
     assert!(matches!(e, MigrationError::WrongMode(_)), "{e}");
+}
+
+#[test]
+fn epochs_keep_the_standby_in_step_and_a_torn_epoch_is_never_applied() {
+    let (src, outcome, standby) = clone_running_guest(true);
+    let mut session = outcome.session.unwrap();
+    let standby = standby.unwrap();
+    let held = Arc::new(standby.vm);
+    let follower = {
+        let held = held.clone();
+        let s = standby.standby.unwrap();
+        std::thread::spawn(move || s.follow(&*held))
+    };
+    let mut stats = EpochStats::new(50);
+    for round in 1..=3u64 {
+        for page in (usize::try_from(round).unwrap()..2048).step_by(7) {
+            src.guest_write(page, round * 1000 + page as u64);
+        }
+        *src.vcpus.lock().unwrap() = vec![format!("cpu0 {round}").into_bytes(), b"cpu1".to_vec()];
+        let r = session.run_epoch(&*src, true, true).unwrap();
+        assert_eq!(u64::from(r.epoch), round);
+        assert!(r.pages > 0 && r.bytes > r.pages * 4096, "{r:?}");
+        assert!(src.running.load(Ordering::SeqCst), "the primary resumes");
+        // The ack means applied: the standby is the primary's image now.
+        assert_same_memory(&src, &held);
+        assert_eq!(*held.vcpus.lock().unwrap(), *src.vcpus.lock().unwrap());
+        assert!(!held.running.load(Ordering::SeqCst), "the standby ran");
+        stats.record(&r);
+    }
+    assert_eq!(stats.report().epochs, 3);
+    assert!(stats.report().pause.max >= stats.report().pause.p50);
+
+    // Half an epoch, then the primary vanishes: none of it is applied.
+    let mut before = vec![0u8; usize::try_from(SIZE).unwrap()];
+    held.memory
+        .read_slice(&mut before, GuestAddress(0))
+        .unwrap();
+    src.guest_write(5, 0xdead_beef);
+    let mut dirty = DirtyBitmap::new(usize::try_from(SIZE / 4096).unwrap());
+    src.harvest_dirty_log(&mut dirty).unwrap();
+    let w = &mut session.channel.writer;
+    super::super::source::send_iteration(&mut session.sender, w, &*src, 4, &dirty, None, "torn")
+        .unwrap();
+    w.flush().unwrap();
+    drop(session);
+    let end = follower.join().unwrap();
+    assert!(matches!(end, SessionEnd::Failed(_)), "{end:?}");
+    let mut after = vec![0u8; before.len()];
+    held.memory.read_slice(&mut after, GuestAddress(0)).unwrap();
+    assert!(before == after, "a torn epoch reached the standby's memory");
 }
