@@ -273,3 +273,96 @@ fn the_primary_of_a_failed_clone_keeps_running() {
     assert!(held.serial_bytes().is_empty(), "the standby ran");
     assert!(src.is_running());
 }
+
+/// Poll `info` on `socket` until `ok` holds.
+fn wait_info(socket: &Path, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let st = info(bin(), socket);
+        if ok(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "waited for {what}: {st:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn epochs(st: &Value) -> u64 {
+    st["checkpoints"]["epochs"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn checkpoint_epochs_keep_the_standby_in_step_without_running_it() {
+    if !kvm_available("checkpoint_epochs_keep_the_standby_in_step_without_running_it") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let dir = Scratch::new("clone-epochs");
+    let mut src = VmProcess::source(bin(), &dir, "src", "verify:end=32M", "64M");
+    src.wait_api();
+    src.wait_marks(PASS_MARK, 2, T);
+    let (mut held, uri) = standby(&dir);
+    let (ok, report, stderr) = clone_json(
+        bin(),
+        &src.api,
+        &uri,
+        &["--downtime-limit", "2000", "--epochs", "--epoch-ms", "50"],
+    );
+    let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
+    assert!(ok, "{report:#} {}", held.stderr_text());
+    held.wait_api();
+
+    // Epochs run while the primary's guest runs on and checks itself.
+    let passes = src.count(PASS_MARK);
+    let st = wait_info(&src.api, "10 epochs", |st| epochs(st) >= 10);
+    let c = &st["checkpoints"];
+    assert_eq!(c["epoch-ms"], 50);
+    assert!(c["ended"].is_null(), "{c:#}");
+    assert!(c["pages"].as_u64().unwrap() > 0, "the guest writes: {c:#}");
+    eprintln!(
+        "epochs of a 64M verify guest every 50 ms: pause p50 {} ms, p99 {} ms, max {} ms; \
+         last {:#}",
+        c["pause"]["p50"], c["pause"]["p99"], c["pause"]["max"], c["last"]
+    );
+    src.wait_marks(PASS_MARK, passes + 2, T);
+    assert_eq!(src.count(MISMATCH_MARK), 0, "the primary saw a mismatch");
+    let sb = info(bin(), &held.api);
+    assert_eq!(sb["state"], "standby");
+    assert!(epochs(&sb) >= 9, "the standby applies epochs: {sb:#}");
+    assert!(held.serial_bytes().is_empty(), "the standby ran");
+
+    // Pause the primary: the next checkpoint brings the standby to exactly
+    // its state, as both digest on their own.
+    assert!(verb(bin(), &src.api, "pause", &[]).0);
+    let after = epochs(&info(bin(), &src.api));
+    wait_info(&src.api, "two epochs after the pause", |st| {
+        epochs(st) >= after + 2
+    });
+    let ours = digest(bin(), &src.api);
+    let theirs = digest(bin(), &held.api);
+    assert_eq!(ours["memory"], theirs["memory"], "{ours:#} {theirs:#}");
+    assert_eq!(ours["vcpus"], theirs["vcpus"], "{ours:#} {theirs:#}");
+
+    // Resumed, the primary goes on being checkpointed, then dies: the
+    // standby keeps a whole checkpoint, paused, and never runs it.
+    assert!(verb(bin(), &src.api, "resume", &[]).0);
+    let after = epochs(&info(bin(), &src.api));
+    wait_info(&src.api, "epochs after the resume", |st| {
+        epochs(st) >= after + 3
+    });
+    src.child.kill().expect("SIGKILL the primary");
+    let _ = src.child.wait();
+    let deadline = Instant::now() + T;
+    while !held.stderr_text().contains("still holding the last") {
+        assert!(Instant::now() < deadline, "{}", held.stderr_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kept = digest(bin(), &held.api);
+    assert_eq!(kept["state"], "standby");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(digest(bin(), &held.api), kept, "the standby's copy changed");
+    assert!(held.serial_bytes().is_empty(), "the standby ran");
+    assert!(held.is_running());
+    assert!(verb(bin(), &held.api, "shutdown", &[]).0);
+    assert!(held.wait_exit(T).success());
+}
