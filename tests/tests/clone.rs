@@ -82,6 +82,18 @@ fn clone_and_check(test: &str, workload: &str, mem: &str, extra: &[&str]) -> Val
     assert_eq!(st["standby"], uri.as_str(), "{st:#}");
     assert_eq!(st["migration"]["mode"], "clone");
 
+    // One standby per primary; a running guest has no meaningful digest;
+    // checkpoints are for clones only.
+    let (ok, _, why) = clone_json(bin(), &src.api, &uri, &[]);
+    assert!(!ok);
+    assert!(why.contains("a standby is attached already"), "{why}");
+    let (ok, why) = verb(bin(), &src.api, "digest", &[]);
+    assert!(!ok);
+    assert!(why.contains("cannot digest: the VM is running"), "{why}");
+    let (ok, _, why) = send_json(bin(), &src.api, &uri, &["--epochs"]);
+    assert!(!ok);
+    assert!(why.contains("--epochs is for vmigrate clone"), "{why}");
+
     // The standby does not run: no serial output ever, the same digests a
     // second later, and it refuses to be resumed.
     std::thread::sleep(Duration::from_secs(1));

@@ -144,6 +144,23 @@ mod tests {
     }
 
     #[test]
+    fn clone_takes_the_send_fields_and_epoch_ms() {
+        let r = parse_request(r#"{"command":"clone","to":"unix:/x","policy":"xen","epoch-ms":25}"#)
+            .unwrap();
+        let ApiRequest::Clone(c) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(c.policy, "xen");
+        assert_eq!(c.epoch_ms, Some(25));
+        assert_eq!(
+            parse_request(r#"{"command":"digest"}"#).unwrap(),
+            ApiRequest::Digest {}
+        );
+        let e = parse_request(r#"{"command":"digest","memory":true}"#).unwrap_err();
+        assert!(e.to_string().contains("`memory`"), "{e}");
+    }
+
+    #[test]
     fn send_takes_a_downtime_ramp_and_refuses_unknown_ramp_fields() {
         let r = parse_request(
             r#"{"command":"send","to":"unix:/x","downtime-ramp":{"start-ms":150,"end-ms":1050,"steps":10}}"#,
