@@ -28,6 +28,14 @@ enum Command {
     Run(run::RunArgs),
     /// Migrate the guest of a running `vmigrate run` to another one.
     Send(client::SendArgs),
+    /// Live-clone the guest of a running `vmigrate run` to a standby
+    /// (`run --incoming --standby`): the guest runs on here, the standby
+    /// holds a paused, verified copy. Options as `send` (--verify is
+    /// always on).
+    Clone(client::SendArgs),
+    /// Digest of all guest memory and of the vCPU state of a stopped VM
+    /// (a standby, a paused guest), computed by the VM process.
+    Digest(client::DigestArgs),
     /// List the convergence policies and their settings (`send --param`).
     Policies,
     /// Show the state of a running VM.
@@ -98,6 +106,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => run::run(a),
         Command::Send(a) => client::send(a),
+        Command::Clone(a) => client::clone(a),
+        Command::Digest(a) => client::digest(a),
         Command::Status(a) => client::status(a),
         Command::Info(a) => client::info(a),
         Command::Pause(a) => client::pause(a),

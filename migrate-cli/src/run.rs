@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use migrate_core::api::{ApiServer, ProcessEvent, VmController};
-use migrate_core::engine::{receive_migration_with_channels, ReceiveOptions};
+use migrate_core::engine::{
+    error_chain, receive_migration_with_channels, ReceiveOptions, SessionEnd,
+};
 use migrate_core::transport::{
     ChannelSecurity, Listener, MigrationUri, Psk, Stream, TlsCredentials, TlsFiles,
 };
@@ -68,6 +70,10 @@ pub struct RunArgs {
     /// With --incoming: seconds to wait on a silent source.
     #[arg(long, default_value_t = 60)]
     incoming_timeout: u64,
+    /// With --incoming: be a live clone's standby (`vmigrate clone`): hold
+    /// the copy paused and never run it; a migration is refused.
+    #[arg(long, requires = "incoming")]
+    standby: bool,
     /// With --incoming: refuse a guest larger than this (default 1T, the
     /// most this VMM builds); checked on the Hello, before any memory is
     /// mapped.
@@ -118,6 +124,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let _api_path = api.as_ref().map(|s| RemoveOnDrop(s.path().to_path_buf()));
 
     let mut arrived_paused = false;
+    let mut standby_session = None;
     let vm = if let Some(uri) = &a.incoming {
         let uri: MigrationUri = uri.parse()?;
         let security = match (&a.psk_file, &a.tls_cert, &a.tls_key, &a.tls_ca) {
@@ -158,6 +165,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             expect_mem: mem,
             expect_vcpus: a.vcpus,
             max_mem,
+            standby: a.standby,
         };
         let mut serial = Some(serial);
         // Further channels of this migration (`send --channels N`) come in
@@ -172,8 +180,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 .map_err(|e| e.to_string())?;
             s.secure_accept(&security).map_err(|e| e.to_string())
         };
-        let outcome =
-            receive_migration_with_channels(stream, &opts, Some(&mut accept_channel), |hello| {
+        let outcome = receive_migration_with_channels(
+            stream,
+            &opts,
+            Some(&mut accept_channel),
+            |hello| {
                 let mem_size = hello.regions.iter().map(|r| r.size).sum();
                 let vm = Vm::new(
                     VmConfig {
@@ -185,10 +196,25 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                     vm_tx.clone(),
                 )?;
                 Ok(vm)
-            })
-            .context("incoming migration failed; the guest was not started here")?;
+            },
+        )
+        .context(if a.standby {
+            "incoming live clone failed; no standby copy is held and the guest was not started here"
+        } else {
+            "incoming migration failed; the guest was not started here"
+        })?;
         drop(listener);
-        eprintln!(
+        if let Some(session) = outcome.standby {
+            eprintln!(
+                "vmigrate: standby: holding a paused copy of the primary ({} iterations, {} pages, \
+                 digest {:016x}); it does not run here",
+                outcome.iterations,
+                outcome.pages,
+                outcome.digest.unwrap_or(0)
+            );
+            standby_session = Some(session);
+        } else {
+            eprintln!(
             "vmigrate: migration received ({} iterations, {} pages; resident memory {} MiB before resume); {}",
             outcome.iterations,
             outcome.pages,
@@ -199,6 +225,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 "guest running"
             }
         );
+        }
         arrived_paused = outcome.paused;
         outcome.vm
     } else {
@@ -246,6 +273,31 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     });
+    if let Some(session) = standby_session.take() {
+        let controller = Arc::new(VmController::new_standby(vm.clone(), tx));
+        // Checkpoints are applied until the primary ends the session or goes
+        // away; the copy stays held, paused, either way (no failover yet).
+        let follower = controller.clone();
+        std::thread::spawn(move || match follower.follow_primary(session) {
+            SessionEnd::Closed => eprintln!(
+                "vmigrate: standby: the primary closed the clone session; still holding the \
+                 last checkpoint, paused"
+            ),
+            SessionEnd::Ended { reason } => eprintln!(
+                "vmigrate: standby: the primary ended the clone session ({reason}); still \
+                 holding the last checkpoint, paused"
+            ),
+            SessionEnd::Failed(e) => eprintln!(
+                "vmigrate: standby: the clone session failed ({}); still holding the last \
+                 whole checkpoint, paused",
+                error_chain(&e)
+            ),
+        });
+        if let Some(server) = api {
+            server.spawn(controller.clone())?;
+        }
+        return Ok(main_loop(&rx, &controller));
+    }
     let controller = Arc::new(if arrived_paused {
         VmController::new_paused(vm.clone(), tx)
     } else {

@@ -26,7 +26,7 @@ pub fn kvm_available(test: &str) -> bool {
 
 mod migration;
 
-pub use migration::{finish_send, info, query_migrate, spawn_send, verb, wait_report};
+pub use migration::{digest, finish_send, info, query_migrate, spawn_send, verb, wait_report};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -258,16 +258,30 @@ pub fn send_json(
     to: &str,
     extra: &[&str],
 ) -> (bool, Option<serde_json::Value>, String) {
+    outgoing_json(bin, "send", api, to, &[&["--verify"], extra].concat())
+}
+
+/// `vmigrate clone --json` (a live clone to a standby; always verified):
+/// the exit success, the parsed report and stderr. Plaintext unless
+/// `extra` chooses the channel, as [`send_json`].
+pub fn clone_json(
+    bin: &Path,
+    api: &Path,
+    to: &str,
+    extra: &[&str],
+) -> (bool, Option<serde_json::Value>, String) {
+    outgoing_json(bin, "clone", api, to, extra)
+}
+
+fn outgoing_json(
+    bin: &Path,
+    verb: &str,
+    api: &Path,
+    to: &str,
+    extra: &[&str],
+) -> (bool, Option<serde_json::Value>, String) {
     let api = api.to_str().expect("utf-8 path");
-    let mut args = vec![
-        "send",
-        "--api-socket",
-        api,
-        "--to",
-        to,
-        "--json",
-        "--verify",
-    ];
+    let mut args = vec![verb, "--api-socket", api, "--to", to, "--json"];
     if !["--psk-file", "--tls-cert", "--insecure"]
         .iter()
         .any(|c| extra.contains(c))

@@ -34,6 +34,12 @@ pub fn info(bin: &Path, socket: &Path) -> Value {
     json_verb(bin, socket, "info")
 }
 
+/// `vmigrate digest --json` on `socket`: memory and vCPU digests the VM
+/// process computes from what it holds.
+pub fn digest(bin: &Path, socket: &Path) -> Value {
+    json_verb(bin, socket, "digest")
+}
+
 fn json_verb(bin: &Path, socket: &Path, verb: &str) -> Value {
     let out = vmigrate(bin, &[verb, "--api-socket", s(socket), "--json"]);
     assert!(

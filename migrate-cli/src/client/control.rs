@@ -35,6 +35,17 @@ pub struct ResumeArgs {
     force: bool,
 }
 
+/// `digest`.
+#[derive(Args)]
+pub struct DigestArgs {
+    /// API socket of a `vmigrate run`.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// `status`, `info`, `query-migrate`.
 #[derive(Args)]
 pub struct StatusArgs {
@@ -130,9 +141,47 @@ fn print_status(s: &VmStatus) {
         s.exits.io_out, s.exits.io_in, s.exits.mmio, s.exits.hlt, s.exits.interrupted
     );
     if let Some(m) = &s.migration {
-        println!("migration:  {:?} to {}", m.status, m.destination);
+        println!(
+            "{:<11} {:?} to {}",
+            format!("{:?}:", m.mode).to_lowercase(),
+            m.status,
+            m.destination
+        );
+    }
+    if let Some(standby) = &s.standby {
+        println!("standby:    {standby} (clone session open)");
+    }
+    if let Some(c) = &s.checkpoints {
+        println!(
+            "checkpoints: {} epochs (every {} ms), pause p50 {:.2} ms p99 {:.2} ms max {:.2} ms, \
+             {} pages, {} bytes{}",
+            c.epochs,
+            c.epoch_ms,
+            c.pause.p50,
+            c.pause.p99,
+            c.pause.max,
+            c.pages,
+            c.bytes,
+            c.ended
+                .as_deref()
+                .map_or_else(String::new, |e| format!("; ended: {e}"))
+        );
     }
     println!("api:        {}", s.api);
+}
+
+/// `digest`: what the VM holds, hashed by the VM process.
+pub fn digest(a: DigestArgs) -> anyhow::Result<ExitCode> {
+    match one(&a.api_socket, &ApiRequest::Digest {})? {
+        ApiResponse::Digest(d) if a.json => println!("{}", serde_json::to_string_pretty(&d)?),
+        ApiResponse::Digest(d) => {
+            println!("state:  {}", d.state);
+            println!("memory: {}", d.memory);
+            println!("vcpus:  {}", d.vcpus);
+        }
+        other => bail!("unexpected answer {other:?}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn pause(a: SocketArgs) -> anyhow::Result<ExitCode> {

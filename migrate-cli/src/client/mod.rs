@@ -7,10 +7,10 @@ mod send;
 mod watch;
 
 pub use control::{
-    cancel, info, memsave, pause, query_migrate, resume, set_parameters, shutdown, status,
-    MemsaveArgs, ResumeArgs, SetParametersArgs, SocketArgs, StatusArgs,
+    cancel, digest, info, memsave, pause, query_migrate, resume, set_parameters, shutdown, status,
+    DigestArgs, MemsaveArgs, ResumeArgs, SetParametersArgs, SocketArgs, StatusArgs,
 };
-pub use send::{print_report, send, send_with_progress, SendArgs};
+pub use send::{clone, print_report, send, send_with_progress, SendArgs};
 pub use watch::{events, EventsArgs};
 
 use std::io::{BufRead, BufReader, Write};

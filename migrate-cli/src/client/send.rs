@@ -91,6 +91,14 @@ pub struct SendArgs {
     /// --insecure too).
     #[arg(long)]
     insecure: bool,
+    /// `clone` only: after the clone, checkpoint the guest to the standby
+    /// every --epoch-ms (pause, send the pages written since the last
+    /// checkpoint and the vCPU state, resume).
+    #[arg(long)]
+    epochs: bool,
+    /// With --epochs: milliseconds between checkpoints.
+    #[arg(long, default_value_t = 50, requires = "epochs")]
+    epoch_ms: u64,
     /// Print the final report as JSON (QEMU `query-migrate` field names).
     #[arg(long)]
     json: bool,
@@ -101,6 +109,19 @@ pub struct SendArgs {
 }
 
 pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
+    outgoing(a, false)
+}
+
+/// `vmigrate clone`: the same options as `send`; the guest runs on here and
+/// the destination (`run --incoming --standby`) holds a paused copy.
+pub fn clone(a: SendArgs) -> anyhow::Result<ExitCode> {
+    outgoing(a, true)
+}
+
+fn outgoing(a: SendArgs, clone: bool) -> anyhow::Result<ExitCode> {
+    if a.epochs && !clone {
+        bail!("--epochs is for vmigrate clone: a migration leaves no standby to checkpoint to");
+    }
     let max_bandwidth = a
         .max_bandwidth
         .as_deref()
@@ -148,11 +169,17 @@ pub fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         tls_cert: absolute(a.tls_cert.as_deref()).context("--tls-cert")?,
         tls_key: absolute(a.tls_key.as_deref()).context("--tls-key")?,
         tls_ca: absolute(a.tls_ca.as_deref()).context("--tls-ca")?,
+        epoch_ms: a.epochs.then_some(a.epoch_ms),
+    };
+    let req = if clone {
+        ApiRequest::Clone(req)
+    } else {
+        ApiRequest::Send(req)
     };
     if a.detach {
         return detach(&a.api_socket, req);
     }
-    let report = send_with_progress(&a.api_socket, req, !a.json)?;
+    let report = request_with_progress(&a.api_socket, &req, !a.json)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -171,11 +198,15 @@ fn absolute(p: Option<&Path>) -> std::io::Result<Option<PathBuf>> {
 
 /// Start a migration and return after its first progress line (the
 /// handshake succeeded); the VM process carries on alone.
-fn detach(socket: &Path, req: SendRequest) -> anyhow::Result<ExitCode> {
-    let to = req.to.clone();
-    match request(socket, &ApiRequest::Send(req))?.next() {
+fn detach(socket: &Path, req: ApiRequest) -> anyhow::Result<ExitCode> {
+    let (what, to) = match &req {
+        ApiRequest::Clone(r) => ("live clone", r.to.clone()),
+        ApiRequest::Send(r) => ("migration", r.to.clone()),
+        _ => ("request", String::new()),
+    };
+    match request(socket, &req)?.next() {
         Some(Ok(ApiResponse::Progress(_))) => {
-            println!("migration to {to} started; follow it with `vmigrate status --watch`");
+            println!("{what} to {to} started; follow it with `vmigrate status --watch`");
             Ok(ExitCode::SUCCESS)
         }
         Some(Ok(ApiResponse::Done(report))) => {
@@ -199,12 +230,22 @@ pub fn send_with_progress(
     req: SendRequest,
     show_progress: bool,
 ) -> anyhow::Result<MigrationReport> {
+    request_with_progress(socket, &ApiRequest::Send(req), show_progress)
+}
+
+/// A `send` or `clone` through the API, drawing a progress bar on a
+/// terminal; its final report.
+fn request_with_progress(
+    socket: &Path,
+    req: &ApiRequest,
+    show_progress: bool,
+) -> anyhow::Result<MigrationReport> {
     let bar = (show_progress && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new_spinner();
         b.enable_steady_tick(std::time::Duration::from_millis(120));
         b
     });
-    for r in request(socket, &ApiRequest::Send(req))? {
+    for r in request(socket, req)? {
         match r? {
             ApiResponse::Progress(p) => {
                 let line = progress_line(&p);
@@ -240,6 +281,7 @@ fn progress_line(p: &MigrationReport) -> String {
 }
 
 pub fn print_report(r: &MigrationReport) {
+    println!("mode:           {:?}", r.mode);
     println!("status:         {:?}", r.status);
     if let Some(e) = &r.error {
         println!("error:          {e}");
@@ -278,5 +320,8 @@ pub fn print_report(r: &MigrationReport) {
             d.destination,
             if d.equal { "equal" } else { "DIFFERENT" }
         );
+    }
+    if let Some(v) = &r.vcpu_digest {
+        println!("vCPU digest:    {v} (at the clone point)");
     }
 }

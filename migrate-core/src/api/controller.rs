@@ -22,23 +22,15 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::channel::channel_security;
 use super::events::{self, Event, EventBus};
 use super::{
-    ExitSummary, MemsaveRequest, MigrationQuery, NoMigration, ProcessEvent, RunState, SendRequest,
+    ExitSummary, MemsaveRequest, MigrationQuery, NoMigration, ProcessEvent, RunState,
     SetParameters, VmStatus, API_VERSION,
 };
-use crate::engine::{
-    send_migration, ChannelConnector, CompressMode, MigrationControl, MigrationReport,
-    MigrationStatus, RampError, SendOptions,
-};
-use crate::transport::{ChannelError, MigrationUri, Stream, TransportError};
+use crate::engine::{CloneSession, EpochReport, MigrationControl, MigrationReport, RampError};
+use crate::transport::{ChannelError, TransportError};
 use crate::vm::{Vm, VmError};
 
-/// Connect timeout for an outgoing migration.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Read/write timeout on the migration stream.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// `memsave` copies guest memory through a buffer this large.
 const MEMSAVE_CHUNK: u64 = 1 << 20;
 
@@ -165,6 +157,21 @@ pub enum ControlError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// `clone` while a standby is attached already.
+    #[error("cannot clone: a standby is attached already ({standby}); one standby per primary")]
+    StandbyAttached {
+        /// The attached standby's address.
+        standby: String,
+    },
+    /// `digest` could not read or hash what it covers.
+    #[error("cannot digest {what}")]
+    Digest {
+        /// Memory or vCPU state.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: crate::engine::VmOpError,
+    },
     /// A VM operation failed.
     #[error("VM operation {op} failed")]
     Vm {
@@ -178,16 +185,23 @@ pub enum ControlError {
 
 /// Owns the VM on behalf of the API.
 pub struct VmController {
-    vm: Arc<Vm>,
-    state: Mutex<RunState>,
-    started: Instant,
-    events: Sender<ProcessEvent>,
+    pub(super) vm: Arc<Vm>,
+    pub(super) state: Mutex<RunState>,
+    pub(super) started: Instant,
+    pub(super) events: Sender<ProcessEvent>,
     /// The running migration's latest report, or the last one's final one.
-    migration: Arc<Mutex<Option<MigrationReport>>>,
+    pub(super) migration: Arc<Mutex<Option<MigrationReport>>>,
     /// Steering handle of the running migration (`None`: none runs).
-    current: Mutex<Option<Arc<MigrationControl>>>,
+    pub(super) current: Mutex<Option<Arc<MigrationControl>>>,
     /// Connections that asked for `events`.
-    bus: Arc<EventBus>,
+    pub(super) bus: Arc<EventBus>,
+    /// The open session with this VM's standby after a live clone.
+    pub(super) clone_session: Mutex<Option<CloneSession>>,
+    /// The attached standby's address while `clone_session` is open, kept
+    /// apart so that `status` never waits for a checkpoint in flight.
+    pub(super) standby_addr: Mutex<Option<String>>,
+    /// Checkpoint figures (primary: sent; standby: applied).
+    pub(super) checkpoints: Mutex<Option<EpochReport>>,
 }
 
 impl VmController {
@@ -201,6 +215,11 @@ impl VmController {
         Self::with_state(vm, events, RunState::Paused)
     }
 
+    /// Wrap the paused copy a live clone left here (state `standby`).
+    pub fn new_standby(vm: Arc<Vm>, events: Sender<ProcessEvent>) -> Self {
+        Self::with_state(vm, events, RunState::Standby)
+    }
+
     fn with_state(vm: Arc<Vm>, events: Sender<ProcessEvent>, state: RunState) -> Self {
         Self {
             vm,
@@ -210,6 +229,9 @@ impl VmController {
             migration: Arc::new(Mutex::new(None)),
             current: Mutex::new(None),
             bus: Arc::new(EventBus::default()),
+            clone_session: Mutex::new(None),
+            standby_addr: Mutex::new(None),
+            checkpoints: Mutex::new(None),
         }
     }
 
@@ -228,12 +250,12 @@ impl VmController {
         &self.bus
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Change the state (the caller holds the lock) and tell subscribers.
-    fn transition(&self, state: &mut RunState, to: RunState) {
+    pub(super) fn transition(&self, state: &mut RunState, to: RunState) {
         let from = std::mem::replace(state, to);
         if from != to {
             self.bus.emit(Event::StateChanged {
@@ -289,6 +311,16 @@ impl VmController {
                 .map(|(p, n)| format!("{p:#x}:{n}"))
                 .collect(),
             migration: self.last_report(),
+            standby: self
+                .standby_addr
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            checkpoints: self
+                .checkpoints
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 
@@ -459,185 +491,5 @@ impl VmController {
             control.set_max_bandwidth(Some(bw));
         }
         Ok(())
-    }
-
-    /// Run a migration, calling `progress` after each iteration. Refused
-    /// while another runs or once the guest has stopped or left. A paused
-    /// guest travels paused and stays paused on the destination.
-    pub fn send(
-        &self,
-        req: &SendRequest,
-        mut progress: impl FnMut(&MigrationReport) + Send + 'static,
-    ) -> Result<MigrationReport, ControlError> {
-        let uri: MigrationUri = req
-            .to
-            .parse()
-            .map_err(|e: TransportError| ControlError::BadSend(e.to_string()))?;
-        if let Some(r) = &req.downtime_ramp {
-            r.validate().map_err(ControlError::BadRamp)?;
-            if req.policy == "ramp" {
-                // Two schedules for one limit: the per-iteration ramp would
-                // keep overriding the policy's time-based one.
-                return Err(ControlError::BadSend(
-                    "downtime-ramp steps the limit per iteration; the ramp policy has its own \
-                     time-based schedule (--param start/end/steps): use one of them"
-                        .into(),
-                ));
-            }
-        }
-        if req.downtime_limit == 0 {
-            return Err(ControlError::ZeroDowntime);
-        }
-        if !(1..=crate::wire::MAX_CHANNELS).contains(&req.channels) {
-            return Err(ControlError::BadSend(format!(
-                "channels must be 1 to {}, got {}",
-                crate::wire::MAX_CHANNELS,
-                req.channels
-            )));
-        }
-        let security = channel_security(req)?;
-        let downtime_limit =
-            Duration::from_millis(req.downtime_ramp.map_or(req.downtime_limit, |r| r.start_ms));
-        let params = policy::PolicyParams {
-            downtime_limit,
-            settings: req.params.clone(),
-        };
-        let policy = policy::by_name(&req.policy, &params)
-            .map_err(|e| ControlError::BadSend(e.to_string()))?;
-        let compress = match req.compress.as_str() {
-            "none" => CompressMode::None,
-            "zstd" => CompressMode::Zstd(1),
-            other => {
-                return Err(ControlError::BadSend(format!(
-                    "unknown compression {other:?} (none, zstd)"
-                )))
-            }
-        };
-        let seconds = |what: &str, t: Option<f64>| match t {
-            Some(t) if !(t > 0.0 && t.is_finite() && t < 1e9) => Err(ControlError::BadSend(
-                format!("{what} must be a positive number of seconds, got {t}"),
-            )),
-            t => Ok(t.map(Duration::from_secs_f64)),
-        };
-        let timeout = seconds("timeout", req.timeout)?;
-        let connect_timeout =
-            seconds("connect-timeout", req.connect_timeout)?.unwrap_or(CONNECT_TIMEOUT);
-        let io_timeout = seconds("io-timeout", req.io_timeout)?.unwrap_or(IO_TIMEOUT);
-        let control = Arc::new(MigrationControl::new(req.max_bandwidth));
-        let (before, previous) = {
-            let mut state = self.state();
-            let before = match *state {
-                s @ (RunState::Running | RunState::Paused) => s,
-                RunState::Migrating => {
-                    return Err(ControlError::MigrationRunning { command: "send" })
-                }
-                s => {
-                    return Err(ControlError::BadState {
-                        command: "send",
-                        state: s,
-                    })
-                }
-            };
-            self.transition(&mut state, RunState::Migrating);
-            *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(control.clone());
-            let compression = match compress {
-                CompressMode::None => "none".to_string(),
-                CompressMode::Zstd(l) => format!("zstd:{l}"),
-            };
-            // query-migrate shows `setup` until the handshake is done.
-            let previous = self
-                .migration
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .replace(MigrationReport::new(
-                    &req.policy,
-                    &uri.to_string(),
-                    &compression,
-                    self.vm.mem_size(),
-                ));
-            (before, previous)
-        };
-        let stream = match Stream::connect(&uri, connect_timeout) {
-            Ok(s) => s,
-            Err(e) => {
-                // Nothing started: the last migration stays the last one.
-                *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = previous;
-                self.finish(before);
-                return Err(ControlError::Connect(e));
-            }
-        };
-        let stream = match stream
-            .set_timeouts(Some(IO_TIMEOUT))
-            .map_err(|source| ChannelError::Io {
-                step: "setting the stream timeouts",
-                source,
-            })
-            .and_then(|()| stream.secure_connect(&security, &uri))
-        {
-            Ok(s) => s,
-            Err(source) => {
-                *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = previous;
-                self.finish(before);
-                return Err(ControlError::Channel {
-                    uri: uri.to_string(),
-                    source,
-                });
-            }
-        };
-        let live = self.migration.clone();
-        let bus = self.bus.clone();
-        let opts = SendOptions {
-            policy,
-            compress,
-            timeout,
-            timeout_action: req.timeout_action,
-            verify_digest: req.verify,
-            io_timeout,
-            downtime_limit,
-            control,
-            downtime_ramp: req.downtime_ramp,
-            guest_paused: before == RunState::Paused,
-            progress: Some(Box::new(move |r: &MigrationReport| {
-                *live.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
-                bus.emit(Event::progress(r));
-                progress(r)
-            })),
-            destination: uri.to_string(),
-            channels: (req.channels > 1).then(|| {
-                let (uri, security) = (uri.clone(), security.clone());
-                ChannelConnector {
-                    count: req.channels,
-                    connect: Box::new(move || {
-                        let s =
-                            Stream::connect(&uri, connect_timeout).map_err(|e| e.to_string())?;
-                        s.set_timeouts(Some(IO_TIMEOUT))
-                            .map_err(|e| e.to_string())?;
-                        s.secure_connect(&security, &uri).map_err(|e| e.to_string())
-                    }),
-                }
-            }),
-        };
-        let report = send_migration(&*self.vm, stream, opts);
-        *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
-        self.bus.emit(Event::ended(&report));
-        // After a completed migration, or one whose Commit may have reached
-        // the destination, the source must not run the guest again on its
-        // own.
-        self.finish(if report.status == MigrationStatus::Completed {
-            RunState::Postmigrate
-        } else if report.outcome_unknown() {
-            RunState::OutcomeUnknown
-        } else {
-            before
-        });
-        Ok(report)
-    }
-
-    fn finish(&self, to: RunState) {
-        let mut state = self.state();
-        if *state == RunState::Migrating {
-            self.transition(&mut state, to);
-        }
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }

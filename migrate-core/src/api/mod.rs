@@ -19,6 +19,7 @@
 //! than the `send`, which blocks until the migration ends.
 
 mod channel;
+mod clone;
 mod controller;
 mod events;
 mod request;
@@ -31,7 +32,8 @@ pub use request::{
     parse_request, ApiRequest, MemsaveRequest, RequestError, SendRequest, SetParameters, COMMANDS,
 };
 pub use response::{
-    ApiResponse, ExitSummary, MigrationQuery, NoMigration, RunState, VersionInfo, VmStatus,
+    ApiResponse, ExitSummary, MigrationQuery, NoMigration, RunState, StateDigest, VersionInfo,
+    VmStatus,
 };
 pub use server::{ApiError, ApiServer, ProcessEvent};
 
@@ -100,7 +102,7 @@ mod tests {
     fn every_listed_command_parses_and_qmp_aliases_map() {
         let args = |c: &str| match c {
             "memsave" | "pmemsave" => r#","addr":0,"size":4096,"file":"/tmp/m""#,
-            "send" => r#","to":"tcp:127.0.0.1:1""#,
+            "send" | "clone" => r#","to":"tcp:127.0.0.1:1""#,
             "migrate-set-parameters" | "set-parameters" => r#","downtime-limit":500"#,
             _ => "",
         };
@@ -139,6 +141,23 @@ mod tests {
                 max_bandwidth: Some(0)
             })
         );
+    }
+
+    #[test]
+    fn clone_takes_the_send_fields_and_epoch_ms() {
+        let r = parse_request(r#"{"command":"clone","to":"unix:/x","policy":"xen","epoch-ms":25}"#)
+            .unwrap();
+        let ApiRequest::Clone(c) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(c.policy, "xen");
+        assert_eq!(c.epoch_ms, Some(25));
+        assert_eq!(
+            parse_request(r#"{"command":"digest"}"#).unwrap(),
+            ApiRequest::Digest {}
+        );
+        let e = parse_request(r#"{"command":"digest","memory":true}"#).unwrap_err();
+        assert!(e.to_string().contains("`memory`"), "{e}");
     }
 
     #[test]

@@ -47,6 +47,14 @@ pub enum ApiRequest {
     MigrateSetParameters(SetParameters),
     /// Migrate the VM to another vmigrate process.
     Send(SendRequest),
+    /// Live-clone the VM to a standby (`run --incoming --standby`): the
+    /// same fields as `send` (`verify` is always on); this VM runs on as
+    /// the primary and the standby holds a paused copy.
+    Clone(SendRequest),
+    /// Digest of all guest memory and of the vCPU state, computed now from
+    /// the VM itself; only while the vCPUs are stopped (`paused`,
+    /// `standby`, `postmigrate`), so that the answer means something.
+    Digest {},
     /// Stop the VM and end the process (exit status 0).
     Shutdown {},
     /// Turn this connection into an event stream: `ok`, then one line per
@@ -66,6 +74,8 @@ pub const COMMANDS: &[&str] = &[
     "migrate-cancel",
     "migrate-set-parameters",
     "send",
+    "clone",
+    "digest",
     "shutdown",
     "events",
     "stop",
@@ -176,6 +186,11 @@ pub struct SendRequest {
     /// absolute path).
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
+    /// `clone` only: after the clone, checkpoint the guest to the standby
+    /// every this many milliseconds (≥ 1; default: no checkpoints, the
+    /// standby keeps the clone point).
+    #[serde(default)]
+    pub epoch_ms: Option<u64>,
 }
 
 fn default_policy() -> String {
@@ -213,6 +228,7 @@ impl SendRequest {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
+            epoch_ms: None,
         }
     }
 }

@@ -29,6 +29,24 @@ pub enum ApiResponse {
     Done(MigrationReport),
     /// One event on a connection that sent `events`.
     Event(super::Event),
+    /// Answer to `digest`.
+    Digest(StateDigest),
+}
+
+/// Answer to `digest`: what the VM holds, hashed by this process from its
+/// own memory and vCPUs (the same functions as a live clone's report, so
+/// a standby's answer can be compared with its clone's report).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StateDigest {
+    /// Run state when the digest was taken.
+    pub state: RunState,
+    /// Memory digest (hex xxh3-64 sum over non-zero pages, as `digest` in
+    /// a migration report).
+    pub memory: String,
+    /// vCPU state digest (hex; as `vcpu-digest` in a clone report: every
+    /// saved section but the TSC).
+    pub vcpus: String,
 }
 
 /// Answer to `version`.
@@ -88,6 +106,9 @@ pub enum RunState {
     OutcomeUnknown,
     /// The guest stopped (halt, exit port, error).
     Stopped,
+    /// A live clone's standby: a paused copy of a primary, held and never
+    /// run (`resume` is refused; failover does not exist yet).
+    Standby,
 }
 
 impl std::fmt::Display for RunState {
@@ -99,6 +120,7 @@ impl std::fmt::Display for RunState {
             Self::Postmigrate => "postmigrate",
             Self::OutcomeUnknown => "outcome-unknown",
             Self::Stopped => "stopped",
+            Self::Standby => "standby",
         })
     }
 }
@@ -149,6 +171,15 @@ pub struct VmStatus {
     pub unhandled_ports: Vec<String>,
     /// The running migration so far, or the last one.
     pub migration: Option<MigrationReport>,
+    /// On a primary: the address of the standby its live-clone session is
+    /// open with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
+    /// Checkpoint epochs: on a primary, those sent and acknowledged (pause
+    /// times, pages, bytes, why they ended); on a standby, `epochs` is the
+    /// number applied (the last whole checkpoint it holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<crate::engine::EpochReport>,
 }
 
 /// VM exits by kind.

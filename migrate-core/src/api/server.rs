@@ -46,7 +46,7 @@ pub enum ProcessEvent {
 }
 
 /// Carry out one request, writing its answer lines to `out`.
-fn handle(c: &VmController, req: ApiRequest, out: &mut UnixStream) -> std::io::Result<()> {
+fn handle(c: &Arc<VmController>, req: ApiRequest, out: &mut UnixStream) -> std::io::Result<()> {
     let done = |out: &mut UnixStream, r: Result<(), ControlError>| match r {
         Ok(()) => reply(out, &ApiResponse::Ok),
         Err(e) => reply(out, &error(&e)),
@@ -77,6 +77,20 @@ fn handle(c: &VmController, req: ApiRequest, out: &mut UnixStream) -> std::io::R
             reply(out, &ApiResponse::Ok)?;
             let _ = c.events().send(ProcessEvent::Shutdown);
             Ok(())
+        }
+        ApiRequest::Digest {} => match c.digest() {
+            Ok(d) => reply(out, &ApiResponse::Digest(d)),
+            Err(e) => reply(out, &error(&e)),
+        },
+        ApiRequest::Clone(req) => {
+            let mut progress_out = out.try_clone()?;
+            let result = c.clone_to(&req, move |r| {
+                let _ = reply(&mut progress_out, &ApiResponse::Progress(r.clone()));
+            });
+            match result {
+                Ok(report) => reply(out, &ApiResponse::Done(report)),
+                Err(e) => reply(out, &error(&e)),
+            }
         }
         ApiRequest::Send(req) => {
             let mut progress_out = out.try_clone()?;
@@ -169,7 +183,7 @@ impl ApiServer {
     }
 }
 
-fn serve_client(c: &VmController, conn: UnixStream) {
+fn serve_client(c: &Arc<VmController>, conn: UnixStream) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };

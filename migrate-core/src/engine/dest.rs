@@ -5,7 +5,8 @@
 //!  Memory --VcpuState--> State --VcpuState--> State
 //!  State --Complete (all vCPUs)--> Committing (vCPUs restored, Accepted sent)
 //!  Committing --Commit--> Done (guest resumed, or kept paused when the
-//!                                Hello had FEATURE_GUEST_PAUSED)
+//!                                Hello had FEATURE_GUEST_PAUSED; a standby
+//!                                keeps it paused and answers StandbyHeld)
 //!  any --Error--> failed (peer aborted);  any --other--> failed (protocol)
 //! ```
 //! The guest is resumed only on `Commit`; every failure before that drops
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::channels::{ChannelAcceptor, IterationSync, Lanes};
+use super::clone::StandbySession;
 use super::pages::PageApplier;
 use super::source::peer_message;
 use super::{memory_digest, MigratableVm, MigrationError, VmOpError};
@@ -23,7 +25,7 @@ use crate::transport::Stream;
 use crate::vm::memory::slot_layout;
 use crate::wire::{
     read_message, read_message_into, write_message, Accepted, ChannelJoin, ErrorCode, ErrorMessage,
-    Hello, HelloAck, Limits, Message, MessageKind, FEATURES_KNOWN, FEATURE_CHANNELS,
+    Hello, HelloAck, Limits, Message, MessageKind, FEATURES_KNOWN, FEATURE_CHANNELS, FEATURE_CLONE,
     FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST,
 };
 
@@ -38,6 +40,10 @@ pub struct ReceiveOptions {
     pub expect_vcpus: Option<u32>,
     /// Refuse a guest larger than this.
     pub max_mem: u64,
+    /// Take only a live clone (`run --incoming --standby`): keep the copy
+    /// paused after `Commit` and hand back the open session. A standby
+    /// refuses a migration, and any other destination refuses a clone.
+    pub standby: bool,
 }
 
 impl Default for ReceiveOptions {
@@ -47,6 +53,7 @@ impl Default for ReceiveOptions {
             expect_mem: None,
             expect_vcpus: None,
             max_mem: crate::vm::memory::MAX_MEM_SIZE,
+            standby: false,
         }
     }
 }
@@ -66,6 +73,9 @@ pub struct ReceiveOutcome<V> {
     /// The guest arrived paused (it was paused on the source) and was not
     /// resumed: `resume` on the API starts it.
     pub paused: bool,
+    /// A live clone: the copy is held paused as a standby (never resumed
+    /// here) and this is the session with the primary, still open.
+    pub standby: Option<StandbySession>,
 }
 
 /// Where the receiver is in the exchange.
@@ -188,7 +198,21 @@ pub fn receive_migration_with_channels<V: MigratableVm>(
     if let Some(l) = lanes {
         l.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
     }
-    let paused = result?;
+    let (paused, standby) = match result? {
+        Ended::Resumed { paused } => (paused, None),
+        Ended::Standby => {
+            let total_pages = crate::vm::ram_pages(vm.memory());
+            let session = StandbySession {
+                reader: r,
+                writer: w,
+                vcpu_count: rx.vcpus.len(),
+                applier: rx.applier,
+                total_pages,
+                epoch: 0,
+            };
+            (true, Some(session))
+        }
+    };
     Ok(ReceiveOutcome {
         vm,
         iterations: rx.iterations,
@@ -196,11 +220,19 @@ pub fn receive_migration_with_channels<V: MigratableVm>(
         digest: rx.digest,
         rss_before_resume: rx.rss_before_resume,
         paused,
+        standby,
     })
 }
 
-/// The message loop after the handshake; returns whether the guest was
-/// kept paused.
+/// How the message loop ended successfully.
+enum Ended {
+    /// The guest is this side's now (`paused`: it was kept paused).
+    Resumed { paused: bool },
+    /// A live clone: the copy is held as a standby, paused.
+    Standby,
+}
+
+/// The message loop after the handshake; returns how it ended.
 #[allow(clippy::too_many_arguments)]
 fn receive_loop<V: MigratableVm>(
     vm: &V,
@@ -211,7 +243,7 @@ fn receive_loop<V: MigratableVm>(
     acceptor: &mut Option<ChannelAcceptor<'_>>,
     opts: &ReceiveOptions,
     hello: &Hello,
-) -> Result<bool, MigrationError> {
+) -> Result<Ended, MigrationError> {
     let limits = Limits::default();
     let wire = |phase: &str| {
         let phase = phase.to_string();
@@ -277,6 +309,17 @@ fn receive_loop<V: MigratableVm>(
                     crate::faults::crash_point("dest-after-accepted");
                 }
             }
+            Ok(Step::Resume) if opts.standby => {
+                // The copy is verified and the primary has let it go: hold
+                // it, paused. Only a later failover may run it.
+                if let Some(l) = lanes.take() {
+                    l.finish(None);
+                }
+                write_message(w, &Message::StandbyHeld).map_err(wire("clone hand-over"))?;
+                w.flush().map_err(|e| wire("clone hand-over")(e.into()))?;
+                rx.rss_before_resume = resident_bytes();
+                return Ok(Ended::Standby);
+            }
             Ok(Step::Resume) => {
                 rx.rss_before_resume = resident_bytes();
                 // A guest paused on the source stays paused here until
@@ -301,7 +344,7 @@ fn receive_loop<V: MigratableVm>(
                 if write_message(w, &Message::Resumed).is_ok() {
                     let _ = w.flush();
                 }
-                return Ok(paused);
+                return Ok(Ended::Resumed { paused });
             }
             Err(e) => {
                 if !matches!(e, MigrationError::PeerError { .. }) {
@@ -318,6 +361,7 @@ fn refuse<W: Write>(w: &mut W, e: &MigrationError) {
     let code = match e {
         MigrationError::Incompatible(_) => ErrorCode::LayoutMismatch,
         MigrationError::Vm { .. } => ErrorCode::Internal,
+        // WrongMode, like every refusal of the stream itself.
         _ => ErrorCode::ProtocolViolation,
     };
     let text = super::source::error_chain(e);
@@ -361,7 +405,22 @@ fn check_hello(hello: &Hello, opts: &ReceiveOptions) -> Result<(), MigrationErro
     if hello.page_size != 4096 {
         return bad(format!("page size {} is not 4096", hello.page_size));
     }
-    Ok(())
+    let clone = hello.features & FEATURE_CLONE != 0;
+    let wrong = |s: &str| Err(MigrationError::WrongMode(s.to_string()));
+    match (clone, opts.standby) {
+        (true, false) => wrong(
+            "the source sends a live clone (vmigrate clone) but this destination takes \
+             migrations; start it with run --incoming --standby",
+        ),
+        (false, true) => wrong(
+            "this destination is a standby (run --standby) and takes only a live clone \
+             (vmigrate clone), not a migration",
+        ),
+        (true, true) if hello.features & FEATURE_MEMORY_DIGEST == 0 => {
+            wrong("a live clone must be verified with memory digests")
+        }
+        _ => Ok(()),
+    }
 }
 
 enum Step {

@@ -22,8 +22,10 @@
 //! destination resumes only on `Commit`, so the guest never runs twice.
 
 mod channels;
+mod clone;
 mod control;
 mod dest;
+mod epoch;
 #[cfg(feature = "memory-vm")]
 mod memory_vm;
 mod pages;
@@ -34,14 +36,18 @@ mod windows;
 mod written;
 
 pub use channels::{ChannelAcceptor, ChannelConnector};
+pub use clone::{live_clone, CloneOutcome, CloneSession, SessionEnd, StandbySession};
 pub use control::{DowntimeRamp, MigrationControl, RampError};
 pub use dest::{
     receive_migration, receive_migration_with_channels, ReceiveOptions, ReceiveOutcome,
 };
+pub use epoch::{EpochRecord, EpochReport, EpochStats, PauseSummary, SentEpoch, StagedEpoch};
 #[cfg(feature = "memory-vm")]
 pub use memory_vm::MemoryVm;
 pub use pages::is_zero as is_zero_page;
-pub use report::{DowntimeBreakdown, IterationRecord, MigrationReport, MigrationStatus, RamReport};
+pub use report::{
+    DowntimeBreakdown, IterationRecord, MigrationReport, MigrationStatus, RamReport, ReportMode,
+};
 pub use source::{
     error_chain, send_migration, CompressMode, ProgressFn, SendOptions, TimeoutAction,
 };
@@ -89,6 +95,14 @@ pub trait MigratableVm: Sync {
     fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError>;
     /// Restore every vCPU from blobs, in index order (paused).
     fn restore_vcpus(&self, blobs: Vec<Vec<u8>>) -> Result<(), VmOpError>;
+    /// A digest of saved vCPU states that both ends of a live clone can
+    /// compute on their own and compare (the KVM VM leaves out what changes
+    /// while a vCPU is paused, the TSC). By default the blobs themselves.
+    fn vcpu_state_digest(&self, blobs: &[Vec<u8>]) -> Result<u64, VmOpError> {
+        Ok(blobs.iter().fold(0u64, |acc, b| {
+            acc.rotate_left(1) ^ xxhash_rust::xxh3::xxh3_64(b)
+        }))
+    }
 }
 
 impl MigratableVm for crate::vm::Vm {
@@ -138,6 +152,14 @@ impl MigratableVm for crate::vm::Vm {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(crate::vm::Vm::restore_vcpus(self, states)?)
     }
+    fn vcpu_state_digest(&self, blobs: &[Vec<u8>]) -> Result<u64, VmOpError> {
+        let mut acc = 0u64;
+        for blob in blobs {
+            let state = crate::vm::state::VcpuState::decode(blob)?;
+            acc = acc.rotate_left(1) ^ state.clone_point_digest();
+        }
+        Ok(acc)
+    }
 }
 
 /// Errors of a migration, on either side.
@@ -162,6 +184,10 @@ pub enum MigrationError {
         /// The peer's explanation.
         message: String,
     },
+    /// A live clone met a destination that takes migrations, or a
+    /// migration met a standby (`run --standby`).
+    #[error("wrong kind of stream: {0}")]
+    WrongMode(String),
     /// The peer sent a message that is not valid at this point.
     #[error("unexpected {got} during {phase}")]
     Unexpected {

@@ -245,6 +245,38 @@ impl PageApplier {
             })
     }
 
+    /// Check a batch without writing it (every gpa inside guest memory,
+    /// the data decompressing to exactly its pages) and return it raw, to
+    /// be applied later by [`PageApplier::apply_batch`] (a checkpoint epoch
+    /// is staged whole before any of it is applied).
+    pub fn stage_batch(&mut self, batch: PageBatch) -> Result<PageBatch, MigrationError> {
+        for gpa in &batch.gpas {
+            self.page_index(*gpa)?;
+        }
+        let mut raw = Vec::new();
+        batch
+            .decompress_into_with(&mut self.decompressor, &mut raw)
+            .map_err(wire_err("decompressing pages"))?;
+        PageBatch::raw(batch.iteration, batch.gpas, raw).map_err(wire_err("staging pages"))
+    }
+
+    /// Check zero ranges without applying them: each inside guest memory.
+    pub fn check_zeros(&self, zeros: &ZeroPages) -> Result<(), MigrationError> {
+        for r in &zeros.ranges {
+            self.page_index(r.gpa)?;
+            let last = r
+                .pages
+                .checked_sub(1)
+                .and_then(|n| n.checked_mul(PAGE_SIZE as u64))
+                .and_then(|len| r.gpa.checked_add(len))
+                .ok_or_else(|| {
+                    MigrationError::InvalidData(format!("bad zero range at {:#x}", r.gpa))
+                })?;
+            self.page_index(last)?;
+        }
+        Ok(())
+    }
+
     /// Pages written so far (by every channel).
     pub fn written(&self) -> &Arc<WrittenPages> {
         &self.written

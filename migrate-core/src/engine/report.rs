@@ -24,12 +24,26 @@ pub enum MigrationStatus {
     Active,
     /// Paused, sending the rest.
     Device,
-    /// The destination runs the guest; the source is paused for good.
+    /// Migration: the destination runs the guest; the source is paused for
+    /// good. Live clone: the standby holds the verified copy, paused, and
+    /// the source runs on.
     Completed,
     /// Failed; the source guest runs on.
     Failed,
     /// Cancelled; the source guest runs on.
     Cancelled,
+}
+
+/// What the outgoing stream did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportMode {
+    /// A migration: on completion the destination runs the guest.
+    #[default]
+    Migration,
+    /// A live clone: on completion the source runs on as the primary and
+    /// the destination holds a paused copy (a standby).
+    Clone,
 }
 
 /// One pre-copy iteration (the final stop-and-copy pass included).
@@ -107,6 +121,10 @@ pub struct RamReport {
 pub struct MigrationReport {
     /// Outcome.
     pub status: MigrationStatus,
+    /// Migration or live clone (`completed` means something else for each:
+    /// see [`MigrationStatus::Completed`]).
+    #[serde(default)]
+    pub mode: ReportMode,
     /// Milliseconds, start of `send` to `Commit` written (or failure); in a
     /// progress report or `query-migrate` of a running migration, so far.
     pub total_time: f64,
@@ -148,6 +166,11 @@ pub struct MigrationReport {
     pub dirty_track: String,
     /// Memory digests (source, destination) when checked.
     pub digest: Option<DigestReport>,
+    /// Live clone only: digest of the vCPU state at the clone point, taken
+    /// by the source while paused (the standby's `digest` command computes
+    /// the same from the vCPUs it holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_digest: Option<String>,
     /// Error text when failed.
     pub error: Option<String>,
     /// One record per iteration, the final pass last.
@@ -195,6 +218,7 @@ impl MigrationReport {
     pub fn new(policy: &str, destination: &str, compression: &str, ram_total: u64) -> Self {
         Self {
             status: MigrationStatus::Setup,
+            mode: ReportMode::Migration,
             total_time: 0.0,
             downtime: None,
             setup_time: 0.0,
@@ -214,6 +238,7 @@ impl MigrationReport {
             compression: compression.to_string(),
             dirty_track: String::new(),
             digest: None,
+            vcpu_digest: None,
             error: None,
             iterations: Vec::new(),
         }

@@ -16,8 +16,8 @@ use crate::transport::{RateLimited, Stream};
 use crate::vm::ram_pages;
 use crate::wire::{
     read_message, write_message, ChannelJoin, Complete, ErrorCode, ErrorMessage, Hello,
-    IterationEnd, Limits, MemoryRegion, Message, VcpuState, FEATURE_CHANNELS, FEATURE_GUEST_PAUSED,
-    FEATURE_MEMORY_DIGEST, FEATURE_ZSTD, PAGE_SIZE_U64,
+    IterationEnd, Limits, MemoryRegion, Message, VcpuState, FEATURE_CHANNELS, FEATURE_CLONE,
+    FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST, FEATURE_ZSTD, PAGE_SIZE_U64,
 };
 
 /// Page compression on the wire.
@@ -81,14 +81,43 @@ pub struct SendOptions {
     pub channels: Option<ChannelConnector>,
 }
 
+/// What an outgoing stream is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outgoing {
+    /// The destination takes the guest over; the source stops for good.
+    Migration,
+    /// The destination keeps a paused copy; the source resumes.
+    Clone,
+}
+
+/// Both halves of the channel to the peer, as the source used them, kept
+/// open after a live clone for the checkpoints that follow it.
+pub(super) struct Channel {
+    /// The sending half (buffered, rate-limited by the control's cap).
+    pub writer: BufWriter<RateLimited<Stream>>,
+    /// The receiving half.
+    pub reader: Stream,
+}
+
 /// Migrate `vm` over `stream`. Returns the report whatever the outcome; the
 /// report's status says whether the destination took over. On any failure
 /// before the final `Commit` the source guest is running when this returns.
 pub fn send_migration<V: MigratableVm>(
     vm: &V,
     stream: Stream,
-    mut opts: SendOptions,
+    opts: SendOptions,
 ) -> MigrationReport {
+    send_outgoing(vm, stream, opts, Outgoing::Migration).0
+}
+
+/// A migration or a live clone; the channel comes back when it completed
+/// (a clone's session goes on over it).
+pub(super) fn send_outgoing<V: MigratableVm>(
+    vm: &V,
+    stream: Stream,
+    mut opts: SendOptions,
+    mode: Outgoing,
+) -> (MigrationReport, Option<Channel>) {
     let compression = match opts.compress {
         CompressMode::None => "none".to_string(),
         CompressMode::Zstd(l) => format!("zstd:{l}"),
@@ -103,11 +132,17 @@ pub fn send_migration<V: MigratableVm>(
     report.dirty_track = vm.dirty_track().to_string();
     let start = Instant::now();
     opts.control.start_clock(start);
+    if mode == Outgoing::Clone {
+        report.mode = super::report::ReportMode::Clone;
+    }
     let mut paused = false;
-    let result = run(vm, stream, &mut opts, &mut report, start, &mut paused);
+    let result = run(vm, stream, &mut opts, &mut report, start, &mut paused, mode);
     report.total_time = ms(start.elapsed());
     match result {
-        Ok(()) => report.status = MigrationStatus::Completed,
+        Ok(channel) => {
+            report.status = MigrationStatus::Completed;
+            return (report, Some(channel));
+        }
         Err(e) => {
             report.status = match e {
                 MigrationError::Cancelled => MigrationStatus::Cancelled,
@@ -130,7 +165,7 @@ pub fn send_migration<V: MigratableVm>(
             }
         }
     }
-    report
+    (report, None)
 }
 
 /// The error and its causes on one line.
@@ -152,7 +187,8 @@ fn run<V: MigratableVm>(
     report: &mut MigrationReport,
     start: Instant,
     paused: &mut bool,
-) -> Result<(), MigrationError> {
+    mode: Outgoing,
+) -> Result<Channel, MigrationError> {
     let memory = vm.memory();
     stream
         .set_timeouts(Some(opts.io_timeout))
@@ -188,6 +224,9 @@ fn run<V: MigratableVm>(
     if opts.channels.is_some() {
         features |= FEATURE_CHANNELS;
     }
+    if mode == Outgoing::Clone {
+        features |= FEATURE_CLONE;
+    }
     let regions = vm_regions(memory);
     let hello = Hello::new(features, vm.vcpu_count(), vm.cpu_model(), regions);
     write_message(&mut w, &Message::Hello(hello)).map_err(wire("handshake"))?;
@@ -210,6 +249,12 @@ fn run<V: MigratableVm>(
                     "destination cannot keep a paused guest paused".into(),
                 ));
             }
+            if mode == Outgoing::Clone && ack.features & FEATURE_CLONE == 0 {
+                // It would treat the clone as a migration and run the guest.
+                return Err(MigrationError::Incompatible(
+                    "destination does not take live clones".into(),
+                ));
+            }
         }
         other => return Err(peer_message("handshake", other)),
     }
@@ -225,11 +270,14 @@ fn run<V: MigratableVm>(
         p(report);
     }
 
-    let result = transfer(vm, &mut w, &mut reader, opts, report, start, paused);
+    let result = transfer(vm, &mut w, &mut reader, opts, report, start, paused, mode);
     if let Err(e) = &result {
         tell_peer(&mut w, e);
     }
-    result.map_err(|e| why_the_peer_left(e, &mut reader))
+    match result {
+        Ok(()) => Ok(Channel { writer: w, reader }),
+        Err(e) => Err(why_the_peer_left(e, &mut reader)),
+    }
 }
 
 /// A write that failed because the destination hung up usually follows an
@@ -275,6 +323,7 @@ fn tell_peer<W: Write>(w: &mut W, e: &MigrationError) {
 }
 
 /// Everything after the handshake: iterations, stop-and-copy, completion.
+#[allow(clippy::too_many_arguments)]
 fn transfer<V: MigratableVm, W: Write>(
     vm: &V,
     mut w: &mut W,
@@ -283,6 +332,7 @@ fn transfer<V: MigratableVm, W: Write>(
     report: &mut MigrationReport,
     start: Instant,
     paused: &mut bool,
+    mode: Outgoing,
 ) -> Result<(), MigrationError> {
     let memory = vm.memory();
     let limits = Limits::default();
@@ -348,6 +398,12 @@ fn transfer<V: MigratableVm, W: Write>(
     sender.lanes.clear();
     let sent_at = pause_start.elapsed();
     let blobs = vm.save_vcpus().map_err(vm_err("save vCPU state"))?;
+    if mode == Outgoing::Clone {
+        let digest = vm
+            .vcpu_state_digest(&blobs)
+            .map_err(vm_err("digest vCPU state"))?;
+        report.vcpu_digest = Some(format!("{digest:016x}"));
+    }
     let saved_at = pause_start.elapsed();
     for (index, blob) in (0u32..).zip(blobs) {
         write_message(&mut w, &Message::VcpuState(VcpuState { index, blob }))
@@ -437,6 +493,9 @@ fn transfer<V: MigratableVm, W: Write>(
     // A cancel up to here is honoured: the destination never got Commit.
     if !opts.control.begin_commit() {
         return Err(MigrationError::Cancelled);
+    }
+    if mode == Outgoing::Clone {
+        return super::clone::hold_standby(vm, w, reader, opts, report, pause_start, paused);
     }
     // Point of no return: once Commit may have reached the destination, the
     // source must never run the guest again.

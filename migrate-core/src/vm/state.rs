@@ -165,6 +165,23 @@ impl VcpuState {
         Ok(())
     }
 
+    /// A digest of the state that defines where the guest is and what it
+    /// computes: every section except the time-stamp counter MSR. The TSC
+    /// is left out because it keeps counting on the host while a vCPU is
+    /// paused, so two saves of the same stopped vCPU differ there; the two
+    /// ends of a live clone compare this value (xxh3-64 of the encoded
+    /// sections, TSC value zeroed).
+    pub fn clone_point_digest(&self) -> u64 {
+        const IA32_TSC: u32 = 0x10;
+        let mut stable = Self::decode(&self.encode()).expect("own encoding decodes");
+        for (index, value) in &mut stable.msrs {
+            if *index == IA32_TSC {
+                *value = 0;
+            }
+        }
+        xxhash_rust::xxh3::xxh3_64(&stable.encode())
+    }
+
     /// Encode as a section blob.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8192);

@@ -41,11 +41,14 @@ pub enum MessageKind {
     /// [`ChannelJoin`](super::ChannelJoin): the first frame on every
     /// channel of a multi-channel migration.
     ChannelJoin = 14,
+    /// Standby (live clone): the verified copy is held here, paused (the
+    /// answer to `Commit` in a clone).
+    StandbyHeld = 15,
 }
 
 impl MessageKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [MessageKind; 14] = [
+    pub const ALL: [MessageKind; 15] = [
         Self::Hello,
         Self::HelloAck,
         Self::Error,
@@ -60,6 +63,7 @@ impl MessageKind {
         Self::Heartbeat,
         Self::Resumed,
         Self::ChannelJoin,
+        Self::StandbyHeld,
     ];
 
     /// Decodes a wire value; `None` for `0` and unknown values.
@@ -89,6 +93,7 @@ impl MessageKind {
             Self::Heartbeat => "Heartbeat",
             Self::Resumed => "Resumed",
             Self::ChannelJoin => "ChannelJoin",
+            Self::StandbyHeld => "StandbyHeld",
         }
     }
 
@@ -107,7 +112,7 @@ impl MessageKind {
             Self::VmState => 1_048_580,
             Self::Complete => 17,
             Self::Accepted => 9,
-            Self::Commit | Self::Heartbeat | Self::Resumed => 0,
+            Self::Commit | Self::Heartbeat | Self::Resumed | Self::StandbyHeld => 0,
         }
     }
 }

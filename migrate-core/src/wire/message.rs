@@ -265,6 +265,9 @@ pub enum Message {
     /// Destination: the guest was resumed here after `Commit`; only now
     /// does the source know the migration completed.
     Resumed,
+    /// Standby (live clone): the verified copy is held here, paused; the
+    /// answer to `Commit` when the Hello carried `FEATURE_CLONE`.
+    StandbyHeld,
     /// Keep-alive (reserved).
     Heartbeat,
     /// See [`ChannelJoin`].
@@ -288,6 +291,7 @@ impl Message {
             Self::Commit => MessageKind::Commit,
             Self::Resumed => MessageKind::Resumed,
             Self::ChannelJoin(_) => MessageKind::ChannelJoin,
+            Self::StandbyHeld => MessageKind::StandbyHeld,
             Self::Heartbeat => MessageKind::Heartbeat,
         }
     }
@@ -340,6 +344,7 @@ impl Message {
             | Self::Accepted(_)
             | Self::Commit
             | Self::Resumed
+            | Self::StandbyHeld
             | Self::Heartbeat => Ok(()),
         }
     }
@@ -409,7 +414,7 @@ pub(super) fn encode_payload<'m>(
             out.put_u16(j.index);
             out.put_u16(j.count);
         }
-        Message::Commit | Message::Resumed | Message::Heartbeat => {}
+        Message::Commit | Message::Resumed | Message::StandbyHeld | Message::Heartbeat => {}
     }
     Ok(&[])
 }
@@ -457,6 +462,7 @@ pub(super) fn decode_payload(kind: MessageKind, payload: &[u8]) -> Result<Messag
             index: d.u16("index")?,
             count: d.u16("count")?,
         }),
+        MessageKind::StandbyHeld => Message::StandbyHeld,
         MessageKind::Heartbeat => Message::Heartbeat,
     };
     d.finish()?;

@@ -51,6 +51,7 @@
 //! | 12   | `Heartbeat`    | both      | empty                                                                                                                    | 0           |
 //! | 13   | `Resumed`      | dst → src | empty (since version 2)                                                                                                  | 0           |
 //! | 14   | `ChannelJoin`  | src → dst | `session u64`, `index u16`, `count u16` (2..=16, index < count); only after `HelloAck` with [`FEATURE_CHANNELS`]           | 12          |
+//! | 15   | `StandbyHeld`  | dst → src | empty: the answer to `Commit` in a live clone (`FEATURE_CLONE`)                                                          | 0           |
 //!
 //! Field rules beyond the layout (enforced when decoding *and* before
 //! writing, see [`Message::validate`]):
@@ -104,6 +105,11 @@
 //! know whether the destination runs the guest: it stays paused and says
 //! the outcome is unknown, for the operator to decide (QEMU's source sits in
 //! `postmigrate` the same way).
+//!
+//! A live clone (`FEATURE_CLONE`) runs the same exchange up to `Accepted`;
+//! then the source resumes its guest, sends `Commit`, and the standby answers
+//! `StandbyHeld` (kind 15) instead of `Resumed`, keeping the copy paused;
+//! the connection stays open for the session that follows.
 //!
 //! `Error` may be sent by either side at any point; it ends the migration.
 //! `Heartbeat` is reserved for keep-alives and may be ignored.
@@ -179,9 +185,17 @@ pub const FEATURE_GUEST_PAUSED: u64 = 1 << 2;
 /// `HelloAck` and open more connections, each carrying a share of every
 /// iteration's pages (see [`ChannelJoin`]).
 pub const FEATURE_CHANNELS: u64 = 1 << 3;
+/// Feature bit: a live clone, not a migration. After `Commit` the
+/// destination keeps the copy paused as a standby and answers
+/// `StandbyHeld` instead of `Resumed`, and the source resumes the guest.
+/// A standby destination (`run --standby`) refuses a Hello without it and
+/// any other destination refuses a Hello with it, so neither side can
+/// mistake one for the other; a destination that does not know the bit
+/// does not ack it and the source stops before sending memory.
+pub const FEATURE_CLONE: u64 = 1 << 4;
 /// Every feature bit this implementation knows.
 pub const FEATURES_KNOWN: u64 =
-    FEATURE_ZSTD | FEATURE_MEMORY_DIGEST | FEATURE_GUEST_PAUSED | FEATURE_CHANNELS;
+    FEATURE_ZSTD | FEATURE_MEMORY_DIGEST | FEATURE_GUEST_PAUSED | FEATURE_CHANNELS | FEATURE_CLONE;
 
 /// Receiver-side caps on payload sizes, checked against the header's `len`
 /// before any payload buffer is allocated.

@@ -23,6 +23,9 @@ struct FakeVm {
     /// Held by the "guest" while it writes, taken by `pause`: once paused,
     /// no write is in flight, as with real vCPUs out of KVM_RUN.
     gate: Mutex<()>,
+    /// Set by every `pause`, never cleared: a "guest" can stop for good at
+    /// the first pause.
+    paused_once: AtomicBool,
 }
 
 impl FakeVm {
@@ -37,6 +40,7 @@ impl FakeVm {
             fail_resume: false,
             throttle: Mutex::new(0.0),
             gate: Mutex::new(()),
+            paused_once: AtomicBool::new(false),
         }
     }
 
@@ -77,6 +81,7 @@ impl MigratableVm for FakeVm {
     }
     fn pause(&self) -> Result<(), VmOpError> {
         self.running.store(false, Ordering::SeqCst);
+        self.paused_once.store(true, Ordering::SeqCst);
         drop(self.gate.lock().unwrap());
         Ok(())
     }
@@ -579,5 +584,6 @@ fn a_paused_guest_arrives_paused_and_is_not_resumed_on_failure() {
 
 mod bad_streams;
 mod channels;
+mod clone;
 mod completion;
 mod windows;

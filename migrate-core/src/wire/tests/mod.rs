@@ -123,6 +123,7 @@ pub(super) fn samples() -> Vec<Message> {
         Message::Accepted(Accepted { digest: None }),
         Message::Commit,
         Message::Resumed,
+        Message::StandbyHeld,
         Message::Heartbeat,
         Message::ChannelJoin(ChannelJoin {
             session: 0x0123_4567_89ab_cdef,
