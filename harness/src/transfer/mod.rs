@@ -2,10 +2,12 @@
 //!
 //! One run, for each repetition in turn (interleaved, so every system sees
 //! the same machine load): a plain TCP stream between two processes over
-//! loopback (`tcp-baseline`), then vmigrate migrating an idle guest whose
-//! RAM above 1 MiB holds pseudo-random bytes (`idle:fill=random`: the
-//! vCPU halts, so the engine has both cores, and zstd gains nothing, so the
-//! path is measured, not the compressor), once per channel count asked for,
+//! loopback (`tcp-baseline`), then vmigrate migrating a halted guest whose
+//! RAM above 1 MiB holds pseudo-random bytes (`halt:fill=random`: the
+//! vCPU is parked, so the engine has both cores as the TCP stream has, and
+//! zstd gains nothing, so the path is measured, not the compressor; an
+//! `idle` guest would spin one core away in its emulated loop), once per
+//! channel count asked for,
 //! then QEMU migrating a guest of the same size with the same amount of
 //! pseudo-random content placed by `-device loader` (1 channel, and multifd
 //! with the channel counts asked for), when QEMU is installed.

@@ -1,10 +1,10 @@
-//! One QEMU migration of an idle guest holding the same amount of
+//! One QEMU migration of a halted guest holding the same amount of
 //! pseudo-random content, placed in guest RAM by `-device loader`.
 //!
 //! QEMU cannot run vmigrate's VMM-side fill, so the bytes are written to a
 //! blob file (the same generator, [`crate::FillContent::PseudoRandom`]) that
 //! QEMU's generic loader copies to 1 MiB before the guest starts; the guest
-//! is vmigrate's exported `idle` boot sector. SeaBIOS later writes its
+//! is vmigrate's exported `halt` boot sector. SeaBIOS later writes its
 //! tables over a few KiB of it; that changes nothing measurable.
 
 use std::io::Write;
@@ -86,7 +86,7 @@ fn try_migrate(
     write_blob(&blob, mem - FILL_START)?;
     let f = |name: &str| dir.join(format!("qemu{channels}-{name}"));
     let out = Command::new(&bins.vmigrate)
-        .args(["workload", "export", "idle", "--mem", &cfg.mem, "--out"])
+        .args(["workload", "export", "halt", "--mem", &cfg.mem, "--out"])
         .arg(f("src.img"))
         .output()
         .map_err(|e| format!("workload export: {e}"))?;

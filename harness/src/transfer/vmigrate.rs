@@ -185,7 +185,7 @@ pub fn run_migration(
     })
 }
 
-/// Migrates `idle:fill=random` of `cfg.mem` with `channels` connections;
+/// Migrates `halt:fill=random` of `cfg.mem` with `channels` connections;
 /// never fails (a failure is the row's status and note).
 pub(super) fn migrate(
     cfg: &TransferConfig,
@@ -198,7 +198,7 @@ pub(super) fn migrate(
     let row = TransferRun::new(rep, "vmigrate", channels);
     let m = Migration {
         tag: format!("vm{channels}"),
-        workload: "idle:fill=random",
+        workload: "halt:fill=random",
         mem: &cfg.mem,
         policy: "qemu",
         send_args: if channels > 1 {

@@ -28,3 +28,22 @@ pub(crate) fn emit(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
     a.jmp(pass)?;
     Ok(())
 }
+
+/// Emits the `halt` body: one [`PASS_MARK`] (the guest booted), every
+/// line of both 8259 PICs masked, then `sti; hlt` forever. With interrupts
+/// enabled vmigrate parks the vCPU instead of ending the guest, and no
+/// interrupt ever comes, so the vCPU takes no host CPU time. The masking is
+/// for QEMU, whose firmware leaves the PIT's timer line open: a tick in
+/// protected mode without an IDT would reset the guest. Uses `dx`, `al`.
+pub(crate) fn emit_halt(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
+    emit_mark(a, PASS_MARK)?;
+    a.mov(al, 0xFFu32)?;
+    a.out(0x21, al)?;
+    a.out(0xA1, al)?;
+    a.sti()?;
+    let mut wait = a.create_label();
+    a.set_label(&mut wait)?;
+    a.hlt()?;
+    a.jmp(wait)?;
+    Ok(())
+}

@@ -100,6 +100,10 @@ pub const MISMATCH_EXIT_STATUS: u8 = 0x0F;
 pub enum WorkloadSpec {
     /// No memory writes after boot.
     Idle,
+    /// Halts with interrupts enabled after boot and never wakes: no memory
+    /// writes and no vCPU time, so a benchmark of the transfer path does
+    /// not share the host's cores with an emulated guest loop.
+    Halt,
     /// One store per page over `[start, end)`, forever.
     Sweep {
         /// First byte of the range (default 1 MiB).
@@ -192,7 +196,7 @@ pub struct GuestImage {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WorkloadError {
     /// The name before `:` is not a known workload.
-    #[error("unknown workload `{0}` (expected idle, sweep, hotset, burst or verify)")]
+    #[error("unknown workload `{0}` (expected idle, halt, sweep, hotset, burst or verify)")]
     UnknownWorkload(String),
     /// A `key=value` parameter the workload does not have.
     #[error("unknown parameter `{key}` for workload `{workload}` (allowed: {allowed})")]
@@ -367,6 +371,7 @@ fn build_inner(
     let mut fills = Vec::new();
     let (sector, dirty_range) = match *spec {
         WorkloadSpec::Idle => (asm::boot_sector(mem, idle::emit)?, None),
+        WorkloadSpec::Halt => (asm::boot_sector(mem, idle::emit_halt)?, None),
         WorkloadSpec::Sweep { start, end, mode } => {
             let r = check_range(start.unwrap_or(MIN_WORKLOAD_ADDR), end.unwrap_or(mem), mem)?;
             let sector = asm::boot_sector(mem, |a| sweep::emit(a, r.start, r.end, mode))?;

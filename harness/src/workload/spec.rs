@@ -72,6 +72,14 @@ impl FromStr for WorkloadSpec {
                 }),
                 None => Ok(WorkloadSpec::Idle),
             },
+            "halt" => match pairs.first() {
+                Some((k, _)) => Err(WorkloadError::UnknownKey {
+                    workload: "halt",
+                    key: k.clone(),
+                    allowed: "none",
+                }),
+                None => Ok(WorkloadSpec::Halt),
+            },
             "sweep" => {
                 let mut mode = SweepMode::Inc;
                 let mut range = Vec::new();
@@ -268,6 +276,7 @@ impl fmt::Display for WorkloadSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             WorkloadSpec::Idle => f.write_str("idle"),
+            WorkloadSpec::Halt => f.write_str("halt"),
             WorkloadSpec::Sweep { start, end, mode } => {
                 let mut w = SpecWriter::new(f, "sweep")?;
                 w.size("start", start)?;

@@ -11,6 +11,7 @@ const MEM_SIZES: [u64; 5] = [2 * MIB, 256 * MIB, 3 * GIB + 2 * MIB, 4 * GIB, 64 
 fn all_specs() -> Vec<WorkloadSpec> {
     vec![
         WorkloadSpec::Idle,
+        WorkloadSpec::Halt,
         WorkloadSpec::Sweep {
             start: None,
             end: None,

@@ -6,6 +6,7 @@ use super::*;
 fn parses_good_specs() {
     let cases: &[(&str, WorkloadSpec)] = &[
         ("idle", WorkloadSpec::Idle),
+        ("halt", WorkloadSpec::Halt),
         (
             "sweep",
             WorkloadSpec::Sweep {
