@@ -141,7 +141,14 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let spec: harness::WorkloadSpec = a.spec.parse()?;
     let mem_size = harness::parse_size(&a.mem)?;
     let tsc_hz = run::tsc_hz_for(&spec);
-    let image = harness::build(&spec, &harness::BuildParams { mem_size, tsc_hz })?;
+    let image = harness::build(
+        &spec,
+        &harness::BuildParams {
+            mem_size,
+            tsc_hz,
+            vcpus: 1,
+        },
+    )?;
     std::fs::write(&a.out, &image.boot)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", a.out.display()))?;
     println!(

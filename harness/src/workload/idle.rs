@@ -9,14 +9,15 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::emit_mark;
-use super::{WorkloadError, PASS_MARK};
+use super::smp::emit_pass_mark;
+use super::WorkloadError;
 
 /// Loop iterations between two [`PASS_MARK`]s of the idle workload.
 pub const IDLE_ITERATIONS_PER_PASS: u32 = 1 << 20;
 
-/// Emits the idle loop (never returns). Uses `ecx`, `dx`, `al`.
-pub(crate) fn emit(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
+/// Emits the idle loop (never returns). Uses `ecx`, `dx`, `al` (`eax` with
+/// `smp`: each vCPU idles and prints its own marks).
+pub(crate) fn emit(a: &mut CodeAssembler, smp: bool) -> Result<(), WorkloadError> {
     let mut pass = a.create_label();
     let mut spin = a.create_label();
     a.set_label(&mut pass)?;
@@ -24,7 +25,7 @@ pub(crate) fn emit(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
     a.set_label(&mut spin)?;
     a.dec(ecx)?;
     a.jnz(spin)?;
-    emit_mark(a, PASS_MARK)?;
+    emit_pass_mark(a, smp)?;
     a.jmp(pass)?;
     Ok(())
 }
