@@ -90,6 +90,10 @@ struct ExportArgs {
     /// Guest RAM size the image is built for.
     #[arg(long, default_value = "1G")]
     mem: String,
+    /// vCPUs the image starts and splits its work among (boot it with as
+    /// many, e.g. QEMU `-smp N`).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
 }
 
 fn main() -> ExitCode {
@@ -146,7 +150,7 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         &harness::BuildParams {
             mem_size,
             tsc_hz,
-            vcpus: 1,
+            vcpus: a.vcpus,
         },
     )?;
     std::fs::write(&a.out, &image.boot)
