@@ -205,3 +205,96 @@ fn bsp_starts_ap_with_init_sipi_and_state_round_trips() {
     vm.pause().unwrap();
     assert_eq!(before[1].sregs.cs.base, 0x8000);
 }
+
+/// A harness workload built for `vcpus`, booted on a fresh VM of 16 MiB.
+fn boot_workload(spec: &str, vcpus: u32) -> (Vm, Capture, mpsc::Receiver<VmEvent>) {
+    let spec: harness::WorkloadSpec = spec.parse().unwrap();
+    let params = harness::BuildParams {
+        mem_size: 16 << 20,
+        tsc_hz: None,
+        vcpus,
+    };
+    let image = harness::build(&spec, &params).unwrap();
+    let out = Capture::default();
+    let (tx, rx) = mpsc::channel();
+    let vm = Vm::new(
+        VmConfig {
+            mem_size: 16 << 20,
+            vcpus,
+            serial: Box::new(out.clone()),
+            dirty_track: Default::default(),
+        },
+        tx,
+    )
+    .unwrap();
+    vm.load_boot_image(&image.boot).unwrap();
+    vm.resume().unwrap();
+    (vm, out, rx)
+}
+
+/// Waits until `out` holds `n` of each of `marks`.
+fn wait_for(out: &Capture, marks: &[u8], n: usize) {
+    let t0 = Instant::now();
+    loop {
+        let seen = out.0.lock().unwrap().clone();
+        if marks
+            .iter()
+            .all(|m| seen.iter().filter(|b| *b == m).count() >= n)
+        {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "serial so far: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn two_vcpu_sweep_writes_both_halves() {
+    if !kvm_available("two_vcpu_sweep_writes_both_halves") {
+        return;
+    }
+    let _turn = e2e::one_at_a_time();
+    // [1 MiB, 9 MiB) in two parts: vCPU 0 sweeps [1M, 5M), vCPU 1 [5M, 9M).
+    let (vm, out, _rx) = boot_workload("sweep:end=9M", 2);
+    wait_for(&out, b"01", 2);
+    vm.pause().unwrap();
+    let byte = |gpa: u64| vm.memory().read_obj::<u8>(GuestAddress(gpa)).unwrap();
+    assert_ne!(byte(1 << 20), 0, "vCPU 0's first page");
+    assert_ne!(byte((5 << 20) - 4096), 0, "vCPU 0's last page");
+    assert_ne!(byte(5 << 20), 0, "vCPU 1's first page");
+    assert_ne!(byte((9 << 20) - 4096), 0, "vCPU 1's last page");
+    assert_eq!(byte(9 << 20), 0, "beyond the range");
+    let seen = out.0.lock().unwrap().clone();
+    assert_eq!(seen.iter().filter(|b| **b == b'B').count(), 2, "two boots");
+    assert!(!seen.contains(&b'.'), "no single-vCPU marks");
+}
+
+#[test]
+fn two_vcpu_verify_catches_damage_in_the_aps_half() {
+    if !kvm_available("two_vcpu_verify_catches_damage_in_the_aps_half") {
+        return;
+    }
+    let _turn = e2e::one_at_a_time();
+    // vCPU 1 owns [5M, 9M). Damage one of its pages while the VM is paused
+    // (as a lost page would): only vCPU 1 reads it, and must catch it.
+    let (vm, out, rx) = boot_workload("verify:end=9M", 2);
+    wait_for(&out, b"01", 1);
+    vm.pause().unwrap();
+    let page = GuestAddress(6 << 20);
+    let v: u64 = vm.memory().read_obj(page).unwrap();
+    vm.write_memory(6 << 20, &(v ^ 1).to_le_bytes()).unwrap();
+    vm.resume().unwrap();
+    let ev = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(ev, VmEvent::Exited { status: 0x0F });
+    let seen = out.0.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter().filter(|b| **b == b'X').count(),
+        1,
+        "{:?}",
+        String::from_utf8_lossy(&seen)
+    );
+}
