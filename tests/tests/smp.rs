@@ -27,8 +27,15 @@ fn bin() -> &'static Path {
 
 /// A source running `workload` on two vCPUs, both of which have printed
 /// `marks` pass marks.
-fn two_vcpu_source(dir: &Scratch, workload: &str, mem: &str, marks: usize) -> VmProcess {
-    let mut src = VmProcess::source_with(bin(), dir, "src", workload, mem, &["--vcpus", "2"]);
+fn two_vcpu_source(
+    dir: &Scratch,
+    workload: &str,
+    mem: &str,
+    marks: usize,
+    args: &[&str],
+) -> VmProcess {
+    let args = [&["--vcpus", "2"], args].concat();
+    let mut src = VmProcess::source_with(bin(), dir, "src", workload, mem, &args);
     src.wait_api();
     src.wait_marks(VCPU0, marks, T);
     src.wait_marks(VCPU1, marks, T);
@@ -36,11 +43,18 @@ fn two_vcpu_source(dir: &Scratch, workload: &str, mem: &str, marks: usize) -> Vm
     src
 }
 
-/// Migrate, check the report, and that both vCPUs run on at the
+/// Migrate (source started with `run` arguments `src_args`, `send` with
+/// `extra`), check the report, and that both vCPUs run on at the
 /// destination without a mismatch; returns the report.
-fn migrate_and_check(test: &str, workload: &str, mem: &str, extra: &[&str]) -> Value {
+fn migrate_and_check(
+    test: &str,
+    workload: &str,
+    mem: &str,
+    src_args: &[&str],
+    extra: &[&str],
+) -> Value {
     let dir = Scratch::new(test);
-    let mut src = two_vcpu_source(&dir, workload, mem, 2);
+    let mut src = two_vcpu_source(&dir, workload, mem, 2, src_args);
     let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
     let (ok, report, stderr) = send_json(bin(), &src.api, &uri, extra);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr} {}", src.stderr_text()));
@@ -89,7 +103,39 @@ fn two_vcpu_verify_guest_migrates_cleanly() {
         "smp-verify",
         "verify:end=32M",
         "64M",
+        &[],
         &["--downtime-limit", "2000"],
+    );
+}
+
+#[test]
+fn two_vcpu_verify_guest_migrates_with_dirty_rings() {
+    if !kvm_available("two_vcpu_verify_guest_migrates_with_dirty_rings") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let r = migrate_and_check(
+        "smp-ring",
+        "verify:end=32M",
+        "64M",
+        &["--dirty-track", "ring"],
+        &["--policy", "xen"],
+    );
+    assert_eq!(r["dirty-track"], "ring", "{r:#}");
+}
+
+#[test]
+fn two_vcpu_hotset_guest_migrates_with_zstd() {
+    if !kvm_available("two_vcpu_hotset_guest_migrates_with_zstd") {
+        return;
+    }
+    let _g = one_at_a_time();
+    migrate_and_check(
+        "smp-hotset",
+        "hotset:wss=16M",
+        "64M",
+        &[],
+        &["--policy", "xen", "--compress", "zstd"],
     );
 }
 
@@ -99,7 +145,7 @@ fn two_vcpu_sweep_guest_migrates() {
         return;
     }
     let _g = one_at_a_time();
-    let r = migrate_and_check("smp-sweep", "sweep", "128M", &["--policy", "xen"]);
+    let r = migrate_and_check("smp-sweep", "sweep", "128M", &[], &["--policy", "xen"]);
     assert_eq!(r["policy"], "xen");
 }
 
@@ -110,7 +156,7 @@ fn two_vcpu_verify_guest_clones_into_a_standby() {
     }
     let _g = one_at_a_time();
     let dir = Scratch::new("smp-clone");
-    let mut src = two_vcpu_source(&dir, "verify:end=32M", "64M", 2);
+    let mut src = two_vcpu_source(&dir, "verify:end=32M", "64M", 2, &[]);
     let (mut held, uri) = VmProcess::destination_with(
         bin(),
         &dir,

@@ -298,3 +298,54 @@ fn two_vcpu_verify_catches_damage_in_the_aps_half() {
         String::from_utf8_lossy(&seen)
     );
 }
+
+#[test]
+fn two_vcpu_vm_pauses_a_halted_bsp_and_a_never_started_ap() {
+    if !kvm_available("two_vcpu_vm_pauses_a_halted_bsp_and_a_never_started_ap") {
+        return;
+    }
+    let _turn = e2e::one_at_a_time();
+    let out = Capture::default();
+    let (tx, rx) = mpsc::channel();
+    let vm = Vm::new(
+        VmConfig {
+            mem_size: 16 << 20,
+            vcpus: 2,
+            serial: Box::new(out.clone()),
+            dirty_track: Default::default(),
+        },
+        tx,
+    )
+    .unwrap();
+    // The one-vCPU guest: prints OK and executes `cli; hlt`, which KVM's
+    // in-kernel LAPIC handles (no exit, so no Halted event); the AP is
+    // never started.
+    vm.load_boot_image(OK_GUEST).unwrap();
+    vm.resume().unwrap();
+    wait_for(&out, b"OK", 1);
+    std::thread::sleep(Duration::from_millis(50));
+    vm.pause().unwrap();
+    assert!(rx.try_recv().is_err(), "an in-kernel HLT sent an event");
+    let states = vm.save_vcpus().unwrap();
+    assert_eq!(
+        states[0].mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_HALTED
+    );
+    assert_eq!(
+        states[1].mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED
+    );
+    assert_eq!(states[0].regs.rip, 0x7C00 + OK_GUEST.len() as u64);
+    vm.restore_vcpus(states).unwrap();
+    vm.resume().unwrap();
+    vm.pause().unwrap();
+    let again = vm.save_vcpus().unwrap();
+    assert_eq!(
+        again[0].mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_HALTED
+    );
+    assert_eq!(
+        again[1].mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED
+    );
+}
