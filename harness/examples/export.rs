@@ -64,6 +64,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let params = BuildParams {
         mem_size: parse_size(mem)?,
         tsc_hz,
+        vcpus: 1,
     };
     let image = match fault {
         Some(f) => build_with_verify_fault(&spec, &params, f)?,

@@ -20,5 +20,6 @@ pub use size::{format_size, parse_size, ParseSizeError};
 pub use workload::measure_tsc_hz;
 pub use workload::{
     build, BuildParams, FillContent, GuestImage, GuestSpec, MemoryFill, SweepMode, WorkloadError,
-    WorkloadSpec, BOOT_LOAD_ADDR, BOOT_MARK, MISMATCH_EXIT_STATUS, MISMATCH_MARK, PASS_MARK,
+    WorkloadSpec, BOOT_LOAD_ADDR, BOOT_MARK, MAX_SMP_VCPUS, MISMATCH_EXIT_STATUS, MISMATCH_MARK,
+    PASS_MARK, VCPU_MARK_BASE,
 };

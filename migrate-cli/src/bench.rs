@@ -169,6 +169,7 @@ fn measure(mem: u64, wss: u64, track: DirtyTrack, a: &DirtyTrackArgs) -> anyhow:
     let image = spec.build(&harness::BuildParams {
         mem_size: mem,
         tsc_hz: None,
+        vcpus: 1,
     })?;
     vm.load_boot_image(&image.boot)?;
     vm.resume()?;

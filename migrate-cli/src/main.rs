@@ -90,6 +90,10 @@ struct ExportArgs {
     /// Guest RAM size the image is built for.
     #[arg(long, default_value = "1G")]
     mem: String,
+    /// vCPUs the image starts and splits its work among (boot it with as
+    /// many, e.g. QEMU `-smp N`).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
 }
 
 fn main() -> ExitCode {
@@ -141,7 +145,14 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let spec: harness::WorkloadSpec = a.spec.parse()?;
     let mem_size = harness::parse_size(&a.mem)?;
     let tsc_hz = run::tsc_hz_for(&spec);
-    let image = harness::build(&spec, &harness::BuildParams { mem_size, tsc_hz })?;
+    let image = harness::build(
+        &spec,
+        &harness::BuildParams {
+            mem_size,
+            tsc_hz,
+            vcpus: a.vcpus,
+        },
+    )?;
     std::fs::write(&a.out, &image.boot)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", a.out.display()))?;
     println!(

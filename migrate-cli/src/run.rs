@@ -243,6 +243,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             let image = spec.build(&harness::BuildParams {
                 mem_size,
                 tsc_hz: tsc_hz_for(&spec.workload),
+                vcpus: a.vcpus.unwrap_or(1),
             })?;
             (image.boot, image.fills)
         } else {

@@ -445,6 +445,7 @@ fn check_spec(spec: &str, mem: u64) -> Result<bool, String> {
     let params = BuildParams {
         mem_size: mem,
         tsc_hz: Some(2_000_000_000),
+        vcpus: 1,
     };
     build(&parsed, &params)
         .map(|image| image.needs_vmm_content)

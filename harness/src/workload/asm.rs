@@ -26,7 +26,7 @@ use std::ops::Range;
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 
-use super::{WorkloadError, BOOT_LOAD_ADDR, BOOT_MARK, GIB};
+use super::{smp, WorkloadError, BOOT_LOAD_ADDR, BOOT_MARK, GIB};
 
 /// Guest-physical address of the PML4 table.
 pub const PML4_GPA: u64 = 0x1_0000;
@@ -87,8 +87,9 @@ struct Layout {
 /// Assembles a whole boot sector for a guest with `mem_size` bytes of RAM:
 /// the shared prologue (which prints [`BOOT_MARK`] once in long mode), then
 /// `body`, which emits the workload's 64-bit code and must never fall off its
-/// end.
-pub(crate) fn boot_sector<F>(mem_size: u64, body: F) -> Result<Sector, WorkloadError>
+/// end. With `smp` the sector also starts the APs and runs on every vCPU,
+/// with the vCPU's index in `r8` ([`super::smp`]).
+pub(crate) fn boot_sector<F>(mem_size: u64, smp: bool, body: F) -> Result<Sector, WorkloadError>
 where
     F: Fn(&mut CodeAssembler) -> Result<(), WorkloadError>,
 {
@@ -103,9 +104,9 @@ where
         let (code16, norm) = real_mode(&layout)?;
         let gdt = align_up(base + len(&code16), 8);
         let pm32 = gdt + len(&[0u8; GDT_LEN]);
-        let code32 = protected_mode(&layout, mem_size)?;
+        let code32 = protected_mode(&layout, mem_size, smp)?;
         let lm64 = pm32 + len(&code32);
-        let code64 = long_mode(lm64, &body)?;
+        let code64 = long_mode(lm64, smp, &body)?;
         let next = Layout {
             norm,
             gdt,
@@ -213,14 +214,19 @@ pub(crate) fn mapped_gib(mem_size: u64) -> u64 {
 }
 
 /// 32-bit code: segments, page tables, PAE + EFER.LME + paging, far jump to
-/// 64-bit code.
-fn protected_mode(l: &Layout, mem_size: u64) -> Result<Vec<u8>, WorkloadError> {
+/// 64-bit code. With `smp`, APs skip the page tables, and the BSP starts
+/// the APs once the tables are complete.
+fn protected_mode(l: &Layout, mem_size: u64, smp: bool) -> Result<Vec<u8>, WorkloadError> {
     let gib = imm32(mapped_gib(mem_size))?;
     let mut a = CodeAssembler::new(32)?;
     a.mov(eax, u32::from(SEL_DATA))?;
     a.mov(ds, eax)?;
     a.mov(es, eax)?;
     a.mov(ss, eax)?;
+    let mut ap_join = a.create_label();
+    if smp {
+        smp::emit_ap_branch(&mut a, ap_join)?;
+    }
     a.cld()?;
     // Zero PML4 and PDPT (2 × 4 KiB = 2048 dwords); edi ends at PD_GPA.
     a.mov(edi, imm32(PML4_GPA)?)?;
@@ -256,6 +262,10 @@ fn protected_mode(l: &Layout, mem_size: u64) -> Result<Vec<u8>, WorkloadError> {
     a.add(edi, 4)?;
     a.add(eax, 0x1000)?;
     a.loop_(pdpt_loop)?;
+    if smp {
+        smp::emit_start_aps(&mut a)?;
+        a.set_label(&mut ap_join)?;
+    }
     // Enable long mode.
     a.mov(eax, imm32(PML4_GPA)?)?;
     a.mov(cr3, eax)?;
@@ -273,14 +283,18 @@ fn protected_mode(l: &Layout, mem_size: u64) -> Result<Vec<u8>, WorkloadError> {
     Ok(a.assemble(l.pm32)?)
 }
 
-/// 64-bit code: stack, [`BOOT_MARK`], then the workload body.
-fn long_mode<F>(ip: u64, body: &F) -> Result<Vec<u8>, WorkloadError>
+/// 64-bit code: stack, [`BOOT_MARK`], (with `smp`, the vCPU index into
+/// `r8`), then the workload body.
+fn long_mode<F>(ip: u64, smp: bool, body: &F) -> Result<Vec<u8>, WorkloadError>
 where
     F: Fn(&mut CodeAssembler) -> Result<(), WorkloadError>,
 {
     let mut a = CodeAssembler::new(64)?;
     a.mov(esp, imm32(STACK_TOP)?)?; // zero-extends into rsp
     emit_mark(&mut a, BOOT_MARK)?;
+    if smp {
+        smp::emit_index_to_r8(&mut a)?;
+    }
     body(&mut a)?;
     Ok(a.assemble(ip)?)
 }

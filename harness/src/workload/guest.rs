@@ -196,6 +196,7 @@ mod tests {
         let params = BuildParams {
             mem_size: 64 << 20,
             tsc_hz: None,
+            vcpus: 1,
         };
         let g: GuestSpec = "hotset:wss=4M,fill=random,fill-seed=9".parse().unwrap();
         let image = g.build(&params).unwrap();

@@ -7,7 +7,7 @@
 //! stores one changing qword at the start of one page after another, in
 //! pseudo-random order: a full-period LCG modulo 2^k ≥ pages (multiplier
 //! 1664525, increment 1013904223), skipping indices ≥ pages. One LCG cycle
-//! touches every page exactly once, so [`PASS_MARK`] is printed after every
+//! touches every page exactly once, so [`PASS_MARK`](super::PASS_MARK) is printed after every
 //! `pages` stores. Each stored value differs from the last (a running sum
 //! of an odd constant), so a re-dirtied page never becomes compressible.
 //!
@@ -18,8 +18,9 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::{emit_mark, emit_rdtsc, imm_i32};
-use super::{WorkloadError, PAGE_SIZE, PASS_MARK};
+use super::asm::{emit_rdtsc, imm_i32};
+use super::smp::{emit_part_start, emit_pass_mark, PerVcpu};
+use super::{WorkloadError, PAGE_SIZE};
 
 /// Seed of the pseudo-random content of the hotset working set.
 pub const HOTSET_FILL_SEED: u64 = 0x686F_7473_6574_0001;
@@ -42,12 +43,15 @@ pub(crate) struct Pacing {
 }
 
 /// Emits the hotset loop over `pages` pages from `base` (never returns).
-/// Uses rax, rcx, rdx, rsi, rdi, rbx, rbp, r11–r15.
+/// Uses rax, rcx, rdx, rsi, rdi, rbx, rbp, r11–r15. With `per_vcpu`, `pages`
+/// is each vCPU's share and vCPU *i* works on the part at `base + i ×
+/// chunk`, printing its own pass mark (see [`super::smp`]).
 pub(crate) fn emit(
     a: &mut CodeAssembler,
     base: u64,
     pages: u64,
     pacing: Option<Pacing>,
+    per_vcpu: Option<PerVcpu>,
 ) -> Result<(), WorkloadError> {
     let pages32 = imm_i32(pages)?;
     let k = 64 - pages.saturating_sub(1).leading_zeros();
@@ -55,7 +59,10 @@ pub(crate) fn emit(
     let shift = PAGE_SIZE.trailing_zeros();
 
     let mut next = a.create_label();
-    a.mov(rbx, base)?;
+    match per_vcpu {
+        None => a.mov(rbx, base)?,
+        Some(p) => emit_part_start(a, rbx, base, p)?,
+    }
     a.mov(r12, HOTSET_FILL_SEED)?;
     a.mov(r14, VALUE_STEP)?;
     a.xor(esi, esi)?;
@@ -92,7 +99,7 @@ pub(crate) fn emit(
     }
     a.dec(r13)?;
     a.jnz(next)?;
-    emit_mark(a, PASS_MARK)?;
+    emit_pass_mark(a, per_vcpu.is_some())?;
     a.mov(r13d, pages32)?;
     a.jmp(next)?;
     Ok(())

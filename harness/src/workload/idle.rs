@@ -9,14 +9,15 @@
 
 use iced_x86::code_asm::*;
 
-use super::asm::emit_mark;
-use super::{WorkloadError, PASS_MARK};
+use super::smp::emit_pass_mark;
+use super::WorkloadError;
 
 /// Loop iterations between two [`PASS_MARK`]s of the idle workload.
 pub const IDLE_ITERATIONS_PER_PASS: u32 = 1 << 20;
 
-/// Emits the idle loop (never returns). Uses `ecx`, `dx`, `al`.
-pub(crate) fn emit(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
+/// Emits the idle loop (never returns). Uses `ecx`, `dx`, `al` (`eax` with
+/// `smp`: each vCPU idles and prints its own marks).
+pub(crate) fn emit(a: &mut CodeAssembler, smp: bool) -> Result<(), WorkloadError> {
     let mut pass = a.create_label();
     let mut spin = a.create_label();
     a.set_label(&mut pass)?;
@@ -24,19 +25,21 @@ pub(crate) fn emit(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
     a.set_label(&mut spin)?;
     a.dec(ecx)?;
     a.jnz(spin)?;
-    emit_mark(a, PASS_MARK)?;
+    emit_pass_mark(a, smp)?;
     a.jmp(pass)?;
     Ok(())
 }
 
-/// Emits the `halt` body: one [`PASS_MARK`] (the guest booted), every
+/// Emits the `halt` body: one pass mark (the guest booted; each vCPU's own
+/// with `smp`), every
 /// line of both 8259 PICs masked, then `sti; hlt` forever. With interrupts
 /// enabled vmigrate parks the vCPU instead of ending the guest, and no
 /// interrupt ever comes, so the vCPU takes no host CPU time. The masking is
 /// for QEMU, whose firmware leaves the PIT's timer line open: a tick in
-/// protected mode without an IDT would reset the guest. Uses `dx`, `al`.
-pub(crate) fn emit_halt(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
-    emit_mark(a, PASS_MARK)?;
+/// protected mode without an IDT would reset the guest. Uses `dx`, `al`
+/// (`eax` with `smp`).
+pub(crate) fn emit_halt(a: &mut CodeAssembler, smp: bool) -> Result<(), WorkloadError> {
+    emit_pass_mark(a, smp)?;
     a.mov(al, 0xFFu32)?;
     a.out(0x21, al)?;
     a.out(0xA1, al)?;

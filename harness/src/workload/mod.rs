@@ -38,6 +38,7 @@ mod fill;
 mod guest;
 mod hotset;
 mod idle;
+mod smp;
 mod spec;
 mod sweep;
 mod verify;
@@ -56,6 +57,7 @@ pub use guest::{GuestSpec, DEFAULT_FILL_SEED};
 pub use hotset::measure_tsc_hz;
 pub use hotset::{HOTSET_FILL_SEED, HOTSET_MAX_CATCH_UP_MS};
 pub use idle::IDLE_ITERATIONS_PER_PASS;
+pub use smp::{AP_TRAMPOLINE_GPA, MAX_SMP_VCPUS, SIPI_VECTOR, VCPU_MARK_BASE};
 pub use sweep::{SweepMode, SWEEP_SAME_BYTE};
 pub use verify::expected_value as verify_expected_value;
 #[doc(hidden)]
@@ -175,6 +177,12 @@ pub struct BuildParams {
     /// Guest TSC frequency in Hz; required by a paced `hotset` and by
     /// `burst` (see [`WorkloadSpec::needs_tsc_hz`]).
     pub tsc_hz: Option<u64>,
+    /// vCPUs the guest runs on (1 to [`MAX_SMP_VCPUS`]). With more than
+    /// one, the sector starts the APs by INIT + SIPI and `sweep`, `hotset`
+    /// and `verify` split their range among the vCPUs (`idle` idles on
+    /// each; `burst` needs one vCPU); see the `smp` module. With one, the
+    /// image is exactly the single-vCPU sector.
+    pub vcpus: u32,
 }
 
 /// A built workload: what the VMM puts in guest RAM before boot.
@@ -321,6 +329,25 @@ pub enum WorkloadError {
     /// A guest RAM size outside what the guests support.
     #[error("unsupported guest RAM size {0:#x}: must be a multiple of 4 KiB from 2 MiB to 64 GiB")]
     BadMemSize(u64),
+    /// A vCPU count the workloads cannot run on.
+    #[error("{vcpus} vCPUs: the workloads run on 1 to {max}")]
+    BadVcpuCount {
+        /// The count given.
+        vcpus: u32,
+        /// The largest supported.
+        max: u32,
+    },
+    /// A range too small to give every vCPU at least one page.
+    #[error("a range of {len:#x} bytes cannot give each of {vcpus} vCPUs a page")]
+    RangeTooSmallForVcpus {
+        /// Bytes in the range.
+        len: u64,
+        /// The vCPU count.
+        vcpus: u32,
+    },
+    /// A workload that runs on one vCPU only.
+    #[error("workload `{0}` runs on one vCPU only")]
+    SingleVcpuOnly(&'static str),
     /// The generated code does not fit in one boot sector.
     #[error("generated boot code is {0} bytes; only 510 fit in a boot sector")]
     ImageTooLarge(usize),
@@ -368,13 +395,23 @@ fn build_inner(
     if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem) || !page_aligned(mem) {
         return Err(WorkloadError::BadMemSize(mem));
     }
+    smp::check_vcpus(params.vcpus)?;
+    let multi = params.vcpus > 1;
     let mut fills = Vec::new();
     let (sector, dirty_range) = match *spec {
-        WorkloadSpec::Idle => (asm::boot_sector(mem, idle::emit)?, None),
-        WorkloadSpec::Halt => (asm::boot_sector(mem, idle::emit_halt)?, None),
+        WorkloadSpec::Idle => (
+            asm::boot_sector(mem, multi, |a| idle::emit(a, multi))?,
+            None,
+        ),
+        WorkloadSpec::Halt => (
+            asm::boot_sector(mem, multi, |a| idle::emit_halt(a, multi))?,
+            None,
+        ),
         WorkloadSpec::Sweep { start, end, mode } => {
             let r = check_range(start.unwrap_or(MIN_WORKLOAD_ADDR), end.unwrap_or(mem), mem)?;
-            let sector = asm::boot_sector(mem, |a| sweep::emit(a, r.start, r.end, mode))?;
+            let per = smp::split(&r, params.vcpus)?;
+            let sector =
+                asm::boot_sector(mem, multi, |a| sweep::emit(a, r.start, r.end, mode, per))?;
             (sector, Some(r))
         }
         WorkloadSpec::Burst {
@@ -386,6 +423,9 @@ fn build_inner(
             storm_ms,
             cycles,
         } => {
+            if multi {
+                return Err(WorkloadError::SingleVcpuOnly("burst"));
+            }
             let r = burst_range(start, end, wss, mem)?;
             let quiet_end = match quiet_wss {
                 None => None,
@@ -402,7 +442,7 @@ fn build_inner(
                 quiet_ticks: ms_to_ticks("quiet", quiet_ms, tsc_hz)?,
                 storm_ticks: ms_to_ticks("storm", storm_ms, tsc_hz)?,
             };
-            let sector = asm::boot_sector(mem, |a| {
+            let sector = asm::boot_sector(mem, false, |a| {
                 burst::emit(a, r.start, r.end, quiet_end, timing, cycles)
             })?;
             (sector, Some(r))
@@ -421,8 +461,10 @@ fn build_inner(
                 Some(rate) => Some(pacing(rate, params.tsc_hz)?),
             };
             let r = MIN_WORKLOAD_ADDR..MIN_WORKLOAD_ADDR + wss;
-            let pages = wss / PAGE_SIZE;
-            let sector = asm::boot_sector(mem, |a| hotset::emit(a, r.start, pages, pacing))?;
+            let per = smp::split(&r, params.vcpus)?;
+            let pages = per.map_or(wss, |p| p.chunk) / PAGE_SIZE;
+            let sector =
+                asm::boot_sector(mem, multi, |a| hotset::emit(a, r.start, pages, pacing, per))?;
             fills.push(MemoryFill {
                 gpa: r.start,
                 len: wss,
@@ -435,7 +477,9 @@ fn build_inner(
         WorkloadSpec::Verify { start, end } => {
             let end = end.unwrap_or(DEFAULT_VERIFY_END.min(mem));
             let r = check_range(start.unwrap_or(MIN_WORKLOAD_ADDR), end, mem)?;
-            let sector = asm::boot_sector(mem, |a| verify::emit(a, r.start, r.end, fault))?;
+            let per = smp::split(&r, params.vcpus)?;
+            let sector =
+                asm::boot_sector(mem, multi, |a| verify::emit(a, r.start, r.end, fault, per))?;
             (sector, Some(r))
         }
     };

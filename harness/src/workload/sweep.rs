@@ -2,7 +2,7 @@
 //!
 //! The classic migration stress (like QEMU's migration-test guest): each pass
 //! stores one byte at the start of every page of `[start, end)` in address
-//! order, then prints [`PASS_MARK`]. At ~4 instructions per page the whole
+//! order, then prints [`PASS_MARK`](super::PASS_MARK). At ~4 instructions per page the whole
 //! range is re-dirtied at the guest's full speed, so the dirty rate is the
 //! guest's instruction rate divided by 4 (≈ 250,000 pages/s at 1 MIPS), the
 //! same in every mode. What is stored is the [`SweepMode`]:
@@ -25,8 +25,9 @@ use std::str::FromStr;
 
 use iced_x86::code_asm::*;
 
-use super::asm::{emit_mark, imm_i32};
-use super::{WorkloadError, PAGE_SIZE, PASS_MARK};
+use super::asm::imm_i32;
+use super::smp::{emit_part, emit_pass_mark, PerVcpu};
+use super::{WorkloadError, PAGE_SIZE};
 
 /// The byte `sweep:mode=same` stores at the start of every page.
 pub const SWEEP_SAME_BYTE: u8 = 0x5A;
@@ -94,24 +95,33 @@ pub(crate) fn emit_store(a: &mut CodeAssembler, mode: SweepMode) -> Result<(), W
 }
 
 /// Emits the sweep loop over `[start, end)` (page-aligned, `end > start`);
-/// never returns. Uses `rdi`, `rbx`, `dx`, `al`.
+/// never returns. Uses `rdi`, `rbx`, `dx`, `al`; with `per_vcpu`, each vCPU
+/// sweeps its own part (start kept in `r9`) and prints its own
+/// pass mark (see [`super::smp`]).
 pub(crate) fn emit(
     a: &mut CodeAssembler,
     start: u64,
     end: u64,
     mode: SweepMode,
+    per_vcpu: Option<PerVcpu>,
 ) -> Result<(), WorkloadError> {
     let mut pass = a.create_label();
     let mut page = a.create_label();
-    a.mov(rbx, end)?;
+    match per_vcpu {
+        None => a.mov(rbx, end)?,
+        Some(p) => emit_part(a, r9, rbx, start, p)?,
+    }
     a.set_label(&mut pass)?;
-    a.mov(rdi, start)?;
+    match per_vcpu {
+        None => a.mov(rdi, start)?,
+        Some(_) => a.mov(rdi, r9)?,
+    }
     a.set_label(&mut page)?;
     emit_store(a, mode)?;
     a.add(rdi, imm_i32(PAGE_SIZE)?)?;
     a.cmp(rdi, rbx)?;
     a.jb(page)?;
-    emit_mark(a, PASS_MARK)?;
+    emit_pass_mark(a, per_vcpu.is_some())?;
     a.jmp(pass)?;
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! same address, so a page left at the previous pass' content (or zeroed, or
 //! another page's content) is caught. Then the pass re-reads and checks all of
 //! them, recomputing `p * K2` from `r15` (so a corrupted `r15` between the two
-//! phases shows up too), and prints [`PASS_MARK`].
+//! phases shows up too), and prints [`PASS_MARK`](super::PASS_MARK).
 //!
 //! From pass 2 on, before overwriting a page the write phase also checks that
 //! its first qword still holds the previous pass' value, which catches damage
@@ -23,7 +23,8 @@
 use iced_x86::code_asm::*;
 
 use super::asm::{emit_exit_and_halt, emit_mark, emit_mov_imm, imm_i32};
-use super::{WorkloadError, MISMATCH_EXIT_STATUS, MISMATCH_MARK, PAGE_SIZE, PASS_MARK};
+use super::smp::{emit_part, emit_pass_mark, PerVcpu};
+use super::{WorkloadError, MISMATCH_EXIT_STATUS, MISMATCH_MARK, PAGE_SIZE};
 
 /// Multiplier applied to `address ^ (pass * K2)` (odd → bijective).
 const K1: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -39,7 +40,7 @@ const ROVING_STEP: i32 = 568;
 pub enum VerifyFault {
     /// In pass `pass` (1-based), the write phase skips page `page`, leaving
     /// the previous pass' values: caught by that pass' check phase, after
-    /// `pass - 1` [`PASS_MARK`]s.
+    /// `pass - 1` [`PASS_MARK`](super::PASS_MARK)s.
     SkipWrite {
         /// The pass.
         pass: u64,
@@ -48,7 +49,7 @@ pub enum VerifyFault {
     },
     /// After pass `pass` has checked clean (and printed its mark), the first
     /// qword of page `page` is incremented: caught by the read-before-write
-    /// of pass `pass + 1`, after `pass` [`PASS_MARK`]s.
+    /// of pass `pass + 1`, after `pass` [`PASS_MARK`](super::PASS_MARK)s.
     CorruptAfterCheck {
         /// The pass.
         pass: u64,
@@ -67,12 +68,16 @@ const FIXED_OFFSETS_PACKED: u64 = (4088 << 48) | (2048 << 32);
 /// Registers: r15 pass, r14 = pass * K2, r13 = K1, r11 = (pass - 1) * K2,
 /// r10 = packed offsets, rbp = start, rbx = end, rsi = page size, rdi =
 /// page, rdx = offsets being consumed, rcx = qword offset, rax = value,
-/// dx/al for marks.
+/// dx/al for marks. With `per_vcpu`, each vCPU checks its own part of
+/// `[start, end)` with its own pass counter and prints its own
+/// pass mark (see [`super::smp`]); a mismatch on any vCPU prints
+/// [`MISMATCH_MARK`] and ends the VM.
 pub(crate) fn emit(
     a: &mut CodeAssembler,
     start: u64,
     end: u64,
     fault: Option<VerifyFault>,
+    per_vcpu: Option<PerVcpu>,
 ) -> Result<(), WorkloadError> {
     let page_step = imm_i32(PAGE_SIZE)?;
     let mut pass = a.create_label();
@@ -82,8 +87,13 @@ pub(crate) fn emit(
     let mut check_qword = a.create_label();
     let mut fail = a.create_label();
 
-    emit_mov_imm(a, rbx, end)?;
-    emit_mov_imm(a, rbp, start)?;
+    match per_vcpu {
+        None => {
+            emit_mov_imm(a, rbx, end)?;
+            emit_mov_imm(a, rbp, start)?;
+        }
+        Some(p) => emit_part(a, rbp, rbx, start, p)?,
+    }
     a.mov(r13, K1)?;
     a.mov(esi, page_step)?;
     a.mov(r15d, 1)?;
@@ -148,7 +158,7 @@ pub(crate) fn emit(
     a.add(rdi, rsi)?;
     a.cmp(rdi, rbx)?;
     a.jb(check_page)?;
-    emit_mark(a, PASS_MARK)?;
+    emit_pass_mark(a, per_vcpu.is_some())?;
     if let Some(VerifyFault::CorruptAfterCheck { pass, page }) = fault {
         let mut no_fault = a.create_label();
         emit_mov_imm(a, rax, pass)?;

@@ -8,10 +8,12 @@
 mod cpu_model;
 pub mod dirty_log;
 pub mod dirty_ring;
+pub mod irqchip;
 pub mod memory;
 mod pending;
 pub mod ports;
 pub mod ring_set;
+mod saved;
 pub mod state;
 pub mod vcpu;
 
@@ -29,7 +31,7 @@ use dirty_ring::{DirtyRing, DirtyRingError};
 use memory::{MemoryError, Slot};
 use ports::{PortBus, SerialSink};
 use ring_set::{Reaper, RingSet};
-use state::{StateError, VcpuState};
+use state::StateError;
 use vcpu::{Throttle, Ticker, VcpuCommand, VcpuHandle, VcpuThread};
 
 /// Where a boot image is loaded, as a PC BIOS does.
@@ -162,6 +164,8 @@ pub struct Vm {
     ticker: std::sync::Mutex<Option<Ticker>>,
     /// Pages ever written (see [`Vm::written_pages`]).
     written: std::sync::Mutex<DirtyBitmap>,
+    /// The VM has the in-kernel irqchip (two or more vCPUs, [`irqchip`]).
+    irqchip: bool,
 }
 
 impl Vm {
@@ -203,6 +207,14 @@ impl Vm {
         };
         let memory = memory::map_memory(&slots)?;
         memory::register_slots(&fd, &memory, &slots)?;
+        // Before any vCPU, so that each gets its LAPIC.
+        let with_irqchip = config.vcpus > 1;
+        if with_irqchip {
+            irqchip::create(&fd).map_err(|source| VmError::Kvm {
+                op: "KVM_CREATE_IRQCHIP",
+                source,
+            })?;
+        }
 
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -267,7 +279,8 @@ impl Vm {
                 events: events.clone(),
                 msrs: msrs.clone(),
                 use_xsave,
-                parked: index != 0,
+                parked: index != 0 && !with_irqchip,
+                lapic: with_irqchip,
                 throttle: throttle.clone(),
                 ring: rings.clone().map(|set| vcpu::RingHook {
                     set,
@@ -294,6 +307,7 @@ impl Vm {
             throttle,
             ticker: std::sync::Mutex::new(None),
             written: std::sync::Mutex::new(DirtyBitmap::new(pages)),
+            irqchip: with_irqchip,
         })
     }
 
@@ -330,6 +344,13 @@ impl Vm {
     /// Guest RAM size in bytes.
     pub fn mem_size(&self) -> u64 {
         self.slots.iter().map(|s| s.size).sum()
+    }
+
+    /// Whether the VM has the in-kernel irqchip (PICs, IOAPIC, a LAPIC per
+    /// vCPU): VMs of two or more vCPUs, whose APs the guest starts with
+    /// INIT and SIPI.
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip
     }
 
     /// Number of vCPUs.
@@ -449,39 +470,6 @@ impl Vm {
         for v in &self.vcpus {
             v.request(VcpuCommand::Pause)
                 .ok_or(VmError::VcpuGone { vcpu: v.index })?;
-        }
-        Ok(())
-    }
-
-    /// Save one vCPU's state (the VM must be paused).
-    pub fn save_vcpu(&self, index: u32) -> Result<VcpuState, VmError> {
-        let v = self.vcpu(index)?;
-        Ok(v.request(VcpuCommand::Save)
-            .ok_or(VmError::VcpuGone { vcpu: index })??)
-    }
-
-    /// Restore one vCPU's state (the VM must be paused).
-    pub fn restore_vcpu(&self, index: u32, state: VcpuState) -> Result<(), VmError> {
-        let v = self.vcpu(index)?;
-        Ok(v.request(|tx| VcpuCommand::Restore(Box::new(state), tx))
-            .ok_or(VmError::VcpuGone { vcpu: index })??)
-    }
-
-    /// Save every vCPU's state, in index order (the VM must be paused).
-    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmError> {
-        (0..self.vcpu_count()).map(|i| self.save_vcpu(i)).collect()
-    }
-
-    /// Restore every vCPU's state, in index order (the VM must be paused).
-    pub fn restore_vcpus(&self, states: Vec<VcpuState>) -> Result<(), VmError> {
-        if states.len() != self.vcpus.len() {
-            return Err(VmError::VcpuCountMismatch {
-                got: states.len(),
-                want: self.vcpus.len(),
-            });
-        }
-        for (i, s) in (0..self.vcpu_count()).zip(states) {
-            self.restore_vcpu(i, s)?;
         }
         Ok(())
     }

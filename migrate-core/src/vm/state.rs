@@ -5,13 +5,21 @@
 //! an x86-64 to x86-64 protocol, so the layouts agree); each section's length
 //! is checked against the struct's size before it is read, and an unknown
 //! tag, a duplicate or a missing required section is refused.
+//!
+//! With the in-kernel irqchip (VMs of two or more vCPUs, [`super::irqchip`])
+//! every blob also has the vCPU's LAPIC (`lapic`), and vCPU 0's blob carries
+//! the VM-wide PIC and IOAPIC state (`irqchip`): one blob per vCPU already
+//! crosses every path a migration, a clone or a checkpoint epoch takes, so
+//! the VM-wide state rides along instead of needing a message of its own.
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, Msrs,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 use zerocopy::{FromBytes, IntoBytes};
+
+use super::irqchip::IrqchipState;
 
 /// Errors from saving, restoring or decoding vCPU state.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +34,25 @@ pub enum StateError {
         /// The ioctl error.
         #[source]
         source: kvm_ioctls::Error,
+    },
+    /// A VM-wide KVM get/set ioctl failed (the irqchip).
+    #[error("{op} failed")]
+    VmIoctl {
+        /// The ioctl, e.g. "KVM_SET_IRQCHIP".
+        op: &'static str,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A blob that does not fit this VM's interrupt controllers: a LAPIC
+    /// section where the VM has none or none where it has one, or the
+    /// irqchip section missing from vCPU 0 or present in another vCPU.
+    #[error("vCPU {vcpu}: state {what}")]
+    IrqchipMismatch {
+        /// vCPU index.
+        vcpu: u32,
+        /// What does not match.
+        what: &'static str,
     },
     /// KVM read or wrote fewer MSRs than asked.
     #[error("vCPU {vcpu}: {op} handled {done} of {wanted} MSRs")]
@@ -70,6 +97,11 @@ pub struct VcpuState {
     /// The vCPU was parked on `HLT` with interrupts enabled, waiting for an
     /// interrupt that this VM never delivers; it stays parked after restore.
     pub halted: bool,
+    /// The local APIC (VMs with the in-kernel irqchip).
+    pub lapic: Option<kvm_lapic_state>,
+    /// The PICs and IOAPIC: VM-wide, carried by vCPU 0 only (with the
+    /// in-kernel irqchip); the VM saves and restores it, not the vCPU.
+    pub irqchip: Option<IrqchipState>,
 }
 
 const TAG_REGS: u16 = 1;
@@ -82,6 +114,8 @@ const TAG_MSRS: u16 = 7;
 const TAG_EVENTS: u16 = 8;
 const TAG_MP_STATE: u16 = 9;
 const TAG_HALTED: u16 = 10;
+const TAG_LAPIC: u16 = 11;
+const TAG_IRQCHIP: u16 = 12;
 
 fn ioctl_err(vcpu: u32, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
     move |source| StateError::Ioctl { vcpu, op, source }
@@ -89,13 +123,15 @@ fn ioctl_err(vcpu: u32, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> S
 
 impl VcpuState {
     /// Read the state of a vCPU that is not running. `msr_indices` is the
-    /// list of MSRs to save (see [`probe_saveable_msrs`]).
+    /// list of MSRs to save (see [`probe_saveable_msrs`]); `lapic`: the VM
+    /// has the in-kernel irqchip. The VM-wide `irqchip` is left `None`.
     pub fn save(
         vcpu: &VcpuFd,
         index: u32,
         msr_indices: &[u32],
         use_xsave: bool,
         halted: bool,
+        lapic: bool,
     ) -> Result<Self, StateError> {
         let regs = vcpu.get_regs().map_err(ioctl_err(index, "KVM_GET_REGS"))?;
         let sregs = vcpu
@@ -121,6 +157,10 @@ impl VcpuState {
         let mp_state = vcpu
             .get_mp_state()
             .map_err(ioctl_err(index, "KVM_GET_MP_STATE"))?;
+        let lapic = lapic
+            .then(|| vcpu.get_lapic())
+            .transpose()
+            .map_err(ioctl_err(index, "KVM_GET_LAPIC"))?;
         Ok(Self {
             regs,
             sregs,
@@ -132,11 +172,16 @@ impl VcpuState {
             events,
             mp_state,
             halted,
+            lapic,
+            irqchip: None,
         })
     }
 
     /// Load this state into a vCPU that is not running (Firecracker's order:
-    /// MP state, registers, FPU/XSAVE, debug registers, MSRs, events last).
+    /// MP state, registers, FPU/XSAVE, debug registers, MSRs, events last;
+    /// the LAPIC after the special registers, whose APIC base it relies on,
+    /// and before the MSRs, among which the TSC deadline needs it). The
+    /// VM-wide `irqchip` is not touched here (see `Vm::restore_vcpu`).
     pub fn restore(&self, vcpu: &VcpuFd, index: u32) -> Result<(), StateError> {
         vcpu.set_mp_state(self.mp_state)
             .map_err(ioctl_err(index, "KVM_SET_MP_STATE"))?;
@@ -159,6 +204,10 @@ impl VcpuState {
         }
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(ioctl_err(index, "KVM_SET_DEBUGREGS"))?;
+        if let Some(lapic) = &self.lapic {
+            vcpu.set_lapic(lapic)
+                .map_err(ioctl_err(index, "KVM_SET_LAPIC"))?;
+        }
         set_msrs(vcpu, index, &self.msrs)?;
         vcpu.set_vcpu_events(&self.events)
             .map_err(ioctl_err(index, "KVM_SET_VCPU_EVENTS"))?;
@@ -206,6 +255,12 @@ impl VcpuState {
         section(&mut out, TAG_EVENTS, self.events.as_bytes());
         section(&mut out, TAG_MP_STATE, self.mp_state.as_bytes());
         section(&mut out, TAG_HALTED, &[u8::from(self.halted)]);
+        if let Some(lapic) = &self.lapic {
+            section(&mut out, TAG_LAPIC, lapic.as_bytes());
+        }
+        if let Some(irqchip) = &self.irqchip {
+            section(&mut out, TAG_IRQCHIP, &irqchip.encode());
+        }
         out
     }
 
@@ -222,6 +277,8 @@ impl VcpuState {
         let mut events = None;
         let mut mp_state = None;
         let mut halted = None;
+        let mut lapic = None;
+        let mut irqchip = None;
         while !blob.is_empty() {
             if blob.len() < 6 {
                 return Err(bad(format!("{} stray bytes at the end", blob.len())));
@@ -249,6 +306,8 @@ impl VcpuState {
                     [b @ (0 | 1)] => halted.replace(*b == 1).is_some(),
                     _ => return Err(bad("halted flag is not one byte of 0 or 1".into())),
                 },
+                TAG_LAPIC => lapic.replace(pod::<kvm_lapic_state>(tag, body)?).is_some(),
+                TAG_IRQCHIP => irqchip.replace(IrqchipState::decode(body)?).is_some(),
                 other => return Err(bad(format!("unknown section tag {other}"))),
             };
             if dup {
@@ -270,6 +329,8 @@ impl VcpuState {
             events: events.ok_or_else(|| missing("events"))?,
             mp_state: mp_state.ok_or_else(|| missing("mp_state"))?,
             halted: halted.ok_or_else(|| missing("halted"))?,
+            lapic,
+            irqchip,
         })
     }
 }
@@ -446,6 +507,8 @@ mod tests {
             events: kvm_vcpu_events::default(),
             mp_state: kvm_mp_state::default(),
             halted: true,
+            lapic: None,
+            irqchip: None,
         }
     }
 
@@ -485,5 +548,25 @@ mod tests {
         dup.extend_from_slice(&TAG_HALTED.to_le_bytes());
         dup.extend_from_slice(&[1, 0, 0, 0, 1]);
         assert!(VcpuState::decode(&dup).is_err());
+    }
+
+    #[test]
+    fn lapic_and_irqchip_sections_round_trip() {
+        let mut s = sample();
+        let mut lapic = kvm_lapic_state::default();
+        lapic.regs[0x23] = 1; // APIC ID 1
+        s.lapic = Some(lapic);
+        let blob = s.encode();
+        let d = VcpuState::decode(&blob).unwrap();
+        assert_eq!(d.lapic.unwrap().regs[0x23], 1);
+        assert!(d.irqchip.is_none());
+        assert_eq!(d.encode(), blob);
+        // A LAPIC section of the wrong size is refused.
+        let mut short = blob.clone();
+        let at = short.len() - std::mem::size_of::<kvm_lapic_state>() - 4;
+        let len = u32::try_from(std::mem::size_of::<kvm_lapic_state>() - 1).unwrap();
+        short[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        short.pop();
+        assert!(VcpuState::decode(&short).is_err());
     }
 }

@@ -12,6 +12,9 @@
 //!  Paused --Resume--> Running --Pause--> Paused
 //!  Running --HLT, IF=1--> Parked (waits for an interrupt that never comes)
 //!  Running --HLT, IF=0 / exit port / error--> Stopped (VM event sent)
+//!  (with the in-kernel irqchip, KVM handles HLT itself: the thread stays
+//!  inside KVM_RUN until an interrupt or a kick; an AP likewise until its
+//!  start-up IPI)
 //!  any --Exit--> thread ends
 //! ```
 //!
@@ -180,9 +183,13 @@ pub struct VcpuThread {
     pub msrs: Arc<Vec<u32>>,
     /// Whether to save XSAVE (else FPU).
     pub use_xsave: bool,
-    /// Starts parked (application processors wait for a start-up IPI that
-    /// this VM has no APIC to send).
+    /// Starts parked: the application processors of a VM without an
+    /// irqchip, which have no LAPIC to receive a start-up IPI on. With the
+    /// irqchip an AP is not parked: it sits in `KVM_RUN` (KVM keeps it in
+    /// `UNINITIALIZED`) until the boot processor's INIT and SIPI start it.
     pub parked: bool,
+    /// The VM has the in-kernel irqchip: save and restore the LAPIC.
+    pub lapic: bool,
     /// The throttle shared by all vCPUs.
     pub throttle: Arc<Throttle>,
     /// The dirty rings (`None`: the VM uses the bitmap).
@@ -292,6 +299,7 @@ impl VcpuThread {
                             &self.msrs,
                             self.use_xsave,
                             self.parked,
+                            self.lapic,
                         );
                         let _ = reply.send(state);
                     }

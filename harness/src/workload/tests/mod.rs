@@ -80,6 +80,7 @@ fn params(mem_size: u64) -> BuildParams {
     BuildParams {
         mem_size,
         tsc_hz: Some(2_000_000_000),
+        vcpus: 1,
     }
 }
 
@@ -139,4 +140,5 @@ fn immediates(code: &[Instruction]) -> Vec<u64> {
 }
 
 mod shape;
+mod smp;
 mod specs;

@@ -358,6 +358,7 @@ fn burst_images_describe_their_memory() {
     let other = BuildParams {
         mem_size: 256 * MIB,
         tsc_hz: Some(3_000_000_000),
+        vcpus: 1,
     };
     assert_ne!(
         build(&spec, &p).unwrap().boot,
@@ -390,6 +391,7 @@ fn burst_build_errors() {
     let no_tsc = BuildParams {
         mem_size: 256 * MIB,
         tsc_hz: None,
+        vcpus: 1,
     };
     assert!(matches!(
         build(&"burst".parse().unwrap(), &no_tsc),
@@ -399,6 +401,7 @@ fn burst_build_errors() {
     let slow = BuildParams {
         mem_size: 256 * MIB,
         tsc_hz: Some(500),
+        vcpus: 1,
     };
     assert!(matches!(
         build(&"burst:quiet=1".parse().unwrap(), &slow),
@@ -460,6 +463,7 @@ fn knows_which_specs_need_the_tsc() {
         let p = BuildParams {
             mem_size: 256 * MIB,
             tsc_hz: None,
+            vcpus: 1,
         };
         assert!(build(&s.parse().unwrap(), &p).is_ok(), "{s}");
     }

@@ -181,6 +181,7 @@ fn build_checks_against_ram() {
     let unpaced = BuildParams {
         mem_size: 256 * MIB,
         tsc_hz: None,
+        vcpus: 1,
     };
     assert!(matches!(
         build(&"hotset:rate=100".parse().unwrap(), &unpaced),
@@ -190,6 +191,7 @@ fn build_checks_against_ram() {
     let slow_tsc = BuildParams {
         mem_size: 256 * MIB,
         tsc_hz: Some(1000),
+        vcpus: 1,
     };
     assert!(matches!(
         build(&"hotset:rate=5000".parse().unwrap(), &slow_tsc),
@@ -466,6 +468,7 @@ fn hotset_covers_the_study_range() {
                 let p = BuildParams {
                     mem_size: mem,
                     tsc_hz: Some(tsc_hz),
+                    vcpus: 1,
                 };
                 let image = build(&spec, &p).unwrap_or_else(|e| panic!("{spec} {mem}: {e}"));
                 assert_eq!(image.boot.len(), BOOT_SECTOR_SIZE);
