@@ -25,6 +25,7 @@ fn all_specs() -> Vec<WorkloadSpec> {
             rate: Some(50_000),
         },
         WorkloadSpec::Verify {
+            seq: false,
             start: None,
             end: None,
         },

@@ -54,6 +54,7 @@ fn parses_good_specs() {
         (
             "verify:start=1M,end=64M",
             WorkloadSpec::Verify {
+                seq: false,
                 start: Some(MIB),
                 end: Some(64 * MIB),
             },
@@ -61,6 +62,7 @@ fn parses_good_specs() {
         (
             "verify:end=8M",
             WorkloadSpec::Verify {
+                seq: false,
                 start: None,
                 end: Some(8 * MIB),
             },
@@ -91,6 +93,7 @@ fn parses_good_specs() {
     );
     assert_eq!(
         WorkloadSpec::Verify {
+            seq: false,
             start: None,
             end: Some(GIB)
         }
@@ -353,7 +356,7 @@ fn rejects_bad_new_specs() {
         err("verify:mode=zero"),
         E::UnknownKey {
             workload: "verify",
-            allowed: "start, end",
+            allowed: "start, end, seq",
             ..
         }
     ));
