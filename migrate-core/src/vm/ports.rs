@@ -197,9 +197,9 @@ impl PortBus {
         self.serial().held.as_ref().map(Vec::len)
     }
 
-    /// Write `data` to the sink as if the guest had (a standby taking over
-    /// writes the output its primary held back). Counted in
-    /// [`PortBus::serial_bytes`] but not in the guest's offsets.
+    /// Write `data` straight to the sink (a standby taking over writes the
+    /// output its primary held back). Not the guest's output here: counted
+    /// neither in [`PortBus::serial_bytes`] nor in the serial offsets.
     pub fn write_serial(&self, data: &[u8]) {
         self.serial().write_out(data);
     }
