@@ -25,10 +25,23 @@ fn bin() -> &'static Path {
     Path::new(BIN)
 }
 
-/// A standby with the given extra `run` arguments; it and its address.
+/// A standby with the given extra `run` arguments (plaintext unless they
+/// name `--psk-file`); it and its address.
 fn standby(dir: &Scratch, name: &str, extra: &[&str]) -> (VmProcess, String) {
-    let args = [&["--insecure", "--standby"], extra].concat();
+    let channel: &[&str] = if extra.contains(&"--psk-file") {
+        &[]
+    } else {
+        &["--insecure"]
+    };
+    let args = [channel, &["--standby"], extra].concat();
     VmProcess::destination_with(bin(), dir, name, "tcp:127.0.0.1:0", &args, &[])
+}
+
+/// The `--psk-file KEY` pair of `args`, if any (the clone uses the same).
+fn psk_of<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    args.iter()
+        .position(|a| *a == "--psk-file")
+        .map_or_else(Vec::new, |i| args[i..i + 2].to_vec())
 }
 
 /// A primary running `GUEST`, cloned into a fresh standby with epochs
@@ -38,12 +51,9 @@ fn protected_pair(dir: &Scratch, tag: &str, standby_args: &[&str]) -> (VmProcess
     src.wait_api();
     src.wait_marks(PASS_MARK, 2, T);
     let (mut held, uri) = standby(dir, &format!("{tag}-standby"), standby_args);
-    let (ok, report, stderr) = clone_json(
-        bin(),
-        &src.api,
-        &uri,
-        &["--downtime-limit", "2000", "--epochs", "--epoch-ms", "50"],
-    );
+    let mut clone_args = vec!["--downtime-limit", "2000", "--epochs", "--epoch-ms", "50"];
+    clone_args.extend(psk_of(standby_args));
+    let (ok, report, stderr) = clone_json(bin(), &src.api, &uri, &clone_args);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr}"));
     assert!(ok, "{report:#} {}", held.stderr_text());
     held.wait_api();
@@ -227,7 +237,13 @@ fn a_silent_primary_is_taken_over_after_the_failover_timeout() {
     }
     let _g = one_at_a_time();
     let dir = Scratch::new("failover-silent");
-    let (mut src, held) = protected_pair(&dir, "d", &["--failover-timeout", "500"]);
+    // Over the pre-shared-key channel: its record layer must see the
+    // silence as such too.
+    let key = dir.path("k.key");
+    std::fs::write(&key, [0x5a_u8; 32]).expect("key file");
+    let key = key.to_str().expect("utf-8 path");
+    let (mut src, held) =
+        protected_pair(&dir, "d", &["--failover-timeout", "500", "--psk-file", key]);
     // SIGSTOP: the connection stays open but nothing comes (a hung host).
     let pid = src.child.id().to_string();
     assert!(std::process::Command::new("kill")
