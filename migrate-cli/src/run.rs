@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use migrate_core::api::{ApiServer, ProcessEvent, VmController};
+use migrate_core::api::{ApiServer, ProcessEvent, StandbyEnd, VmController};
 use migrate_core::engine::{
     error_chain, receive_migration_with_channels, ReceiveOptions, SessionEnd,
 };
@@ -74,6 +74,13 @@ pub struct RunArgs {
     /// the copy paused and never run it; a migration is refused.
     #[arg(long, requires = "incoming")]
     standby: bool,
+    /// With --standby: once the primary commits its output (clone
+    /// --epochs), milliseconds of silence (no epoch, no heartbeat) after
+    /// which the primary counts as gone and the guest resumes here from the
+    /// last checkpoint; a closed or broken connection counts at once.
+    #[arg(long, requires = "standby", default_value_t = DEFAULT_FAILOVER_MS,
+          value_parser = clap::value_parser!(u64).range(200..=3_600_000))]
+    failover_timeout: u64,
     /// With --incoming: refuse a guest larger than this (default 1T, the
     /// most this VMM builds); checked on the Hello, before any memory is
     /// mapped.
@@ -90,6 +97,12 @@ pub struct RunArgs {
     #[arg(long)]
     dirty_ring_size: Option<String>,
 }
+
+/// `--failover-timeout` default: ten of the primary's heartbeats (every
+/// 100 ms between epochs), so a primary starved of CPU for a moment on a
+/// busy host is not taken for dead, while a real silence costs about a
+/// second of guest time.
+const DEFAULT_FAILOVER_MS: u64 = 1000;
 
 fn serial_sink(path: &str) -> anyhow::Result<SerialSink> {
     if path == "-" {
@@ -277,18 +290,28 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(session) = standby_session.take() {
         let controller = Arc::new(VmController::new_standby(vm.clone(), tx));
         // Checkpoints are applied until the primary ends the session or goes
-        // away; the copy stays held, paused, either way (no failover yet).
+        // away: a planned stop leaves the copy held, paused; a primary gone
+        // while it commits its output makes the guest resume here.
         let follower = controller.clone();
-        std::thread::spawn(move || match follower.follow_primary(session) {
-            SessionEnd::Closed => eprintln!(
+        let failover = Duration::from_millis(a.failover_timeout);
+        std::thread::spawn(move || match follower.follow_primary(session, failover) {
+            StandbyEnd::TookOver {
+                epoch,
+                replayed,
+                why,
+            } => eprintln!(
+                "vmigrate: standby: FAILOVER: {why}; the guest resumes here from checkpoint \
+                 epoch {epoch} ({replayed} bytes of output the primary held written first)"
+            ),
+            StandbyEnd::Held(SessionEnd::Closed) => eprintln!(
                 "vmigrate: standby: the primary closed the clone session; still holding the \
                  last checkpoint, paused"
             ),
-            SessionEnd::Ended { reason } => eprintln!(
+            StandbyEnd::Held(SessionEnd::Ended { reason }) => eprintln!(
                 "vmigrate: standby: the primary ended the clone session ({reason}); still \
                  holding the last checkpoint, paused"
             ),
-            SessionEnd::Failed(e) => eprintln!(
+            StandbyEnd::Held(SessionEnd::Failed(e)) => eprintln!(
                 "vmigrate: standby: the clone session failed ({}); still holding the last \
                  whole checkpoint, paused",
                 error_chain(&e)
@@ -324,18 +347,24 @@ fn main_loop(rx: &mpsc::Receiver<ProcessEvent>, controller: &VmController) -> Ex
     let Ok(ev) = rx.recv() else {
         return ExitCode::from(1);
     };
+    // A planned stop tells the standby first (it must not take over), then
+    // lets held output out; a no-op without a standby.
+    let planned = |why: &str| controller.end_protection(why);
     match ev {
         ProcessEvent::Guest(VmEvent::Exited { status }) => {
+            planned(&format!("the primary's guest exited with status {status}"));
             controller.set_stopped(&format!("guest exited with status {status}"));
             eprintln!("vmigrate: guest exited with status {status}");
             ExitCode::from(u8::try_from(status).unwrap_or(u8::MAX))
         }
         ProcessEvent::Guest(VmEvent::Halted { vcpu }) => {
+            planned("the primary's guest halted");
             controller.set_stopped(&format!("vCPU {vcpu} halted with interrupts off"));
             eprintln!("vmigrate: vCPU {vcpu} halted with interrupts off; VM stopped");
             ExitCode::SUCCESS
         }
         ProcessEvent::Guest(VmEvent::Failed { vcpu, reason }) => {
+            planned("the primary's vCPU failed");
             controller.set_stopped(&format!("vCPU {vcpu} failed: {reason}"));
             eprintln!("vmigrate: error: vCPU {vcpu}: {reason}");
             ExitCode::from(1)
@@ -347,6 +376,7 @@ fn main_loop(rx: &mpsc::Receiver<ProcessEvent>, controller: &VmController) -> Ex
         ProcessEvent::Shutdown => {
             eprintln!("vmigrate: shutdown requested");
             let _ = controller.vm().pause();
+            planned("the primary shuts down (a planned stop: do not take over)");
             ExitCode::SUCCESS
         }
     }

@@ -106,11 +106,12 @@ fn clone_and_check(test: &str, workload: &str, mem: &str, extra: &[&str]) -> Val
     assert!(!resumed, "a standby was resumed");
     assert!(why.contains("standby"), "{why}");
 
-    // The primary shuts down: the standby still holds its copy, paused.
+    // The primary shuts down (a planned stop: it tells the standby why):
+    // the standby still holds its copy, paused.
     assert!(verb(bin(), &src.api, "shutdown", &[]).0);
     assert!(src.wait_exit(T).success(), "{}", src.stderr_text());
     let deadline = Instant::now() + T;
-    while !held.stderr_text().contains("closed the clone session") {
+    while !held.stderr_text().contains("ended the clone session") {
         assert!(Instant::now() < deadline, "{}", held.stderr_text());
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -304,8 +305,8 @@ fn epochs(st: &Value) -> u64 {
 }
 
 #[test]
-fn checkpoint_epochs_keep_the_standby_in_step_without_running_it() {
-    if !kvm_available("checkpoint_epochs_keep_the_standby_in_step_without_running_it") {
+fn checkpoint_epochs_keep_the_standby_in_step_and_it_takes_over() {
+    if !kvm_available("checkpoint_epochs_keep_the_standby_in_step_and_it_takes_over") {
         return;
     }
     let _g = one_at_a_time();
@@ -356,7 +357,8 @@ fn checkpoint_epochs_keep_the_standby_in_step_without_running_it() {
     assert_eq!(ours["vcpus"], theirs["vcpus"], "{ours:#} {theirs:#}");
 
     // Resumed, the primary goes on being checkpointed, then dies: the
-    // standby keeps a whole checkpoint, paused, and never runs it.
+    // standby takes over from the last checkpoint (tests/tests/failover.rs
+    // checks the output across it) and its guest passes its self-check.
     assert!(verb(bin(), &src.api, "resume", &[]).0);
     let after = epochs(&info(bin(), &src.api));
     wait_info(&src.api, "epochs after the resume", |st| {
@@ -365,16 +367,14 @@ fn checkpoint_epochs_keep_the_standby_in_step_without_running_it() {
     src.child.kill().expect("SIGKILL the primary");
     let _ = src.child.wait();
     let deadline = Instant::now() + T;
-    while !held.stderr_text().contains("still holding the last") {
+    while !held.stderr_text().contains("FAILOVER") {
         assert!(Instant::now() < deadline, "{}", held.stderr_text());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let kept = digest(bin(), &held.api);
-    assert_eq!(kept["state"], "standby");
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(digest(bin(), &held.api), kept, "the standby's copy changed");
-    assert!(held.serial_bytes().is_empty(), "the standby ran");
-    assert!(held.is_running());
+    assert_eq!(info(bin(), &held.api)["state"], "running");
+    let have = held.count(PASS_MARK);
+    held.wait_marks(PASS_MARK, have + 2, T);
+    assert_eq!(held.count(MISMATCH_MARK), 0, "the standby saw a mismatch");
     assert!(verb(bin(), &held.api, "shutdown", &[]).0);
     assert!(held.wait_exit(T).success());
 }

@@ -153,6 +153,10 @@ pub enum WorkloadSpec {
         /// End of the range, exclusive (default 64 MiB, or the end of RAM
         /// if smaller).
         end: Option<u64>,
+        /// `seq=1`: each pass mark is followed by the pass number's low 16
+        /// bits in 4 hex digits (`.0001.0002…`), so that a serial stream
+        /// can be checked for a gap or a repeat (fault-tolerance tests).
+        seq: bool,
     },
 }
 
@@ -474,12 +478,13 @@ fn build_inner(
             });
             (sector, Some(r))
         }
-        WorkloadSpec::Verify { start, end } => {
+        WorkloadSpec::Verify { start, end, seq } => {
             let end = end.unwrap_or(DEFAULT_VERIFY_END.min(mem));
             let r = check_range(start.unwrap_or(MIN_WORKLOAD_ADDR), end, mem)?;
             let per = smp::split(&r, params.vcpus)?;
-            let sector =
-                asm::boot_sector(mem, multi, |a| verify::emit(a, r.start, r.end, fault, per))?;
+            let sector = asm::boot_sector(mem, multi, |a| {
+                verify::emit(a, r.start, r.end, fault, per, seq)
+            })?;
             (sector, Some(r))
         }
     };

@@ -31,7 +31,7 @@ use std::collections::HashSet;
 use super::*;
 
 /// Keys accepted by verify.
-const RANGE_KEYS: &str = "start, end";
+const VERIFY_KEYS: &str = "start, end, seq";
 /// Keys accepted by sweep.
 const SWEEP_KEYS: &str = "start, end, mode";
 /// Keys accepted by hotset.
@@ -94,8 +94,21 @@ impl FromStr for WorkloadSpec {
                 Ok(WorkloadSpec::Sweep { start, end, mode })
             }
             "verify" => {
-                let (start, end) = parse_range("verify", &pairs, RANGE_KEYS)?;
-                Ok(WorkloadSpec::Verify { start, end })
+                let mut seq = false;
+                let mut range = Vec::new();
+                for (k, v) in pairs {
+                    if k == "seq" {
+                        seq = match v {
+                            "1" | "on" | "true" => true,
+                            "0" | "off" | "false" => false,
+                            _ => return Err(unknown("verify", &format!("seq={v}"), VERIFY_KEYS)),
+                        };
+                    } else {
+                        range.push((k, v));
+                    }
+                }
+                let (start, end) = parse_range("verify", &range, VERIFY_KEYS)?;
+                Ok(WorkloadSpec::Verify { start, end, seq })
             }
             "burst" => parse_burst(&pairs),
             "hotset" => {
@@ -315,10 +328,14 @@ impl fmt::Display for WorkloadSpec {
                 }
                 Ok(())
             }
-            WorkloadSpec::Verify { start, end } => {
+            WorkloadSpec::Verify { start, end, seq } => {
                 let mut w = SpecWriter::new(f, "verify")?;
                 w.size("start", start)?;
-                w.size("end", end)
+                w.size("end", end)?;
+                if seq {
+                    w.param("seq", 1)?;
+                }
+                Ok(())
             }
         }
     }

@@ -78,6 +78,7 @@ pub(crate) fn emit(
     end: u64,
     fault: Option<VerifyFault>,
     per_vcpu: Option<PerVcpu>,
+    seq: bool,
 ) -> Result<(), WorkloadError> {
     let page_step = imm_i32(PAGE_SIZE)?;
     let mut pass = a.create_label();
@@ -159,6 +160,9 @@ pub(crate) fn emit(
     a.cmp(rdi, rbx)?;
     a.jb(check_page)?;
     emit_pass_mark(a, per_vcpu.is_some())?;
+    if seq {
+        emit_pass_number(a)?;
+    }
     if let Some(VerifyFault::CorruptAfterCheck { pass, page }) = fault {
         let mut no_fault = a.create_label();
         emit_mov_imm(a, rax, pass)?;
@@ -175,6 +179,43 @@ pub(crate) fn emit(
     a.set_label(&mut fail)?;
     emit_mark(a, MISMATCH_MARK)?;
     emit_exit_and_halt(a, MISMATCH_EXIT_STATUS)?;
+    Ok(())
+}
+
+/// Prints the low 16 bits of the pass counter (`r15`) as 4 lowercase hex
+/// digits. Uses r12, r9, rax, rdx (free between passes).
+fn emit_pass_number(a: &mut CodeAssembler) -> Result<(), WorkloadError> {
+    // Byte-register forms throughout: the boot sector has little room.
+    let (lsr, data) = (
+        crate::workload::asm::COM1_LSR,
+        crate::workload::asm::COM1_DATA,
+    );
+    let mut digit = a.create_label();
+    let mut wait = a.create_label();
+    let mut decimal = a.create_label();
+    a.mov(r12, r15)?;
+    a.shl(r12, 48)?;
+    a.push(4)?;
+    a.pop(r9)?;
+    a.mov(edx, i32::from(lsr))?;
+    a.set_label(&mut digit)?;
+    a.mov(dl, i32::from(lsr & 0xFF))?; // dh is COM1's 0x03
+    a.set_label(&mut wait)?;
+    a.in_(al, dx)?;
+    a.test(al, 0x20)?;
+    a.jz(wait)?;
+    a.rol(r12, 4)?;
+    a.mov(eax, r12d)?;
+    a.and(al, 0xF)?;
+    a.cmp(al, 10)?;
+    a.jb(decimal)?;
+    a.add(al, i32::from(b'a' - b'0' - 10))?;
+    a.set_label(&mut decimal)?;
+    a.add(al, i32::from(b'0'))?;
+    a.mov(dl, i32::from(data & 0xFF))?;
+    a.out(dx, al)?;
+    a.dec(r9d)?;
+    a.jnz(digit)?;
     Ok(())
 }
 

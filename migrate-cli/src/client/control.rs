@@ -154,7 +154,7 @@ fn print_status(s: &VmStatus) {
     if let Some(c) = &s.checkpoints {
         println!(
             "checkpoints: {} epochs (every {} ms), pause p50 {:.2} ms p99 {:.2} ms max {:.2} ms, \
-             {} pages, {} bytes{}",
+             {} pages, {} bytes{}{}",
             c.epochs,
             c.epoch_ms,
             c.pause.p50,
@@ -162,6 +162,14 @@ fn print_status(s: &VmStatus) {
             c.pause.max,
             c.pages,
             c.bytes,
+            if c.output_commit {
+                format!(
+                    "; output commit on ({} bytes held until acknowledged)",
+                    c.output_held
+                )
+            } else {
+                String::new()
+            },
             c.ended
                 .as_deref()
                 .map_or_else(String::new, |e| format!("; ended: {e}"))

@@ -23,8 +23,7 @@ use super::events::Event;
 use super::{RunState, SendRequest, StateDigest};
 use crate::engine::{
     live_clone, memory_digest, send_migration, ChannelConnector, CloneSession, CompressMode,
-    EpochStats, MigratableVm, MigrationControl, MigrationReport, MigrationStatus, SendOptions,
-    SessionEnd, StandbySession,
+    MigratableVm, MigrationControl, MigrationReport, MigrationStatus, SendOptions,
 };
 use crate::transport::{ChannelError, MigrationUri, Stream, TransportError};
 
@@ -88,107 +87,6 @@ impl VmController {
         Ok(report)
     }
 
-    /// Checkpoint the guest to the standby every `every_ms` on a thread of
-    /// its own, until the session ends (an error, a `send`, the guest
-    /// stopping). Each epoch holds the state lock while the guest is
-    /// paused, so `pause`/`resume`/`send` never race with it; the ack is
-    /// awaited without it.
-    fn start_epochs(self: &Arc<Self>, every_ms: u64) {
-        *self.checkpoints_mut() = Some(EpochStats::new(every_ms).report().clone());
-        let c = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("checkpoints".into())
-            .spawn(move || c.checkpoint_loop(every_ms));
-        if let Err(e) = spawned {
-            self.epochs_ended(None, format!("cannot start the checkpoint thread: {e}"));
-        }
-    }
-
-    fn checkpoint_loop(&self, every_ms: u64) {
-        let every = Duration::from_millis(every_ms);
-        let mut stats = EpochStats::new(every_ms);
-        let mut last = std::time::Instant::now();
-        loop {
-            std::thread::sleep(every.saturating_sub(last.elapsed()));
-            last = std::time::Instant::now();
-            let state = self.state();
-            let pause_guest = match *state {
-                RunState::Running => true,
-                // Stopped by the operator: the checkpoint brings the
-                // standby to exactly this state.
-                RunState::Paused => false,
-                // The engine owns the vCPUs; the send ends the session.
-                RunState::Migrating => continue,
-                s => {
-                    drop(state);
-                    return self.epochs_ended(Some(stats), format!("the guest is {s}"));
-                }
-            };
-            let mut session = self.session();
-            let Some(s) = session.as_mut() else {
-                drop(session);
-                drop(state);
-                return self.epochs_ended(Some(stats), "the clone session ended".into());
-            };
-            let sent = s.send_checkpoint(&*self.vm, pause_guest, false);
-            drop(state);
-            match sent.and_then(|sent| s.await_ack(sent)) {
-                Ok(record) => {
-                    stats.record(&record);
-                    *self.checkpoints_mut() = Some(stats.report().clone());
-                }
-                Err(e) => {
-                    // The primary runs on, unprotected; the standby keeps
-                    // the last whole checkpoint.
-                    session.take();
-                    drop(session);
-                    self.standby_addr().take();
-                    return self.epochs_ended(
-                        Some(stats),
-                        format!("checkpoint failed: {}", crate::engine::error_chain(&e)),
-                    );
-                }
-            }
-        }
-    }
-
-    fn epochs_ended(&self, stats: Option<EpochStats>, why: String) {
-        let mut c = self.checkpoints_mut();
-        let mut report =
-            stats.map_or_else(|| c.clone().unwrap_or_default(), |s| s.report().clone());
-        tracing::warn!(reason = %why, "checkpoint epochs stopped");
-        report.ended = Some(why);
-        *c = Some(report);
-    }
-
-    fn checkpoints_mut(&self) -> MutexGuard<'_, Option<crate::engine::EpochReport>> {
-        self.checkpoints.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// On a standby: apply the primary's checkpoints as they complete,
-    /// each under the state lock (so `digest` sees a whole one), until the
-    /// session ends. The copy is never resumed.
-    pub fn follow_primary(&self, mut session: StandbySession) -> SessionEnd {
-        if let Err(e) = session.wait_forever() {
-            return SessionEnd::Failed(e);
-        }
-        *self.checkpoints_mut() = Some(crate::engine::EpochReport::default());
-        loop {
-            let staged = match session.receive_epoch() {
-                Ok(s) => s,
-                Err(end) => return end,
-            };
-            let state = self.state();
-            if let Err(end) = session.apply_epoch(&*self.vm, staged) {
-                return end;
-            }
-            drop(state);
-            if let Some(r) = self.checkpoints_mut().as_mut() {
-                r.epochs = u64::from(session.epoch());
-            }
-        }
-    }
-
     /// `digest`: memory and vCPU-state digests computed now, from this VM.
     /// Only while the vCPUs are stopped (a running guest's digest is stale
     /// before it is read).
@@ -223,16 +121,16 @@ impl VmController {
         })
     }
 
-    fn session(&self) -> MutexGuard<'_, Option<CloneSession>> {
+    pub(super) fn session(&self) -> MutexGuard<'_, Option<CloneSession>> {
         self.clone_session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn standby_addr(&self) -> MutexGuard<'_, Option<String>> {
+    pub(super) fn standby_addr(&self) -> MutexGuard<'_, Option<String>> {
         self.standby_addr.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Take the session away (it waits for a checkpoint in flight).
-    fn end_session(&self) -> Option<CloneSession> {
+    pub(super) fn end_session(&self) -> Option<CloneSession> {
         let s = self.session().take();
         self.standby_addr().take();
         s
@@ -397,9 +295,7 @@ impl VmController {
             Outgoing::Migration => {
                 // The migration takes the dirty log over: the standby's
                 // session cannot follow the guest any more.
-                if let Some(s) = self.end_session() {
-                    s.close("the primary migrates away; the clone session ends");
-                }
+                self.end_protection("the primary migrates away; the clone session ends");
                 send_migration(&*self.vm, stream, opts)
             }
             Outgoing::Clone => {

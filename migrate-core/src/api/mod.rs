@@ -19,6 +19,7 @@
 //! than the `send`, which blocks until the migration ends.
 
 mod channel;
+mod checkpoint;
 mod clone;
 mod controller;
 mod events;
@@ -26,6 +27,7 @@ mod request;
 mod response;
 mod server;
 
+pub use checkpoint::{StandbyEnd, HEARTBEAT_EVERY};
 pub use controller::{ControlError, VmController};
 pub use events::{Event, EventBus};
 pub use request::{

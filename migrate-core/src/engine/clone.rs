@@ -63,6 +63,8 @@ pub struct CloneSession {
     pub(super) sender: PageSender,
     /// The last checkpoint the standby acknowledged (0: the clone point).
     pub(super) epoch: u32,
+    /// Output commit, once on (`failover.rs`).
+    pub(super) output: Option<super::failover::OutputCommit>,
 }
 
 impl CloneSession {
@@ -126,6 +128,7 @@ pub fn live_clone<V: MigratableVm>(vm: &V, stream: Stream, mut opts: SendOptions
             report: report.clone(),
             sender,
             epoch: 0,
+            output: None,
         }),
         Some((_, Err(e))) => {
             // The standby holds the clone; only the session cannot go on.
@@ -192,6 +195,8 @@ pub struct StandbySession {
     pub(super) total_pages: u64,
     /// The last epoch applied (0: the clone point).
     pub(super) epoch: u32,
+    /// The primary's held output as of the last applied epoch.
+    pub(super) output: super::failover::HeldTail,
 }
 
 /// How a standby session ended. In every case the standby still holds the

@@ -209,6 +209,7 @@ pub fn receive_migration_with_channels<V: MigratableVm>(
                 applier: rx.applier,
                 total_pages,
                 epoch: 0,
+                output: Default::default(),
             };
             (true, Some(session))
         }

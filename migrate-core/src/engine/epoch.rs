@@ -1,6 +1,5 @@
 //! Checkpoint epochs over a live-clone session (the second step of fault
-//! tolerance, after the clone; output commit and failover do not exist
-//! yet).
+//! tolerance, after the clone; output commit and failover: `failover.rs`).
 //!
 //! Every epoch the primary pauses, harvests the dirty log (the pages written
 //! since the last checkpoint), sends them, saves and sends every vCPU, and
@@ -12,6 +11,7 @@
 //!  Pages/ZeroPages{iteration: epoch} ... --> staged (checked: inside RAM, decompressed)
 //!  IterationEnd{epoch, pages}            --> staged page count must match
 //!  VcpuState × N                         --> staged
+//!  SerialOutput × k (output commit)      --> staged
 //!  Complete{digest?, total_pages}        --> every vCPU present → apply pages, restore vCPUs
 //!  [resume]                              <-- Accepted{digest?}
 //! ```
@@ -20,8 +20,8 @@
 //! middle of an epoch drops the staged part, so the standby always holds
 //! the last *whole* checkpoint, never a torn one. The primary resumes as
 //! soon as the epoch is in its send buffer and waits for the ack while the
-//! guest runs (one epoch in flight); without output commit nothing the
-//! guest does waits for the ack.
+//! guest runs (one epoch in flight); with output commit, the guest's
+//! serial output of the epoch waits for the ack (`failover.rs`).
 
 use std::io::Write;
 use std::time::Instant;
@@ -35,8 +35,8 @@ use super::source::{peer_message, send_iteration, vm_err};
 use super::{memory_digest, MigratableVm, MigrationError};
 use crate::vm::ram_pages;
 use crate::wire::{
-    read_message, write_message, Accepted, Complete, Limits, Message, PageBatch, VcpuState,
-    ZeroPages,
+    read_message, write_message, Accepted, Complete, Limits, Message, PageBatch, SerialOutput,
+    VcpuState, ZeroPages,
 };
 
 /// One checkpoint as the primary saw it.
@@ -91,6 +91,14 @@ pub struct EpochReport {
     pub last: Option<EpochRecord>,
     /// Why the epochs stopped, once they did.
     pub ended: Option<String>,
+    /// Output commit: true while the guest's serial output is held until
+    /// the epoch that produced it is acknowledged; false once the epochs
+    /// stopped (output goes out directly again) or on a standby.
+    #[serde(default)]
+    pub output_commit: bool,
+    /// Serial bytes held back at the last look (primary, output commit).
+    #[serde(default)]
+    pub output_held: u64,
 }
 
 /// Accumulates [`EpochRecord`]s into an [`EpochReport`].
@@ -152,6 +160,8 @@ pub struct SentEpoch {
     record: EpochRecord,
     digest: Option<u64>,
     resumed: Instant,
+    /// The epoch's serial mark, with output commit.
+    serial_mark: Option<u64>,
 }
 
 impl CloneSession {
@@ -168,7 +178,7 @@ impl CloneSession {
         verify: bool,
     ) -> Result<EpochRecord, MigrationError> {
         let sent = self.send_checkpoint(vm, pause_guest, verify)?;
-        self.await_ack(sent)
+        self.await_ack(vm, sent)
     }
 
     /// The first half of [`CloneSession::run_epoch`], the part the guest
@@ -193,7 +203,7 @@ impl CloneSession {
             vm.resume().map_err(vm_err("resume after a checkpoint"))?;
         }
         let pause_ms = if pause_guest { ms(t0.elapsed()) } else { 0.0 };
-        let (counts, digest) = sent?;
+        let (counts, digest, serial_mark) = sent?;
         self.channel
             .writer
             .flush()
@@ -212,16 +222,23 @@ impl CloneSession {
             },
             digest,
             resumed: Instant::now(),
+            serial_mark,
         })
     }
 
     /// The second half of [`CloneSession::run_epoch`]: the standby's ack
-    /// (the guest runs meanwhile).
-    pub fn await_ack(&mut self, sent: SentEpoch) -> Result<EpochRecord, MigrationError> {
+    /// (the guest runs meanwhile), then, with output commit, the epoch's
+    /// output let out.
+    pub fn await_ack<V: MigratableVm>(
+        &mut self,
+        vm: &V,
+        sent: SentEpoch,
+    ) -> Result<EpochRecord, MigrationError> {
         let SentEpoch {
             mut record,
             digest,
             resumed,
+            serial_mark,
         } = sent;
         let phase = format!("checkpoint epoch {}", record.epoch);
         let wire = |source| MigrationError::Wire {
@@ -247,6 +264,9 @@ impl CloneSession {
         }
         self.epoch = record.epoch;
         record.ack_ms = ms(resumed.elapsed());
+        if let Some(mark) = serial_mark {
+            self.release_output(vm, mark, &phase)?;
+        }
         Ok(record)
     }
 
@@ -258,7 +278,7 @@ impl CloneSession {
         epoch: u32,
         verify: bool,
         phase: &str,
-    ) -> Result<(super::pages::SentCounts, Option<u64>), MigrationError> {
+    ) -> Result<(super::pages::SentCounts, Option<u64>, Option<u64>), MigrationError> {
         vm.harvest_dirty_log(&mut self.dirty)
             .map_err(vm_err("dirty log sync"))?;
         let w = &mut self.channel.writer;
@@ -273,6 +293,11 @@ impl CloneSession {
             counts.bytes +=
                 write_message(w, &Message::VcpuState(VcpuState { index, blob })).map_err(wire)?;
         }
+        let serial_mark = self.send_output(vm, phase)?.map(|(mark, bytes)| {
+            counts.bytes += bytes;
+            mark
+        });
+        let w = &mut self.channel.writer;
         let digest = if verify {
             Some(memory_digest(vm.memory(), vm.written_pages().as_ref())?)
         } else {
@@ -283,7 +308,7 @@ impl CloneSession {
             total_pages: ram_pages(vm.memory()),
         };
         counts.bytes += write_message(w, &Message::Complete(complete)).map_err(wire)?;
-        Ok((counts, digest))
+        Ok((counts, digest, serial_mark))
     }
 }
 
@@ -293,6 +318,8 @@ pub struct StagedEpoch {
     parts: Vec<StagedPart>,
     vcpus: Vec<Vec<u8>>,
     digest_wanted: bool,
+    /// The primary's held serial output up to the epoch's mark.
+    output: Vec<SerialOutput>,
 }
 
 impl StagedEpoch {
@@ -319,6 +346,7 @@ impl StandbySession {
         let mut pages = 0u64;
         let mut ended = false;
         let mut vcpus: Vec<Option<Vec<u8>>> = vec![None; self.vcpu_count];
+        let mut output = Vec::new();
         loop {
             let msg = match read_message(&mut self.reader, &Limits::default()) {
                 Ok(m) => m,
@@ -332,6 +360,11 @@ impl StandbySession {
             let bad = |why: String| SessionEnd::Failed(MigrationError::InvalidData(why));
             match msg {
                 Message::Heartbeat => {}
+                // Between epochs: how far the primary let its output out.
+                Message::SerialOutput(o) if !ended && parts.is_empty() && o.data.is_empty() => {
+                    self.output.note_released(o.released);
+                }
+                Message::SerialOutput(o) if ended => output.push(o),
                 Message::Error(e) => return Err(SessionEnd::Ended { reason: e.message }),
                 Message::Pages(b) if !ended && b.iteration == epoch => {
                     let raw = self.applier.stage_batch(b).map_err(SessionEnd::Failed)?;
@@ -371,11 +404,14 @@ impl StandbySession {
                     let vcpus: Option<Vec<Vec<u8>>> = vcpus.into_iter().collect();
                     let vcpus = vcpus
                         .ok_or_else(|| bad(format!("epoch {epoch} ended without every vCPU")))?;
+                    super::failover::check_output(&self.output, &output)
+                        .map_err(|why| bad(format!("epoch {epoch}: {why}")))?;
                     return Ok(StagedEpoch {
                         epoch,
                         parts,
                         vcpus,
                         digest_wanted: c.digest.is_some(),
+                        output,
                     });
                 }
                 other => {
@@ -421,7 +457,10 @@ impl StandbySession {
         } else {
             None
         };
+        // Applied and acknowledged together: from here on a failover
+        // resumes from this epoch, so its held output is kept with it.
         self.epoch = staged.epoch;
+        self.output.append(&staged.output);
         let ack = Message::Accepted(Accepted { digest });
         write_message(&mut self.writer, &ack)
             .and_then(|_| self.writer.flush().map_err(Into::into))

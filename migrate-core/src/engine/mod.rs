@@ -26,6 +26,7 @@ mod clone;
 mod control;
 mod dest;
 mod epoch;
+mod failover;
 #[cfg(feature = "memory-vm")]
 mod memory_vm;
 mod pages;
@@ -103,6 +104,11 @@ pub trait MigratableVm: Sync {
             acc.rotate_left(1) ^ xxhash_rust::xxh3::xxh3_64(b)
         }))
     }
+    /// The serial port whose output checkpoint epochs commit (hold back
+    /// until acknowledged); `None`: the VM has none, nothing is held.
+    fn serial_ports(&self) -> Option<&crate::vm::ports::PortBus> {
+        None
+    }
 }
 
 impl MigratableVm for crate::vm::Vm {
@@ -138,6 +144,9 @@ impl MigratableVm for crate::vm::Vm {
     }
     fn dirty_track(&self) -> &'static str {
         crate::vm::Vm::dirty_track(self)
+    }
+    fn serial_ports(&self) -> Option<&crate::vm::ports::PortBus> {
+        Some(self.ports())
     }
     fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError> {
         Ok(crate::vm::Vm::save_vcpus(self)?

@@ -35,9 +35,30 @@ pub enum PortAction {
     Exit(u32),
 }
 
+/// The serial sink and, with output commit on, the bytes held back from
+/// it. Offsets count every byte the guest ever wrote to COM1.
+struct Serial {
+    sink: SerialSink,
+    /// Bytes the guest wrote, held or not.
+    written: u64,
+    /// `Some`: output commit is on; bytes `[released, written)` wait here.
+    held: Option<Vec<u8>>,
+}
+
+impl Serial {
+    fn released(&self) -> u64 {
+        self.written - self.held.as_ref().map_or(0, |h| h.len() as u64)
+    }
+
+    fn write_out(&mut self, data: &[u8]) {
+        // A sink that fails (closed pipe) must not stop the guest.
+        let _ = self.sink.write_all(data).and_then(|()| self.sink.flush());
+    }
+}
+
 /// The VM's port-I/O devices.
 pub struct PortBus {
-    serial: Mutex<SerialSink>,
+    serial: Mutex<Serial>,
     serial_bytes: std::sync::atomic::AtomicU64,
     unhandled: Mutex<BTreeMap<u16, u64>>,
 }
@@ -46,7 +67,11 @@ impl PortBus {
     /// A bus whose COM1 writes to `serial`.
     pub fn new(serial: SerialSink) -> Self {
         Self {
-            serial: Mutex::new(serial),
+            serial: Mutex::new(Serial {
+                sink: serial,
+                written: 0,
+                held: None,
+            }),
             serial_bytes: 0.into(),
             unhandled: Mutex::new(BTreeMap::new()),
         }
@@ -56,9 +81,12 @@ impl PortBus {
     pub fn io_out(&self, port: u16, data: &[u8]) -> PortAction {
         match port {
             COM1 => {
-                let mut sink = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-                // A sink that fails (closed pipe) must not stop the guest.
-                let _ = sink.write_all(data).and_then(|()| sink.flush());
+                let mut serial = self.serial();
+                serial.written += data.len() as u64;
+                match serial.held.as_mut() {
+                    Some(held) => held.extend_from_slice(data),
+                    None => serial.write_out(data),
+                }
                 self.serial_bytes
                     .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 PortAction::Continue
@@ -100,7 +128,84 @@ impl PortBus {
     /// Replace the serial sink (the destination of a migration writes to its
     /// own).
     pub fn set_serial(&self, serial: SerialSink) {
-        *self.serial.lock().unwrap_or_else(|e| e.into_inner()) = serial;
+        self.serial().sink = serial;
+    }
+
+    /// Output commit on: from now on COM1 output is held back until
+    /// [`PortBus::release_serial`] lets it out (a primary under checkpoint
+    /// epochs must not show the world output its standby could not
+    /// reproduce). Returns the offset the holding starts at.
+    pub fn hold_serial(&self) -> u64 {
+        let mut s = self.serial();
+        if s.held.is_none() {
+            s.held = Some(Vec::new());
+        }
+        s.released()
+    }
+
+    /// The serial offset now: bytes the guest ever wrote (held or not).
+    /// Taken while the vCPUs are stopped, it is the mark of a checkpoint.
+    pub fn serial_mark(&self) -> u64 {
+        self.serial().written
+    }
+
+    /// How far output has been let out to the sink.
+    pub fn serial_released(&self) -> u64 {
+        self.serial().released()
+    }
+
+    /// The held bytes `[from, to)`, clipped to what is still held.
+    pub fn held_serial(&self, from: u64, to: u64) -> Vec<u8> {
+        let s = self.serial();
+        let Some(held) = s.held.as_ref() else {
+            return Vec::new();
+        };
+        let base = s.released();
+        let lo = from.max(base).min(s.written);
+        let hi = to.max(lo).min(s.written);
+        let at = |o: u64| usize::try_from(o - base).expect("held bytes fit in memory");
+        held[at(lo)..at(hi)].to_vec()
+    }
+
+    /// Write the held bytes before `mark` to the sink (in one write, so a
+    /// process killed around it leaves all of them out or none, as far as
+    /// a file sink goes); returns how far output is released now.
+    pub fn release_serial(&self, mark: u64) -> u64 {
+        let mut s = self.serial();
+        let base = s.released();
+        let upto = mark.clamp(base, s.written);
+        let n = usize::try_from(upto - base).expect("held bytes fit in memory");
+        if let Some(mut held) = s.held.take() {
+            let out: Vec<u8> = held.drain(..n).collect();
+            s.write_out(&out);
+            s.held = Some(held);
+        }
+        s.released()
+    }
+
+    /// Output commit off: let everything held out and write directly
+    /// again. Returns the bytes that were held.
+    pub fn serial_direct(&self) -> usize {
+        let mut s = self.serial();
+        let held = s.held.take().unwrap_or_default();
+        s.write_out(&held);
+        held.len()
+    }
+
+    /// Whether output is held back (output commit on).
+    pub fn serial_held(&self) -> Option<usize> {
+        self.serial().held.as_ref().map(Vec::len)
+    }
+
+    /// Write `data` straight to the sink (a standby taking over writes the
+    /// output its primary held back). Not the guest's output here: counted
+    /// neither in [`PortBus::serial_bytes`] nor in the serial offsets.
+    pub fn write_serial(&self, data: &[u8]) {
+        self.serial().write_out(data);
+    }
+
+    fn serial(&self) -> std::sync::MutexGuard<'_, Serial> {
+        self.serial.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Bytes the guest wrote to COM1.
@@ -160,5 +265,34 @@ mod tests {
         assert_eq!(w, [0xFF, 0xFF]);
         assert_eq!(bus.unhandled().get(&0x80), Some(&1));
         assert_eq!(bus.unhandled().get(&0x60), Some(&1));
+    }
+
+    #[test]
+    fn held_serial_goes_out_only_when_released() {
+        let out = Shared::default();
+        let bus = PortBus::new(Box::new(out.clone()));
+        bus.io_out(COM1, b"ab");
+        assert_eq!(bus.hold_serial(), 2);
+        bus.io_out(COM1, b"cde");
+        let mark = bus.serial_mark();
+        assert_eq!(mark, 5);
+        bus.io_out(COM1, b"fg");
+        assert_eq!(&*out.0.lock().unwrap(), b"ab", "held bytes went out");
+        assert_eq!(bus.held_serial(2, mark), b"cde");
+        assert_eq!(
+            bus.held_serial(0, 100),
+            b"cdefg",
+            "clipped to the held bytes"
+        );
+        assert_eq!(bus.release_serial(mark), 5);
+        assert_eq!(&*out.0.lock().unwrap(), b"abcde");
+        assert_eq!(bus.held_serial(0, 100), b"fg");
+        assert_eq!(bus.release_serial(3), 5, "never backwards");
+        assert_eq!(bus.serial_held(), Some(2));
+        assert_eq!(bus.serial_direct(), 2);
+        bus.io_out(COM1, b"h");
+        assert_eq!(&*out.0.lock().unwrap(), b"abcdefgh");
+        assert_eq!(bus.serial_held(), None);
+        assert_eq!(bus.serial_mark(), 8);
     }
 }

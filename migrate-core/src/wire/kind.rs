@@ -44,11 +44,15 @@ pub enum MessageKind {
     /// Standby (live clone): the verified copy is held here, paused (the
     /// answer to `Commit` in a clone).
     StandbyHeld = 15,
+    /// [`SerialOutput`](super::SerialOutput): serial output the primary
+    /// holds back for a checkpoint epoch (output commit), or how far it
+    /// released its output.
+    SerialOutput = 16,
 }
 
 impl MessageKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [MessageKind; 15] = [
+    pub const ALL: [MessageKind; 16] = [
         Self::Hello,
         Self::HelloAck,
         Self::Error,
@@ -64,6 +68,7 @@ impl MessageKind {
         Self::Resumed,
         Self::ChannelJoin,
         Self::StandbyHeld,
+        Self::SerialOutput,
     ];
 
     /// Decodes a wire value; `None` for `0` and unknown values.
@@ -94,6 +99,7 @@ impl MessageKind {
             Self::Resumed => "Resumed",
             Self::ChannelJoin => "ChannelJoin",
             Self::StandbyHeld => "StandbyHeld",
+            Self::SerialOutput => "SerialOutput",
         }
     }
 
@@ -112,6 +118,7 @@ impl MessageKind {
             Self::VmState => 1_048_580,
             Self::Complete => 17,
             Self::Accepted => 9,
+            Self::SerialOutput => 65_556,
             Self::Commit | Self::Heartbeat | Self::Resumed | Self::StandbyHeld => 0,
         }
     }
@@ -122,6 +129,7 @@ const _: () = {
     assert!(2 + 2 + MAX_ERROR_MESSAGE_LEN == 4_100);
     assert!(pages::PAGES_FIXED_LEN + super::MAX_BATCH_PAGES * (8 + PAGE_SIZE) == 4_202_505);
     assert!(8 + 16 * super::MAX_ZERO_RANGES == 1_048_584);
+    assert!(20 + super::MAX_SERIAL_CHUNK == 65_556);
     assert!(8 + MAX_BLOB_LEN == 1_048_584 && 4 + MAX_BLOB_LEN == 1_048_580);
     assert!(8 + 2 + 8 + 4 + 4 + 2 + MAX_CPU_MODEL_LEN + 4 + 16 * MAX_REGIONS <= 65_536);
 };

@@ -4,8 +4,8 @@ use super::codec::{invalid, len_u32, put_opt64, Decoder, Put};
 use super::pages::{self, PageBatch, ZeroPages};
 use super::{
     ErrorCode, MessageKind, WireError, FEATURES_KNOWN, MAGIC, MAX_BLOB_LEN, MAX_CPU_MODEL_LEN,
-    MAX_ERROR_MESSAGE_LEN, MAX_REGIONS, MAX_SUPPORTED_VERSION, MIN_SUPPORTED_VERSION,
-    PAGE_SIZE_U64, PROTOCOL_VERSION,
+    MAX_ERROR_MESSAGE_LEN, MAX_REGIONS, MAX_SERIAL_CHUNK, MAX_SUPPORTED_VERSION,
+    MIN_SUPPORTED_VERSION, PAGE_SIZE_U64, PROTOCOL_VERSION,
 };
 
 /// One guest-physical memory region announced in [`Hello`].
@@ -236,6 +236,24 @@ pub struct Accepted {
     pub digest: Option<u64>,
 }
 
+/// Primary → standby (live clone with checkpoint epochs): serial output
+/// and how far the primary let it out (output commit). Inside an epoch,
+/// after its `VcpuState`s, it carries bytes `[start, start + data.len())`
+/// of the guest's serial stream that the primary holds back until the
+/// epoch is acknowledged; between epochs (`data` empty) it only tells how
+/// far the primary released. A standby that takes over writes the bytes
+/// it holds from `released` on, so nothing is lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialOutput {
+    /// Offset in the serial stream up to which the primary has written
+    /// its output out (everything before it is released).
+    pub released: u64,
+    /// Offset of `data[0]` in the serial stream.
+    pub start: u64,
+    /// The held bytes (at most [`MAX_SERIAL_CHUNK`](super::MAX_SERIAL_CHUNK)).
+    pub data: Vec<u8>,
+}
+
 /// A protocol message: one per frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -272,6 +290,8 @@ pub enum Message {
     Heartbeat,
     /// See [`ChannelJoin`].
     ChannelJoin(ChannelJoin),
+    /// See [`SerialOutput`].
+    SerialOutput(SerialOutput),
 }
 
 impl Message {
@@ -293,6 +313,7 @@ impl Message {
             Self::ChannelJoin(_) => MessageKind::ChannelJoin,
             Self::StandbyHeld => MessageKind::StandbyHeld,
             Self::Heartbeat => MessageKind::Heartbeat,
+            Self::SerialOutput(_) => MessageKind::SerialOutput,
         }
     }
 
@@ -336,6 +357,19 @@ impl Message {
                             j.index, j.count
                         ),
                     ));
+                }
+                Ok(())
+            }
+            Self::SerialOutput(o) => {
+                if o.data.len() > MAX_SERIAL_CHUNK {
+                    return Err(invalid(
+                        self.kind(),
+                        "data",
+                        format!("{} bytes exceeds {MAX_SERIAL_CHUNK}", o.data.len()),
+                    ));
+                }
+                if o.start.checked_add(o.data.len() as u64).is_none() {
+                    return Err(invalid(self.kind(), "start", "the range overflows u64"));
                 }
                 Ok(())
             }
@@ -414,6 +448,12 @@ pub(super) fn encode_payload<'m>(
             out.put_u16(j.index);
             out.put_u16(j.count);
         }
+        Message::SerialOutput(o) => {
+            out.put_u64(o.released);
+            out.put_u64(o.start);
+            out.put_u32(len_u32(kind, "data", o.data.len(), MAX_SERIAL_CHUNK)?);
+            return Ok(&o.data);
+        }
         Message::Commit | Message::Resumed | Message::StandbyHeld | Message::Heartbeat => {}
     }
     Ok(&[])
@@ -464,6 +504,11 @@ pub(super) fn decode_payload(kind: MessageKind, payload: &[u8]) -> Result<Messag
         }),
         MessageKind::StandbyHeld => Message::StandbyHeld,
         MessageKind::Heartbeat => Message::Heartbeat,
+        MessageKind::SerialOutput => Message::SerialOutput(SerialOutput {
+            released: d.u64("released")?,
+            start: d.u64("start")?,
+            data: d.blob32("data", MAX_SERIAL_CHUNK)?.to_vec(),
+        }),
     };
     d.finish()?;
     msg.validate()?;

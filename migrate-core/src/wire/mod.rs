@@ -52,6 +52,7 @@
 //! | 13   | `Resumed`      | dst → src | empty (since version 2)                                                                                                  | 0           |
 //! | 14   | `ChannelJoin`  | src → dst | `session u64`, `index u16`, `count u16` (2..=16, index < count); only after `HelloAck` with [`FEATURE_CHANNELS`]           | 12          |
 //! | 15   | `StandbyHeld`  | dst → src | empty: the answer to `Commit` in a live clone (`FEATURE_CLONE`)                                                          | 0           |
+//! | 16   | `SerialOutput` | src → dst | `released u64`, `start u64`, `len u32` (≤ 65 536), `data`: held serial output of an epoch, or (empty) how far the primary released its output; clone sessions only | 65 556 |
 //!
 //! Field rules beyond the layout (enforced when decoding *and* before
 //! writing, see [`Message::validate`]):
@@ -111,6 +112,11 @@
 //! `StandbyHeld` (kind 15) instead of `Resumed`, keeping the copy paused;
 //! the connection stays open for the session that follows.
 //!
+//! In the clone session that follows, checkpoint epochs reuse the
+//! migration's messages numbered by epoch, plus `SerialOutput` (kind 16,
+//! output commit): no feature bit, because it came in the same release as
+//! `FEATURE_CLONE`, so every standby that acks the clone knows it.
+//!
 //! `Error` may be sent by either side at any point; it ends the migration.
 //! `Heartbeat` is reserved for keep-alives and may be ignored.
 //!
@@ -135,7 +141,7 @@ pub use frame::{read_message, read_message_into, write_message, write_raw_pages,
 pub use kind::{ErrorCode, MessageKind};
 pub use message::{
     Accepted, ChannelJoin, Complete, ErrorMessage, Hello, HelloAck, IterationEnd, MemoryRegion,
-    Message, VcpuState, VmState, MAX_CHANNELS,
+    Message, SerialOutput, VcpuState, VmState, MAX_CHANNELS,
 };
 pub use pages::{Compression, PageBatch, ZeroPages, ZeroRange};
 
@@ -155,6 +161,9 @@ pub const MAX_BLOB_LEN: usize = 1 << 20;
 pub const MAX_CPU_MODEL_LEN: usize = 256;
 /// Most memory regions in a `Hello`.
 pub const MAX_REGIONS: usize = 256;
+/// Most serial bytes in one `SerialOutput` (64 KiB; an epoch's held
+/// output goes in as many as it needs).
+pub const MAX_SERIAL_CHUNK: usize = 1 << 16;
 /// Most bytes in `ErrorMessage::message`.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 4096;
 

@@ -26,6 +26,7 @@ fn all_specs() -> Vec<WorkloadSpec> {
             rate: Some(50_000),
         },
         WorkloadSpec::Verify {
+            seq: false,
             start: None,
             end: None,
         },

@@ -139,6 +139,7 @@ fn images_describe_their_memory() {
     assert!(sweep.fills.is_empty() && !sweep.needs_vmm_content);
     let verify = build(
         &WorkloadSpec::Verify {
+            seq: false,
             start: None,
             end: None,
         },
@@ -148,6 +149,7 @@ fn images_describe_their_memory() {
     assert_eq!(verify.dirty_range, Some(MIB..64 * MIB));
     let small = build(
         &WorkloadSpec::Verify {
+            seq: false,
             start: None,
             end: None,
         },
@@ -186,6 +188,7 @@ fn images_describe_their_memory() {
 fn fault_injection_changes_only_verify() {
     let p = params(64 * MIB);
     let spec = WorkloadSpec::Verify {
+        seq: false,
         start: None,
         end: None,
     };

@@ -63,6 +63,7 @@ fn smp_sector_starts_the_aps_and_one_vcpu_does_not() {
     let spec = WorkloadSpec::Verify {
         start: None,
         end: None,
+        seq: false,
     };
     let one = displacements32(&spec, &smp_params(256 * MIB, 1));
     assert!(!one.iter().any(|d| *d >= 0xFEE0_0000), "{one:x?}");
@@ -121,6 +122,7 @@ fn smp_errors() {
     let verify = WorkloadSpec::Verify {
         start: None,
         end: Some(MIB + 4 * KIB),
+        seq: false,
     };
     for vcpus in [0, MAX_SMP_VCPUS + 1] {
         assert_eq!(

@@ -55,6 +55,7 @@ fn parses_good_specs() {
         (
             "verify:start=1M,end=64M",
             WorkloadSpec::Verify {
+                seq: false,
                 start: Some(MIB),
                 end: Some(64 * MIB),
             },
@@ -62,6 +63,7 @@ fn parses_good_specs() {
         (
             "verify:end=8M",
             WorkloadSpec::Verify {
+                seq: false,
                 start: None,
                 end: Some(8 * MIB),
             },
@@ -92,6 +94,7 @@ fn parses_good_specs() {
     );
     assert_eq!(
         WorkloadSpec::Verify {
+            seq: false,
             start: None,
             end: Some(GIB)
         }
@@ -356,7 +359,7 @@ fn rejects_bad_new_specs() {
         err("verify:mode=zero"),
         E::UnknownKey {
             workload: "verify",
-            allowed: "start, end",
+            allowed: "start, end, seq",
             ..
         }
     ));

@@ -9,7 +9,7 @@ use super::*;
 /// A running source whose "guest" writes until it is paused (and then
 /// stops for good, so that its memory stays the clone point's), cloned to a
 /// standby. Returns the source, the clone and the standby's result.
-fn clone_running_guest(
+pub(super) fn clone_running_guest(
     standby: bool,
 ) -> (
     Arc<FakeVm>,

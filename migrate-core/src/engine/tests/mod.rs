@@ -26,6 +26,8 @@ struct FakeVm {
     /// Set by every `pause`, never cleared: a "guest" can stop for good at
     /// the first pause.
     paused_once: AtomicBool,
+    /// COM1, for output commit (`tests/failover.rs`).
+    ports: crate::vm::ports::PortBus,
 }
 
 impl FakeVm {
@@ -41,6 +43,7 @@ impl FakeVm {
             throttle: Mutex::new(0.0),
             gate: Mutex::new(()),
             paused_once: AtomicBool::new(false),
+            ports: crate::vm::ports::PortBus::new(Box::new(std::io::sink())),
         }
     }
 
@@ -72,6 +75,9 @@ impl MigratableVm for FakeVm {
     }
     fn cpu_model(&self) -> String {
         "fake".into()
+    }
+    fn serial_ports(&self) -> Option<&crate::vm::ports::PortBus> {
+        Some(&self.ports)
     }
     fn harvest_dirty_log(&self, into: &mut DirtyBitmap) -> Result<(), VmOpError> {
         let mut d = self.dirty.lock().unwrap();
@@ -586,4 +592,5 @@ mod bad_streams;
 mod channels;
 mod clone;
 mod completion;
+mod failover;
 mod windows;

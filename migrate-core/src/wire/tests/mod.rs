@@ -130,5 +130,15 @@ pub(super) fn samples() -> Vec<Message> {
             index: 2,
             count: 4,
         }),
+        Message::SerialOutput(SerialOutput {
+            released: 100,
+            start: 120,
+            data: b"..0a1b".to_vec(),
+        }),
+        Message::SerialOutput(SerialOutput {
+            released: 126,
+            start: 126,
+            data: Vec::new(),
+        }),
     ]
 }
