@@ -151,7 +151,16 @@ fn print_status(s: &VmStatus) {
     if let Some(standby) = &s.standby {
         println!("standby:    {standby} (clone session open)");
     }
-    if let Some(c) = &s.checkpoints {
+    if let Some(c) = s.checkpoints.as_ref().filter(|c| c.epoch_ms == 0) {
+        // A standby counts the epochs it applied; the primary sets the pace.
+        println!(
+            "checkpoints: {} epochs applied from the primary{}",
+            c.epochs,
+            c.ended
+                .as_deref()
+                .map_or_else(String::new, |e| format!("; ended: {e}"))
+        );
+    } else if let Some(c) = &s.checkpoints {
         println!(
             "checkpoints: {} epochs (every {} ms), pause p50 {:.2} ms p99 {:.2} ms max {:.2} ms, \
              {} pages, {} bytes{}{}",
