@@ -318,11 +318,11 @@ fn receive_loop<V: MigratableVm>(
                 }
                 write_message(w, &Message::StandbyHeld).map_err(wire("clone hand-over"))?;
                 w.flush().map_err(|e| wire("clone hand-over")(e.into()))?;
-                rx.rss_before_resume = resident_bytes();
+                rx.rss_before_resume = resident_bytes(vm.memory());
                 return Ok(Ended::Standby);
             }
             Ok(Step::Resume) => {
-                rx.rss_before_resume = resident_bytes();
+                rx.rss_before_resume = resident_bytes(vm.memory());
                 // A guest paused on the source stays paused here until
                 // the operator resumes it.
                 let paused = hello.features & FEATURE_GUEST_PAUSED != 0;
@@ -582,9 +582,16 @@ impl Receiver {
     }
 }
 
-/// Resident memory of this process (`/proc/self/statm`), in bytes.
-pub fn resident_bytes() -> Option<u64> {
+/// Memory this process holds, in bytes: its private resident pages
+/// (`/proc/self/statm`: resident − shared) plus every page of guest RAM
+/// allocated in the memfd behind `memory`. Guest pages written with
+/// `pwrite` are in the memfd but not mapped until the guest touches them,
+/// so the plain resident count would leave them out.
+pub fn resident_bytes(memory: &vm_memory::GuestMemoryMmap) -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let mut fields = statm.split_whitespace().skip(1);
+    let resident: u64 = fields.next()?.parse().ok()?;
+    let shared: u64 = fields.next()?.parse().ok()?;
+    let private = resident.saturating_sub(shared) * 4096;
+    Some(private + crate::vm::memory::allocated_bytes(memory).unwrap_or(0))
 }

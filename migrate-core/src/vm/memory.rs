@@ -5,10 +5,20 @@
 //! have no devices behind one). It is registered with KVM in slots of at most
 //! [`MAX_SLOT_SIZE`], so each slot's dirty bitmap stays small enough to harvest
 //! in one ioctl and later work can harvest slots in parallel.
+//!
+//! RAM is one memfd mapped shared (as QEMU's `memory-backend-memfd`), not
+//! anonymous memory, for the destination's sake: a page written whole
+//! into the memfd with `pwrite` is never zeroed first (shmem marks a fully
+//! written page up to date), while the first touch of an anonymous page
+//! zeroes it before the copy. That zeroing was 85% of a receiving
+//! destination's time (bench-data/README.md, "transfer"). The guest and
+//! KVM see the same pages through the mapping.
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use crate::PAGE_SIZE;
 
@@ -41,6 +51,15 @@ pub enum MemoryError {
         /// The mapping error.
         #[source]
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// The memfd behind guest memory could not be created or sized.
+    #[error("cannot create the {size:#x}-byte memfd behind guest memory")]
+    Memfd {
+        /// Requested size in bytes.
+        size: u64,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
     },
     /// KVM refused a memory slot.
     #[error("KVM refused memory slot {slot} at {gpa:#x} ({size:#x} bytes)")]
@@ -111,18 +130,51 @@ pub fn slot_layout(mem_size: u64) -> Result<Vec<Slot>, MemoryError> {
     Ok(slots)
 }
 
-/// Map anonymous guest memory for `slots` (private, `MAP_NORESERVE`).
+/// Map guest memory for `slots`: one memfd of their total size, each slot
+/// a shared mapping (`MAP_NORESERVE`) of its range of the file, so pages
+/// are allocated only when first written.
 pub fn map_memory(slots: &[Slot]) -> Result<GuestMemoryMmap, MemoryError> {
-    let size = slots.iter().map(|s| s.size).sum();
+    let size: u64 = slots.iter().map(|s| s.size).sum();
+    let memfd_err = |source| MemoryError::Memfd { size, source };
+    let file = memfd::MemfdOptions::default()
+        .close_on_exec(true)
+        .create("vmigrate-guest-ram")
+        .map_err(|e| {
+            memfd_err(match e {
+                memfd::Error::Create(e) => e,
+                other => std::io::Error::other(other.to_string()),
+            })
+        })?
+        .into_file();
+    file.set_len(size).map_err(memfd_err)?;
+    let file = std::sync::Arc::new(file);
     let ranges: Result<Vec<_>, _> = slots
         .iter()
-        .map(|s| usize::try_from(s.size).map(|len| (GuestAddress(s.gpa), len)))
+        .map(|s| {
+            usize::try_from(s.size).map(|len| {
+                (
+                    GuestAddress(s.gpa),
+                    len,
+                    Some(FileOffset::from_arc(file.clone(), s.gpa)),
+                )
+            })
+        })
         .collect();
     let ranges = ranges.map_err(|_| MemoryError::BadSize {
         size,
         reason: "does not fit the host address space",
     })?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size, source })
+    GuestMemoryMmap::from_ranges_with_files(&ranges)
+        .map_err(|source| MemoryError::Map { size, source })
+}
+
+/// Bytes of guest RAM allocated in the memfd behind `memory` (pages ever
+/// written, by the guest or by `pwrite`); `None` for anonymous memory.
+pub fn allocated_bytes(memory: &GuestMemoryMmap) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let region = memory.iter().next()?;
+    let meta = region.file_offset()?.file().metadata().ok()?;
+    Some(meta.blocks() * 512)
 }
 
 /// Register every region of `memory` with KVM as a slot with dirty logging on.
