@@ -65,6 +65,9 @@ pub struct CloneSession {
     pub(super) epoch: u32,
     /// Output commit, once on (`failover.rs`).
     pub(super) output: Option<super::failover::OutputCommit>,
+    /// An epoch's frames, encoded while the guest is paused and written to
+    /// the socket after it resumed (kept from epoch to epoch).
+    pub(super) staging: Vec<u8>,
 }
 
 impl CloneSession {
@@ -129,6 +132,7 @@ pub fn live_clone<V: MigratableVm>(vm: &V, stream: Stream, mut opts: SendOptions
             sender,
             epoch: 0,
             output: None,
+            staging: Vec::new(),
         }),
         Some((_, Err(e))) => {
             // The standby holds the clone; only the session cannot go on.

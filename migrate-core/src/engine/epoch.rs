@@ -18,8 +18,9 @@
 //! The same messages as a migration's, numbered by epoch (1, 2, …): no
 //! new wire kinds. A stream that breaks or carries anything wrong in the
 //! middle of an epoch drops the staged part, so the standby always holds
-//! the last *whole* checkpoint, never a torn one. The primary resumes as
-//! soon as the epoch is in its send buffer and waits for the ack while the
+//! the last *whole* checkpoint, never a torn one. The primary encodes the
+//! epoch into a staging buffer while paused (up to [`STAGING_LIMIT`]),
+//! resumes, then writes it to the socket and waits for the ack while the
 //! guest runs (one epoch in flight); with output commit, the guest's
 //! serial output of the epoch waits for the ack (`failover.rs`).
 
@@ -30,14 +31,22 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use super::clone::{CloneSession, SessionEnd, StandbySession};
+use super::pages::PageSender;
 use super::report::ms;
 use super::source::{peer_message, send_iteration, vm_err};
 use super::{memory_digest, MigratableVm, MigrationError};
+use crate::dirty::DirtyBitmap;
 use crate::vm::ram_pages;
 use crate::wire::{
     read_message, write_message, Accepted, Complete, Limits, Message, PageBatch, SerialOutput,
-    VcpuState, ZeroPages,
+    VcpuState, ZeroPages, PAGE_SIZE_U64,
 };
+
+/// Largest epoch (bytes of dirty pages) encoded into memory while the guest
+/// is paused; a bigger one is written straight to the socket. 64 MiB keeps
+/// the buffer a small share of any guest we run and covers every epoch of
+/// the FT benchmark (at most 27 MB).
+const STAGING_LIMIT: u64 = 64 << 20;
 
 /// One checkpoint as the primary saw it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -197,20 +206,41 @@ impl CloneSession {
         if pause_guest {
             vm.pause().map_err(vm_err("pause for a checkpoint"))?;
         }
-        let sent = self.send_epoch(vm, epoch, verify, &phase);
+        // The epoch is encoded into memory while the guest is stopped and
+        // written to the socket once it runs again: the pause then costs a
+        // copy of the dirty pages, not their trip through the socket (Remus
+        // buffers its checkpoints the same way). An epoch of more than
+        // STAGING_LIMIT bytes of pages goes straight to the socket instead,
+        // so the buffer never doubles a write-heavy guest's memory.
+        let mut staging = std::mem::take(&mut self.staging);
+        staging.clear();
+        let sent = vm
+            .harvest_dirty_log(&mut self.dirty)
+            .map_err(vm_err("dirty log sync"))
+            .and_then(|()| {
+                if self.dirty.count() * PAGE_SIZE_U64 > STAGING_LIMIT {
+                    self.send_epoch_to(vm, None, epoch, verify, &phase)
+                } else {
+                    self.send_epoch_to(vm, Some(&mut staging), epoch, verify, &phase)
+                }
+            });
         if pause_guest {
             // Resume whatever happened: a failed epoch only ends the session.
             vm.resume().map_err(vm_err("resume after a checkpoint"))?;
         }
         let pause_ms = if pause_guest { ms(t0.elapsed()) } else { 0.0 };
-        let (counts, digest, serial_mark) = sent?;
-        self.channel
-            .writer
-            .flush()
-            .map_err(|e| MigrationError::Wire {
-                phase,
-                source: e.into(),
-            })?;
+        let w = &mut self.channel.writer;
+        let written = sent.and_then(|sent| {
+            w.write_all(&staging)
+                .and_then(|()| w.flush())
+                .map_err(|e| MigrationError::Wire {
+                    phase: phase.clone(),
+                    source: e.into(),
+                })?;
+            Ok(sent)
+        });
+        self.staging = staging;
+        let (counts, digest, serial_mark) = written?;
         Ok(SentEpoch {
             record: EpochRecord {
                 epoch,
@@ -272,17 +302,51 @@ impl CloneSession {
 
     /// Harvest, pages, vCPUs and `Complete` into the send buffer (the
     /// guest is stopped).
-    fn send_epoch<V: MigratableVm>(
+    fn send_epoch_to<V: MigratableVm>(
         &mut self,
         vm: &V,
+        staging: Option<&mut Vec<u8>>,
         epoch: u32,
         verify: bool,
         phase: &str,
-    ) -> Result<(super::pages::SentCounts, Option<u64>, Option<u64>), MigrationError> {
-        vm.harvest_dirty_log(&mut self.dirty)
-            .map_err(vm_err("dirty log sync"))?;
-        let w = &mut self.channel.writer;
-        let mut counts = send_iteration(&mut self.sender, w, vm, epoch, &self.dirty, None, phase)?;
+    ) -> Result<EpochSent, MigrationError> {
+        let parts = EpochParts {
+            sender: &mut self.sender,
+            dirty: &mut self.dirty,
+            output: &mut self.output,
+        };
+        match staging {
+            Some(buf) => parts.encode(vm, buf, epoch, verify, phase),
+            None => parts.encode(vm, &mut self.channel.writer, epoch, verify, phase),
+        }
+    }
+}
+
+/// The session state an epoch's encoding uses, borrowed apart from the
+/// socket so that the epoch can go to either the socket or the staging
+/// buffer.
+struct EpochParts<'a> {
+    sender: &'a mut PageSender,
+    dirty: &'a mut DirtyBitmap,
+    output: &'a mut Option<super::failover::OutputCommit>,
+}
+
+/// What an encoded epoch sent: counts, the memory digest (if verified), the
+/// serial mark (with output commit).
+type EpochSent = (super::pages::SentCounts, Option<u64>, Option<u64>);
+
+impl EpochParts<'_> {
+    /// Pages (of the set harvested), vCPUs, held output and `Complete`
+    /// into `w` (the guest is stopped).
+    fn encode<V: MigratableVm, W: Write>(
+        self,
+        vm: &V,
+        w: &mut W,
+        epoch: u32,
+        verify: bool,
+        phase: &str,
+    ) -> Result<EpochSent, MigrationError> {
+        let mut counts = send_iteration(self.sender, w, vm, epoch, self.dirty, None, phase)?;
         self.dirty.clear();
         let wire = |source| MigrationError::Wire {
             phase: phase.to_string(),
@@ -293,11 +357,11 @@ impl CloneSession {
             counts.bytes +=
                 write_message(w, &Message::VcpuState(VcpuState { index, blob })).map_err(wire)?;
         }
-        let serial_mark = self.send_output(vm, phase)?.map(|(mark, bytes)| {
-            counts.bytes += bytes;
-            mark
-        });
-        let w = &mut self.channel.writer;
+        let serial_mark =
+            super::failover::send_output(self.output, vm, w, phase)?.map(|(mark, bytes)| {
+                counts.bytes += bytes;
+                mark
+            });
         let digest = if verify {
             Some(memory_digest(vm.memory(), vm.written_pages().as_ref())?)
         } else {

@@ -75,48 +75,6 @@ impl CloneSession {
             })
     }
 
-    /// With the guest stopped: the epoch's serial mark, and the held bytes
-    /// up to it sent to the standby (at least one message, so that the
-    /// standby knows output commit is on). `None` without output commit.
-    pub(super) fn send_output<V: MigratableVm>(
-        &mut self,
-        vm: &V,
-        phase: &str,
-    ) -> Result<Option<(u64, u64)>, MigrationError> {
-        let (Some(out), Some(ports)) = (self.output.as_ref(), vm.serial_ports()) else {
-            return Ok(None);
-        };
-        let mark = ports.serial_mark();
-        let released = ports.serial_released();
-        let bytes = ports.held_serial(out.sent, mark);
-        // What is not held any more was released: start from there.
-        let mut start = mark - bytes.len() as u64;
-        let mut sent = 0u64;
-        let w = &mut self.channel.writer;
-        let mut one = |start: u64, data: &[u8]| {
-            let msg = Message::SerialOutput(SerialOutput {
-                released,
-                start,
-                data: data.to_vec(),
-            });
-            write_message(w, &msg).map_err(|source| MigrationError::Wire {
-                phase: phase.to_string(),
-                source,
-            })
-        };
-        if bytes.is_empty() {
-            sent += one(start, &[])?;
-        }
-        for c in bytes.chunks(MAX_SERIAL_CHUNK) {
-            sent += one(start, c)?;
-            start += c.len() as u64;
-        }
-        if let Some(out) = self.output.as_mut() {
-            out.sent = mark;
-        }
-        Ok(Some((mark, sent)))
-    }
-
     /// After the standby acknowledged the epoch whose mark is `mark`: let
     /// the output before it out, then tell the standby so.
     pub(super) fn release_output<V: MigratableVm>(
@@ -229,6 +187,48 @@ impl StandbySession {
                 source: e.into(),
             })
     }
+}
+
+/// With the guest stopped: the epoch's serial mark, and the held bytes
+/// up to it sent to the standby (at least one message, so that the
+/// standby knows output commit is on). `None` without output commit.
+pub(super) fn send_output<V: MigratableVm>(
+    output: &mut Option<OutputCommit>,
+    vm: &V,
+    w: &mut impl std::io::Write,
+    phase: &str,
+) -> Result<Option<(u64, u64)>, MigrationError> {
+    let (Some(out), Some(ports)) = (output.as_ref(), vm.serial_ports()) else {
+        return Ok(None);
+    };
+    let mark = ports.serial_mark();
+    let released = ports.serial_released();
+    let bytes = ports.held_serial(out.sent, mark);
+    // What is not held any more was released: start from there.
+    let mut start = mark - bytes.len() as u64;
+    let mut sent = 0u64;
+    let mut one = |start: u64, data: &[u8]| {
+        let msg = Message::SerialOutput(SerialOutput {
+            released,
+            start,
+            data: data.to_vec(),
+        });
+        write_message(w, &msg).map_err(|source| MigrationError::Wire {
+            phase: phase.to_string(),
+            source,
+        })
+    };
+    if bytes.is_empty() {
+        sent += one(start, &[])?;
+    }
+    for c in bytes.chunks(MAX_SERIAL_CHUNK) {
+        sent += one(start, c)?;
+        start += c.len() as u64;
+    }
+    if let Some(out) = output.as_mut() {
+        out.sent = mark;
+    }
+    Ok(Some((mark, sent)))
 }
 
 #[cfg(test)]
