@@ -84,6 +84,15 @@ pub struct IterationRecord {
     /// Most pages dirtied in one 100 ms window.
     #[serde(default)]
     pub window_dirty_max: u64,
+    /// Dirty-ring entries harvested from each vCPU's ring during this
+    /// iteration (empty with the bitmap). Under `kvm_pvm` an entry is one
+    /// emulated store, not a distinct page.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_dirty_pages: Vec<u64>,
+    /// Each vCPU's throttle during this iteration, when set one by one
+    /// (`dirty-limit`; empty otherwise: see `throttle`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_throttle: Vec<f64>,
 }
 
 /// RAM figures, as QEMU's `ram` object.
@@ -145,6 +154,10 @@ pub struct MigrationReport {
     /// Highest vCPU throttle applied, in percent (QEMU's name; 0 when the
     /// policy never throttled).
     pub cpu_throttle_percentage: f64,
+    /// Highest throttle each vCPU ran under (fractions, index order) when a
+    /// policy throttled vCPUs one by one (`dirty-limit`); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_throttle: Vec<f64>,
     /// Convergence policy name.
     pub policy: String,
     /// Downtime limit in force at the last policy decision, ms (changes with
@@ -230,6 +243,7 @@ impl MigrationReport {
                 ..Default::default()
             },
             cpu_throttle_percentage: 0.0,
+            vcpu_throttle: Vec::new(),
             policy: policy.to_string(),
             downtime_limit: None,
             max_bandwidth: None,
@@ -273,6 +287,12 @@ impl MigrationReport {
             self.ram.dirty_pages_rate = dirty_rate;
         }
         self.cpu_throttle_percentage = self.cpu_throttle_percentage.max(s.throttle * 100.0);
+        if self.vcpu_throttle.len() < s.vcpu_throttles.len() {
+            self.vcpu_throttle.resize(s.vcpu_throttles.len(), 0.0);
+        }
+        for (max, &t) in self.vcpu_throttle.iter_mut().zip(&s.vcpu_throttles) {
+            *max = max.max(t);
+        }
         self.iterations.push(IterationRecord {
             iteration: s.iteration,
             dirty_pages: s.dirty_pages,
@@ -289,6 +309,8 @@ impl MigrationReport {
             final_pass,
             window_dirty_min: s.dirty_windows.iter().copied().min().unwrap_or(0),
             window_dirty_max: s.dirty_windows.iter().copied().max().unwrap_or(0),
+            vcpu_dirty_pages: s.vcpu_dirty_pages.clone(),
+            vcpu_throttle: s.vcpu_throttles.clone(),
         });
     }
 }

@@ -586,4 +586,5 @@ mod bad_streams;
 mod channels;
 mod clone;
 mod completion;
+mod vcpu_throttle;
 mod windows;
