@@ -121,6 +121,13 @@ pub enum WorkloadSpec {
         wss: u64,
         /// Pages per second; `None` for as fast as the guest can.
         rate: Option<u64>,
+        /// With several vCPUs, only vCPUs `0..writers` store (the working
+        /// set is split among them); the others run the register-only
+        /// `idle` loop and print their own marks. `None`: every vCPU
+        /// writes (the image is then the same as before this option). A
+        /// guest with one vCPU that dirties and one that only computes is
+        /// what the `dirty-limit` policy is for.
+        writers: Option<u32>,
     },
     /// Quiet phases alternating with storms of one store per page over
     /// `[start, end)`; needs [`BuildParams::tsc_hz`].
@@ -345,6 +352,14 @@ pub enum WorkloadError {
         /// The vCPU count.
         vcpus: u32,
     },
+    /// `writers` is 0 or more than the vCPUs.
+    #[error("writers={writers}: must be 1 to the {vcpus} vCPUs")]
+    BadWriters {
+        /// The `writers` given.
+        writers: u32,
+        /// The vCPU count.
+        vcpus: u32,
+    },
     /// A workload that runs on one vCPU only.
     #[error("workload `{0}` runs on one vCPU only")]
     SingleVcpuOnly(&'static str),
@@ -447,7 +462,7 @@ fn build_inner(
             })?;
             (sector, Some(r))
         }
-        WorkloadSpec::Hotset { wss, rate } => {
+        WorkloadSpec::Hotset { wss, rate, writers } => {
             let available = mem - MIN_WORKLOAD_ADDR;
             if wss == 0 {
                 return Err(WorkloadError::WssZero);
@@ -461,10 +476,26 @@ fn build_inner(
                 Some(rate) => Some(pacing(rate, params.tsc_hz)?),
             };
             let r = MIN_WORKLOAD_ADDR..MIN_WORKLOAD_ADDR + wss;
-            let per = smp::split(&r, params.vcpus)?;
+            // Only some vCPUs write: split among them, the rest idle. All
+            // of them writing is the plain split (the same image).
+            let idle_from = match writers {
+                Some(w) if w == 0 || w > params.vcpus => {
+                    return Err(WorkloadError::BadWriters {
+                        writers: w,
+                        vcpus: params.vcpus,
+                    })
+                }
+                Some(w) if w < params.vcpus => Some(w),
+                _ => None,
+            };
+            let per = match idle_from {
+                Some(w) => Some(smp::split_among(&r, w)?),
+                None => smp::split(&r, params.vcpus)?,
+            };
             let pages = per.map_or(wss, |p| p.chunk) / PAGE_SIZE;
-            let sector =
-                asm::boot_sector(mem, multi, |a| hotset::emit(a, r.start, pages, pacing, per))?;
+            let sector = asm::boot_sector(mem, multi, |a| {
+                hotset::emit(a, r.start, pages, pacing, per, idle_from)
+            })?;
             fills.push(MemoryFill {
                 gpa: r.start,
                 len: wss,
