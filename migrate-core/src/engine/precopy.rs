@@ -155,6 +155,7 @@ pub(super) fn run<V: MigratableVm, W: Write>(
                 // What the VM applied (clamped, and one entry per vCPU).
                 vcpu_throttles = vm.vcpu_throttles();
                 throttle = vm.throttle();
+                report.note_vcpu_throttles(&vcpu_throttles);
                 None
             }
             Decision::Continue => None,

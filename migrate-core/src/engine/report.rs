@@ -154,8 +154,8 @@ pub struct MigrationReport {
     /// Highest vCPU throttle applied, in percent (QEMU's name; 0 when the
     /// policy never throttled).
     pub cpu_throttle_percentage: f64,
-    /// Highest throttle each vCPU ran under (fractions, index order) when a
-    /// policy throttled vCPUs one by one (`dirty-limit`); empty otherwise.
+    /// Highest throttle applied to each vCPU (fractions, index order) when
+    /// a policy throttled vCPUs one by one (`dirty-limit`); empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vcpu_throttle: Vec<f64>,
     /// Convergence policy name.
@@ -271,6 +271,21 @@ impl MigrationReport {
     }
 
     /// Add one iteration's figures.
+    /// Fold per-vCPU throttles into `vcpu-throttle` (each vCPU's highest)
+    /// when they are applied, so the report has them even if no iteration
+    /// ran under them (a stop right after; `query-migrate` sees them at the
+    /// next progress report, the end of the iteration).
+    pub(crate) fn note_vcpu_throttles(&mut self, throttles: &[f64]) {
+        if self.vcpu_throttle.len() < throttles.len() {
+            self.vcpu_throttle.resize(throttles.len(), 0.0);
+        }
+        for (max, &t) in self.vcpu_throttle.iter_mut().zip(throttles) {
+            *max = max.max(t);
+        }
+        let highest = throttles.iter().copied().fold(0.0, f64::max);
+        self.cpu_throttle_percentage = self.cpu_throttle_percentage.max(highest * 100.0);
+    }
+
     pub(crate) fn record_iteration(&mut self, s: &IterationStats, final_pass: bool) {
         self.ram.transferred += s.bytes_sent;
         self.ram.normal += s.pages_sent;
@@ -287,12 +302,7 @@ impl MigrationReport {
             self.ram.dirty_pages_rate = dirty_rate;
         }
         self.cpu_throttle_percentage = self.cpu_throttle_percentage.max(s.throttle * 100.0);
-        if self.vcpu_throttle.len() < s.vcpu_throttles.len() {
-            self.vcpu_throttle.resize(s.vcpu_throttles.len(), 0.0);
-        }
-        for (max, &t) in self.vcpu_throttle.iter_mut().zip(&s.vcpu_throttles) {
-            *max = max.max(t);
-        }
+        self.note_vcpu_throttles(&s.vcpu_throttles);
         self.iterations.push(IterationRecord {
             iteration: s.iteration,
             dirty_pages: s.dirty_pages,
