@@ -47,6 +47,27 @@ pub(crate) struct Pacing {
     pub max_lag_ticks: u64,
 }
 
+/// TSC pacing for `rate` pages/s.
+pub(crate) fn pacing(rate: u64, tsc_hz: Option<u64>) -> Result<Pacing, WorkloadError> {
+    if rate == 0 {
+        return Err(WorkloadError::BadNumber {
+            key: "rate",
+            value: "0".into(),
+            expected: "a positive integer",
+        });
+    }
+    let tsc_hz = tsc_hz.ok_or(WorkloadError::MissingTscHz)?;
+    let ticks_per_page = tsc_hz / rate;
+    if ticks_per_page == 0 {
+        return Err(WorkloadError::RateTooHigh { rate, tsc_hz });
+    }
+    let max_lag_ticks = (tsc_hz / 1000 * HOTSET_MAX_CATCH_UP_MS).max(ticks_per_page);
+    Ok(Pacing {
+        ticks_per_page,
+        max_lag_ticks,
+    })
+}
+
 /// Emits the hotset loop over `pages` pages from `base` (never returns).
 /// Uses rax, rcx, rdx, rsi, rdi, rbx, rbp, r11–r15. With `per_vcpu`, `pages`
 /// is each vCPU's share and vCPU *i* works on the part at `base + i ×

@@ -473,25 +473,12 @@ fn build_inner(
             }
             let pacing = match rate {
                 None => None,
-                Some(rate) => Some(pacing(rate, params.tsc_hz)?),
+                Some(rate) => Some(hotset::pacing(rate, params.tsc_hz)?),
             };
             let r = MIN_WORKLOAD_ADDR..MIN_WORKLOAD_ADDR + wss;
             // Only some vCPUs write: split among them, the rest idle. All
             // of them writing is the plain split (the same image).
-            let idle_from = match writers {
-                Some(w) if w == 0 || w > params.vcpus => {
-                    return Err(WorkloadError::BadWriters {
-                        writers: w,
-                        vcpus: params.vcpus,
-                    })
-                }
-                Some(w) if w < params.vcpus => Some(w),
-                _ => None,
-            };
-            let per = match idle_from {
-                Some(w) => Some(smp::split_among(&r, w)?),
-                None => smp::split(&r, params.vcpus)?,
-            };
+            let (per, idle_from) = smp::split_writers(&r, params.vcpus, writers)?;
             let pages = per.map_or(wss, |p| p.chunk) / PAGE_SIZE;
             let sector = asm::boot_sector(mem, multi, |a| {
                 hotset::emit(a, r.start, pages, pacing, per, idle_from)
@@ -596,27 +583,6 @@ fn ms_to_ticks(key: &'static str, ms: u64, tsc_hz: u64) -> Result<u64, WorkloadE
         Ok(t) if t > 0 => Ok(t),
         _ => Err(WorkloadError::DurationOutOfRange { key, ms, tsc_hz }),
     }
-}
-
-/// TSC pacing for `rate` pages/s.
-fn pacing(rate: u64, tsc_hz: Option<u64>) -> Result<hotset::Pacing, WorkloadError> {
-    if rate == 0 {
-        return Err(WorkloadError::BadNumber {
-            key: "rate",
-            value: "0".into(),
-            expected: "a positive integer",
-        });
-    }
-    let tsc_hz = tsc_hz.ok_or(WorkloadError::MissingTscHz)?;
-    let ticks_per_page = tsc_hz / rate;
-    if ticks_per_page == 0 {
-        return Err(WorkloadError::RateTooHigh { rate, tsc_hz });
-    }
-    let max_lag_ticks = (tsc_hz / 1000 * HOTSET_MAX_CATCH_UP_MS).max(ticks_per_page);
-    Ok(hotset::Pacing {
-        ticks_per_page,
-        max_lag_ticks,
-    })
 }
 
 #[cfg(test)]
