@@ -46,6 +46,21 @@ pub struct IterationStats {
     /// cannot. Empty when the iteration was shorter than one window or the
     /// engine did not sample.
     pub dirty_windows: Vec<u64>,
+    /// Dirty-ring entries harvested from each vCPU's ring during this
+    /// iteration, in vCPU index order: which vCPU dirtied how much, the
+    /// input of the `dirty-limit` policy. Empty when the VM tracks with the
+    /// bitmap, which cannot attribute a page to a vCPU. Under `kvm_pvm`
+    /// (our hosts) every emulated store is logged as an entry, so this
+    /// counts stores, not distinct pages: a vCPU rewriting one page 1000
+    /// times counts 1000 (real KVM logs a page once per write-protection
+    /// cycle).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_dirty_pages: Vec<u64>,
+    /// The throttle each vCPU ran under during this iteration (index
+    /// order), when the engine set them one by one (`dirty-limit`); empty
+    /// when all vCPUs shared [`throttle`](Self::throttle).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_throttles: Vec<f64>,
 }
 
 /// Length of the windows behind [`IterationStats::window_dirty_min`]: long

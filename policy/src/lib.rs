@@ -11,7 +11,9 @@
 //! ([`xen_legacy`]), `mp` ([`mp`], the memory-pattern policy), and the newer
 //! answers a reviewer compares MP with: `ch` ([`ch`], Cloud Hypervisor's
 //! rule), `stall` ([`stall`], KubeVirt's stall detection) and `ramp`
-//! ([`ramp`], the orchestrators' stepped downtime limit). Each
+//! ([`ramp`], the orchestrators' stepped downtime limit), and
+//! `dirty-limit` ([`dirty_limit`], QEMU 8.1's per-vCPU throttle, which
+//! needs the dirty ring). Each
 //! module's docs number its rules and give their source; [`describe`] lists
 //! each policy's settings.
 #![forbid(unsafe_code)]
@@ -19,6 +21,7 @@
 
 pub mod auto_converge;
 pub mod ch;
+pub mod dirty_limit;
 mod history;
 pub mod mp;
 pub mod qemu;
@@ -30,6 +33,7 @@ pub mod xen_legacy;
 
 pub use auto_converge::AutoConvergePolicy;
 pub use ch::ChPolicy;
+pub use dirty_limit::DirtyLimitPolicy;
 pub use history::{IterationStats, MigrationHistory, DIRTY_WINDOW};
 pub use mp::MpPolicy;
 pub use qemu::QemuPolicy;
@@ -160,6 +164,10 @@ pub enum Decision {
     /// Run another iteration with the vCPUs throttled to this fraction of
     /// their time (0.0 = unthrottled, 0.99 = run 1% of the time).
     Throttle(f64),
+    /// Run another iteration with each vCPU throttled to its own fraction
+    /// (index order; a vCPU missing from the list is unthrottled), as
+    /// QEMU's dirty-limit does: only the vCPUs that dirty memory slow down.
+    ThrottleVcpus(Vec<f64>),
     /// Give up: the migration fails and the source keeps running.
     Abort(String),
 }
@@ -257,6 +265,7 @@ pub const POLICY_NAMES: &[&str] = &[
     "ch",
     "stall",
     "ramp",
+    "dirty-limit",
 ];
 
 /// Build a policy from its command-line name, with `params.downtime_limit`
@@ -278,6 +287,7 @@ pub fn by_name(
         "ch" => Box::new(ChPolicy::from_params(params)?),
         "stall" => Box::new(StallPolicy::from_params(params)?),
         "ramp" => Box::new(RampPolicy::from_params(params)?),
+        "dirty-limit" => Box::new(DirtyLimitPolicy::from_params(params)?),
         _ => {
             return Err(PolicyError::Unknown {
                 name: name.to_string(),
@@ -301,6 +311,7 @@ pub fn describe(name: &str) -> Option<&'static [SettingDoc]> {
         "ch" => ch::SETTINGS,
         "stall" => stall::SETTINGS,
         "ramp" => ramp::SETTINGS,
+        "dirty-limit" => dirty_limit::SETTINGS,
         _ => return None,
     })
 }
@@ -325,7 +336,7 @@ mod tests {
             assert!(
                 matches!(&err, Some(PolicyError::Unknown { name: n, known })
                     if n == name
-                        && known == "qemu, auto-converge, xen, xen-legacy, mp, ch, stall, ramp"),
+                        && known == "qemu, auto-converge, xen, xen-legacy, mp, ch, stall, ramp, dirty-limit"),
                 "{name:?}: {err:?}"
             );
         }
@@ -412,10 +423,20 @@ mod tests {
             dirtied_during: 1000,
             page_size: 4096,
             ram_bytes: 1 << 30,
+            // One idle vCPU on the ring (dirty-limit refuses without).
+            vcpu_dirty_pages: vec![0],
             ..Default::default()
         }]
         .into();
-        for name in ["qemu", "auto-converge", "mp", "ch", "stall", "ramp"] {
+        for name in [
+            "qemu",
+            "auto-converge",
+            "mp",
+            "ch",
+            "stall",
+            "ramp",
+            "dirty-limit",
+        ] {
             let mut p = by_name(name, &PolicyParams::default()).unwrap();
             assert_eq!(p.decide(&h), Decision::Continue, "{name}");
             p.set_downtime_limit(Duration::from_millis(1000));

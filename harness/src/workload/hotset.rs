@@ -15,10 +15,15 @@
 //! (the TSC frequency comes from [`BuildParams::tsc_hz`](super::BuildParams));
 //! after a stall (e.g. a migration pause) the deficit is not caught up beyond
 //! [`HOTSET_MAX_CATCH_UP_MS`] ms worth of stores, so the guest does not burst.
+//!
+//! With `writers=N` on more than N vCPUs, vCPUs `0..N` share the working set
+//! and the others branch to the `idle` loop (no stores, their own marks):
+//! a guest where some vCPUs dirty memory and others only compute.
 
 use iced_x86::code_asm::*;
 
 use super::asm::{emit_rdtsc, imm_i32};
+use super::idle;
 use super::smp::{emit_part_start, emit_pass_mark, PerVcpu};
 use super::{WorkloadError, PAGE_SIZE};
 
@@ -42,16 +47,40 @@ pub(crate) struct Pacing {
     pub max_lag_ticks: u64,
 }
 
+/// TSC pacing for `rate` pages/s.
+pub(crate) fn pacing(rate: u64, tsc_hz: Option<u64>) -> Result<Pacing, WorkloadError> {
+    if rate == 0 {
+        return Err(WorkloadError::BadNumber {
+            key: "rate",
+            value: "0".into(),
+            expected: "a positive integer",
+        });
+    }
+    let tsc_hz = tsc_hz.ok_or(WorkloadError::MissingTscHz)?;
+    let ticks_per_page = tsc_hz / rate;
+    if ticks_per_page == 0 {
+        return Err(WorkloadError::RateTooHigh { rate, tsc_hz });
+    }
+    let max_lag_ticks = (tsc_hz / 1000 * HOTSET_MAX_CATCH_UP_MS).max(ticks_per_page);
+    Ok(Pacing {
+        ticks_per_page,
+        max_lag_ticks,
+    })
+}
+
 /// Emits the hotset loop over `pages` pages from `base` (never returns).
 /// Uses rax, rcx, rdx, rsi, rdi, rbx, rbp, r11–r15. With `per_vcpu`, `pages`
 /// is each vCPU's share and vCPU *i* works on the part at `base + i ×
-/// chunk`, printing its own pass mark (see [`super::smp`]).
+/// chunk`, printing its own pass mark (see [`super::smp`]). With
+/// `idle_from` = N, vCPUs with index ≥ N (in `r8`) run the idle loop
+/// instead.
 pub(crate) fn emit(
     a: &mut CodeAssembler,
     base: u64,
     pages: u64,
     pacing: Option<Pacing>,
     per_vcpu: Option<PerVcpu>,
+    idle_from: Option<u32>,
 ) -> Result<(), WorkloadError> {
     let pages32 = imm_i32(pages)?;
     let k = 64 - pages.saturating_sub(1).leading_zeros();
@@ -59,6 +88,11 @@ pub(crate) fn emit(
     let shift = PAGE_SIZE.trailing_zeros();
 
     let mut next = a.create_label();
+    let mut idle_loop = a.create_label();
+    if let Some(n) = idle_from {
+        a.cmp(r8d, n)?;
+        a.jae(idle_loop)?;
+    }
     match per_vcpu {
         None => a.mov(rbx, base)?,
         Some(p) => emit_part_start(a, rbx, base, p)?,
@@ -102,6 +136,12 @@ pub(crate) fn emit(
     emit_pass_mark(a, per_vcpu.is_some())?;
     a.mov(r13d, pages32)?;
     a.jmp(next)?;
+    if idle_from.is_some() {
+        a.set_label(&mut idle_loop)?;
+        // The idle loop labels its own first instruction (one label each).
+        a.nop()?;
+        idle::emit(a, true)?;
+    }
     Ok(())
 }
 

@@ -121,6 +121,13 @@ pub enum WorkloadSpec {
         wss: u64,
         /// Pages per second; `None` for as fast as the guest can.
         rate: Option<u64>,
+        /// With several vCPUs, only vCPUs `0..writers` store (the working
+        /// set is split among them); the others run the register-only
+        /// `idle` loop and print their own marks. `None`: every vCPU
+        /// writes (the image is then the same as before this option). A
+        /// guest with one vCPU that dirties and one that only computes is
+        /// what the `dirty-limit` policy is for.
+        writers: Option<u32>,
     },
     /// Quiet phases alternating with storms of one store per page over
     /// `[start, end)`; needs [`BuildParams::tsc_hz`].
@@ -349,6 +356,14 @@ pub enum WorkloadError {
         /// The vCPU count.
         vcpus: u32,
     },
+    /// `writers` is 0 or more than the vCPUs.
+    #[error("writers={writers}: must be 1 to the {vcpus} vCPUs")]
+    BadWriters {
+        /// The `writers` given.
+        writers: u32,
+        /// The vCPU count.
+        vcpus: u32,
+    },
     /// A workload that runs on one vCPU only.
     #[error("workload `{0}` runs on one vCPU only")]
     SingleVcpuOnly(&'static str),
@@ -451,7 +466,7 @@ fn build_inner(
             })?;
             (sector, Some(r))
         }
-        WorkloadSpec::Hotset { wss, rate } => {
+        WorkloadSpec::Hotset { wss, rate, writers } => {
             let available = mem - MIN_WORKLOAD_ADDR;
             if wss == 0 {
                 return Err(WorkloadError::WssZero);
@@ -462,13 +477,16 @@ fn build_inner(
             }
             let pacing = match rate {
                 None => None,
-                Some(rate) => Some(pacing(rate, params.tsc_hz)?),
+                Some(rate) => Some(hotset::pacing(rate, params.tsc_hz)?),
             };
             let r = MIN_WORKLOAD_ADDR..MIN_WORKLOAD_ADDR + wss;
-            let per = smp::split(&r, params.vcpus)?;
+            // Only some vCPUs write: split among them, the rest idle. All
+            // of them writing is the plain split (the same image).
+            let (per, idle_from) = smp::split_writers(&r, params.vcpus, writers)?;
             let pages = per.map_or(wss, |p| p.chunk) / PAGE_SIZE;
-            let sector =
-                asm::boot_sector(mem, multi, |a| hotset::emit(a, r.start, pages, pacing, per))?;
+            let sector = asm::boot_sector(mem, multi, |a| {
+                hotset::emit(a, r.start, pages, pacing, per, idle_from)
+            })?;
             fills.push(MemoryFill {
                 gpa: r.start,
                 len: wss,
@@ -570,27 +588,6 @@ fn ms_to_ticks(key: &'static str, ms: u64, tsc_hz: u64) -> Result<u64, WorkloadE
         Ok(t) if t > 0 => Ok(t),
         _ => Err(WorkloadError::DurationOutOfRange { key, ms, tsc_hz }),
     }
-}
-
-/// TSC pacing for `rate` pages/s.
-fn pacing(rate: u64, tsc_hz: Option<u64>) -> Result<hotset::Pacing, WorkloadError> {
-    if rate == 0 {
-        return Err(WorkloadError::BadNumber {
-            key: "rate",
-            value: "0".into(),
-            expected: "a positive integer",
-        });
-    }
-    let tsc_hz = tsc_hz.ok_or(WorkloadError::MissingTscHz)?;
-    let ticks_per_page = tsc_hz / rate;
-    if ticks_per_page == 0 {
-        return Err(WorkloadError::RateTooHigh { rate, tsc_hz });
-    }
-    let max_lag_ticks = (tsc_hz / 1000 * HOTSET_MAX_CATCH_UP_MS).max(ticks_per_page);
-    Ok(hotset::Pacing {
-        ticks_per_page,
-        max_lag_ticks,
-    })
 }
 
 #[cfg(test)]

@@ -81,6 +81,38 @@ pub(crate) fn split(range: &Range<u64>, vcpus: u32) -> Result<Option<PerVcpu>, W
     }))
 }
 
+/// The split of `range` among the first `writers` vCPUs of several (the
+/// others do not use it): always a [`PerVcpu`], even for one writer, since
+/// the image is a several-vCPU one.
+pub(crate) fn split_among(range: &Range<u64>, writers: u32) -> Result<PerVcpu, WorkloadError> {
+    let pages = (range.end - range.start) / PAGE_SIZE / u64::from(writers.max(1));
+    if pages == 0 {
+        return Err(WorkloadError::RangeTooSmallForVcpus {
+            len: range.end - range.start,
+            vcpus: writers,
+        });
+    }
+    Ok(PerVcpu {
+        chunk: pages * PAGE_SIZE,
+    })
+}
+
+/// The split of `range` when only vCPUs `0..writers` write (`hotset`'s
+/// `writers`), and the first vCPU that idles instead. All of them writing
+/// (or `None`) is the plain [`split`], so the image is the same as
+/// without the option.
+pub(crate) fn split_writers(
+    range: &Range<u64>,
+    vcpus: u32,
+    writers: Option<u32>,
+) -> Result<(Option<PerVcpu>, Option<u32>), WorkloadError> {
+    match writers {
+        Some(w) if w == 0 || w > vcpus => Err(WorkloadError::BadWriters { writers: w, vcpus }),
+        Some(w) if w < vcpus => Ok((Some(split_among(range, w)?), Some(w))),
+        _ => Ok((split(range, vcpus)?, None)),
+    }
+}
+
 /// Refuses a vCPU count the workloads cannot run on.
 pub(crate) fn check_vcpus(vcpus: u32) -> Result<(), WorkloadError> {
     if (1..=MAX_SMP_VCPUS).contains(&vcpus) {

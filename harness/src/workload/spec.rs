@@ -15,7 +15,7 @@
 //! ```text
 //! idle
 //! sweep[:start=SIZE,end=SIZE,mode=inc|same|zero]
-//! hotset[:wss=SIZE,rate=COUNT]
+//! hotset[:wss=SIZE,rate=COUNT,writers=COUNT]
 //! burst[:start=SIZE,end=SIZE|wss=SIZE,quiet=COUNT,quiet-wss=SIZE,storm=COUNT,cycles=COUNT]
 //! verify[:start=SIZE,end=SIZE]
 //! ```
@@ -35,7 +35,7 @@ const VERIFY_KEYS: &str = "start, end, seq";
 /// Keys accepted by sweep.
 const SWEEP_KEYS: &str = "start, end, mode";
 /// Keys accepted by hotset.
-const HOTSET_KEYS: &str = "wss, rate";
+const HOTSET_KEYS: &str = "wss, rate, writers";
 /// Keys accepted by burst.
 const BURST_KEYS: &str = "start, end, wss, quiet, quiet-wss, storm, cycles";
 
@@ -114,10 +114,12 @@ impl FromStr for WorkloadSpec {
             "hotset" => {
                 let mut wss = DEFAULT_HOTSET_WSS;
                 let mut rate = None;
+                let mut writers = None;
                 for (k, v) in &pairs {
                     match k.as_str() {
                         "wss" => wss = size("wss", v)?,
                         "rate" => rate = Some(count("rate", v)?),
+                        "writers" => writers = Some(count_u32("writers", v)?),
                         _ => return Err(unknown("hotset", k, HOTSET_KEYS)),
                     }
                 }
@@ -125,7 +127,7 @@ impl FromStr for WorkloadSpec {
                     return Err(WorkloadError::WssZero);
                 }
                 check_aligned("working-set size", wss)?;
-                Ok(WorkloadSpec::Hotset { wss, rate })
+                Ok(WorkloadSpec::Hotset { wss, rate, writers })
             }
             _ => Err(WorkloadError::UnknownWorkload(name.to_owned())),
         }
@@ -154,6 +156,15 @@ fn count(key: &'static str, value: &str) -> Result<u64, WorkloadError> {
             expected: "a positive integer",
         }),
     }
+}
+
+/// A positive count that fits a `u32`.
+fn count_u32(key: &'static str, value: &str) -> Result<u32, WorkloadError> {
+    u32::try_from(count(key, value)?).map_err(|_| WorkloadError::BadNumber {
+        key,
+        value: value.to_owned(),
+        expected: "a positive integer below 2^32",
+    })
 }
 
 /// A non-negative integer count (decimal or `0x` hex, no unit suffix).
@@ -299,11 +310,14 @@ impl fmt::Display for WorkloadSpec {
                 }
                 Ok(())
             }
-            WorkloadSpec::Hotset { wss, rate } => {
+            WorkloadSpec::Hotset { wss, rate, writers } => {
                 let mut w = SpecWriter::new(f, "hotset")?;
                 w.size("wss", Some(wss))?;
                 if let Some(rate) = rate {
                     w.param("rate", rate)?;
+                }
+                if let Some(writers) = writers {
+                    w.param("writers", writers)?;
                 }
                 Ok(())
             }

@@ -24,8 +24,9 @@ pub struct SendArgs {
     /// Destination: `tcp:HOST:PORT` or `unix:PATH`.
     #[arg(long)]
     to: String,
-    /// Convergence policy: qemu, auto-converge, xen, xen-legacy, mp
-    /// (`vmigrate policies` lists each one's settings).
+    /// Convergence policy: qemu, auto-converge, xen, xen-legacy, mp, ch,
+    /// stall, ramp, dirty-limit (needs a source run with `--dirty-track
+    /// ring`; `vmigrate policies` lists each one's settings).
     #[arg(long, default_value = "qemu")]
     policy: String,
     /// A policy setting, `KEY=VALUE` (repeatable; see ARCHITECTURE.md for

@@ -77,8 +77,25 @@ pub trait MigratableVm: Sync {
     fn resume(&self) -> Result<(), VmOpError>;
     /// Hold the vCPUs off `fraction` of the time (0.0 lifts it).
     fn set_throttle(&self, fraction: f64) -> Result<(), VmOpError>;
-    /// The throttle in force.
+    /// The throttle in force (the highest, when vCPUs have their own).
     fn throttle(&self) -> f64;
+    /// Hold vCPU *i* off `fractions[i]` of the time (dirty-limit). A VM
+    /// without per-vCPU throttles throttles every vCPU to the highest
+    /// fraction: never less than asked of any vCPU.
+    fn set_vcpu_throttles(&self, fractions: &[f64]) -> Result<(), VmOpError> {
+        self.set_throttle(fractions.iter().copied().fold(0.0, f64::max))
+    }
+    /// Each vCPU's throttle in index order (by default the shared one).
+    fn vcpu_throttles(&self) -> Vec<f64> {
+        let n = usize::try_from(self.vcpu_count()).unwrap_or(0);
+        vec![self.throttle(); n]
+    }
+    /// Dirty-ring entries consumed from each vCPU's ring so far (index
+    /// order, cumulative); `None` when the VM cannot attribute dirty pages
+    /// to vCPUs (the bitmap, the memory VM).
+    fn vcpu_dirty_entries(&self) -> Option<Vec<u64>> {
+        None
+    }
     /// Pages ever written since the VM was created, complete as of the last
     /// `harvest_dirty_log`; every other page is known to be zero. `None`
     /// when the VM cannot tell (every page is then read and scanned).
@@ -135,6 +152,15 @@ impl MigratableVm for crate::vm::Vm {
     }
     fn throttle(&self) -> f64 {
         crate::vm::Vm::throttle(self)
+    }
+    fn set_vcpu_throttles(&self, fractions: &[f64]) -> Result<(), VmOpError> {
+        Ok(crate::vm::Vm::set_vcpu_throttles(self, fractions)?)
+    }
+    fn vcpu_throttles(&self) -> Vec<f64> {
+        crate::vm::Vm::vcpu_throttles(self)
+    }
+    fn vcpu_dirty_entries(&self) -> Option<Vec<u64>> {
+        crate::vm::Vm::dirty_ring_harvested(self)
     }
     fn written_pages(&self) -> Option<DirtyBitmap> {
         Some(crate::vm::Vm::written_pages(self))

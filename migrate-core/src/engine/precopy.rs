@@ -63,6 +63,10 @@ pub(super) fn run<V: MigratableVm, W: Write>(
     let mut precopy_raw = 0u64;
     let mut precopy_time = Duration::ZERO;
     let mut throttle = 0.0f64;
+    // Set when the policy throttles vCPUs one by one (dirty-limit).
+    let mut vcpu_throttles: Vec<f64> = Vec::new();
+    // Cumulative ring entries per vCPU at the start of the iteration.
+    let mut entries_before = vm.vcpu_dirty_entries();
     // For the report only: the policy keeps its own copy.
     let mut downtime_limit = opts.downtime_limit;
 
@@ -85,6 +89,7 @@ pub(super) fn run<V: MigratableVm, W: Write>(
             .map_err(vm_err("dirty log sync"))?;
         syncs += 1;
         let duration = t0.elapsed();
+        let vcpu_dirty_pages = per_iteration(&mut entries_before, vm.vcpu_dirty_entries());
         precopy_bytes += sent.bytes;
         precopy_raw += sent.raw_bytes;
         precopy_time += duration;
@@ -102,6 +107,8 @@ pub(super) fn run<V: MigratableVm, W: Write>(
             ram_bytes: report.ram.total,
             page_size: PAGE_SIZE_U64,
             dirty_windows: windows,
+            vcpu_dirty_pages,
+            vcpu_throttles: vcpu_throttles.clone(),
         };
         report.record_iteration(&stats, false);
         report.ram.dirty_sync_count = syncs;
@@ -139,6 +146,16 @@ pub(super) fn run<V: MigratableVm, W: Write>(
             Decision::Throttle(f) => {
                 vm.set_throttle(f).map_err(vm_err("throttle vCPUs"))?;
                 throttle = f.clamp(0.0, 0.99);
+                vcpu_throttles.clear();
+                None
+            }
+            Decision::ThrottleVcpus(fs) => {
+                vm.set_vcpu_throttles(&fs)
+                    .map_err(vm_err("throttle vCPUs"))?;
+                // What the VM applied (clamped, and one entry per vCPU).
+                vcpu_throttles = vm.vcpu_throttles();
+                throttle = vm.throttle();
+                report.note_vcpu_throttles(&vcpu_throttles);
                 None
             }
             Decision::Continue => None,
@@ -186,4 +203,20 @@ pub(super) fn run<V: MigratableVm, W: Write>(
         next.clear();
         iteration += 1;
     }
+}
+
+/// Entries each vCPU's ring gave since `before` (which becomes `now`):
+/// empty when the VM cannot count per vCPU. The counters only grow; a
+/// shorter or smaller reading (none is expected) counts as 0.
+pub(super) fn per_iteration(before: &mut Option<Vec<u64>>, now: Option<Vec<u64>>) -> Vec<u64> {
+    let diff = match (before.as_ref(), now.as_ref()) {
+        (Some(b), Some(n)) => n
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| c.saturating_sub(b.get(i).copied().unwrap_or(0)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    *before = now;
+    diff
 }

@@ -84,6 +84,15 @@ pub struct IterationRecord {
     /// Most pages dirtied in one 100 ms window.
     #[serde(default)]
     pub window_dirty_max: u64,
+    /// Dirty-ring entries harvested from each vCPU's ring during this
+    /// iteration (empty with the bitmap). Under `kvm_pvm` an entry is one
+    /// emulated store, not a distinct page.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_dirty_pages: Vec<u64>,
+    /// Each vCPU's throttle during this iteration, when set one by one
+    /// (`dirty-limit`; empty otherwise: see `throttle`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_throttle: Vec<f64>,
 }
 
 /// RAM figures, as QEMU's `ram` object.
@@ -145,6 +154,10 @@ pub struct MigrationReport {
     /// Highest vCPU throttle applied, in percent (QEMU's name; 0 when the
     /// policy never throttled).
     pub cpu_throttle_percentage: f64,
+    /// Highest throttle applied to each vCPU (fractions, index order) when
+    /// a policy throttled vCPUs one by one (`dirty-limit`); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_throttle: Vec<f64>,
     /// Convergence policy name.
     pub policy: String,
     /// Downtime limit in force at the last policy decision, ms (changes with
@@ -230,6 +243,7 @@ impl MigrationReport {
                 ..Default::default()
             },
             cpu_throttle_percentage: 0.0,
+            vcpu_throttle: Vec::new(),
             policy: policy.to_string(),
             downtime_limit: None,
             max_bandwidth: None,
@@ -257,6 +271,21 @@ impl MigrationReport {
     }
 
     /// Add one iteration's figures.
+    /// Fold per-vCPU throttles into `vcpu-throttle` (each vCPU's highest)
+    /// when they are applied, so the report has them even if no iteration
+    /// ran under them (a stop right after; `query-migrate` sees them at the
+    /// next progress report, the end of the iteration).
+    pub(crate) fn note_vcpu_throttles(&mut self, throttles: &[f64]) {
+        if self.vcpu_throttle.len() < throttles.len() {
+            self.vcpu_throttle.resize(throttles.len(), 0.0);
+        }
+        for (max, &t) in self.vcpu_throttle.iter_mut().zip(throttles) {
+            *max = max.max(t);
+        }
+        let highest = throttles.iter().copied().fold(0.0, f64::max);
+        self.cpu_throttle_percentage = self.cpu_throttle_percentage.max(highest * 100.0);
+    }
+
     pub(crate) fn record_iteration(&mut self, s: &IterationStats, final_pass: bool) {
         self.ram.transferred += s.bytes_sent;
         self.ram.normal += s.pages_sent;
@@ -273,6 +302,7 @@ impl MigrationReport {
             self.ram.dirty_pages_rate = dirty_rate;
         }
         self.cpu_throttle_percentage = self.cpu_throttle_percentage.max(s.throttle * 100.0);
+        self.note_vcpu_throttles(&s.vcpu_throttles);
         self.iterations.push(IterationRecord {
             iteration: s.iteration,
             dirty_pages: s.dirty_pages,
@@ -289,6 +319,8 @@ impl MigrationReport {
             final_pass,
             window_dirty_min: s.dirty_windows.iter().copied().min().unwrap_or(0),
             window_dirty_max: s.dirty_windows.iter().copied().max().unwrap_or(0),
+            vcpu_dirty_pages: s.vcpu_dirty_pages.clone(),
+            vcpu_throttle: s.vcpu_throttles.clone(),
         });
     }
 }

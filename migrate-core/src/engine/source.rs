@@ -439,7 +439,7 @@ fn transfer<V: MigratableVm, W: Write>(
         throttle: vm.throttle(),
         ram_bytes: report.ram.total,
         page_size: PAGE_SIZE_U64,
-        dirty_windows: Vec::new(),
+        ..Default::default()
     };
     report.record_iteration(&stats, true);
     report.ram.dirty_sync_count = syncs;

@@ -15,6 +15,7 @@ pub mod ports;
 pub mod ring_set;
 mod saved;
 pub mod state;
+pub mod throttle;
 pub mod vcpu;
 
 use std::sync::mpsc::Sender;
@@ -32,7 +33,8 @@ use memory::{MemoryError, Slot};
 use ports::{PortBus, SerialSink};
 use ring_set::{Reaper, RingSet};
 use state::StateError;
-use vcpu::{Throttle, Ticker, VcpuCommand, VcpuHandle, VcpuThread};
+use throttle::Throttles;
+use vcpu::{VcpuCommand, VcpuHandle, VcpuThread};
 
 /// Where a boot image is loaded, as a PC BIOS does.
 pub const BOOT_LOAD_ADDR: u64 = 0x7C00;
@@ -160,8 +162,9 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     ports: Arc<PortBus>,
     cpu_model: String,
-    throttle: Arc<Throttle>,
-    ticker: std::sync::Mutex<Option<Ticker>>,
+    /// Each vCPU's throttle (auto-converge sets all alike, dirty-limit
+    /// one by one).
+    throttles: Throttles,
     /// Pages ever written (see [`Vm::written_pages`]).
     written: std::sync::Mutex<DirtyBitmap>,
     /// The VM has the in-kernel irqchip (two or more vCPUs, [`irqchip`]).
@@ -233,7 +236,7 @@ impl Vm {
             .to_vec();
         let use_xsave = kvm.check_extension(Cap::Xsave) && kvm.check_extension(Cap::Xcrs);
         let ports = Arc::new(PortBus::new(config.serial));
-        let throttle = Arc::new(Throttle::default());
+        let throttles = Throttles::new(config.vcpus);
         vcpu::install_kick_handler().map_err(|e| VmError::SpawnVcpu {
             vcpu: 0,
             source: std::io::Error::from_raw_os_error(e.errno()),
@@ -281,7 +284,7 @@ impl Vm {
                 use_xsave,
                 parked: index != 0 && !with_irqchip,
                 lapic: with_irqchip,
-                throttle: throttle.clone(),
+                throttle: throttles.of(index),
                 ring: rings.clone().map(|set| vcpu::RingHook {
                     set,
                     vm: fd.clone(),
@@ -304,8 +307,7 @@ impl Vm {
             vcpus,
             ports,
             cpu_model,
-            throttle,
-            ticker: std::sync::Mutex::new(None),
+            throttles,
             written: std::sync::Mutex::new(DirtyBitmap::new(pages)),
             irqchip: with_irqchip,
         })
@@ -314,21 +316,32 @@ impl Vm {
     /// Hold the vCPUs off `fraction` of the time (0.0 to 0.99), as QEMU's
     /// auto-converge does; 0.0 lifts the throttle.
     pub fn set_throttle(&self, fraction: f64) -> Result<(), VmError> {
-        self.throttle.set(fraction);
-        let mut ticker = self.ticker.lock().unwrap_or_else(|e| e.into_inner());
-        if fraction > 0.0 && ticker.is_none() {
-            let kick = self.vcpus.iter().map(VcpuHandle::kickable).collect();
-            *ticker = Some(
-                Ticker::spawn(self.throttle.clone(), kick)
-                    .map_err(|source| VmError::SpawnVcpu { vcpu: 0, source })?,
-            );
-        }
-        Ok(())
+        self.throttles
+            .set_all(fraction, || self.kickables())
+            .map_err(|source| VmError::SpawnVcpu { vcpu: 0, source })
     }
 
-    /// The throttle in force (fraction of vCPU time held off).
+    /// Hold vCPU *i* off `fractions[i]` of the time (each clamped to 0.0 to
+    /// 0.99; vCPUs beyond the list are unthrottled), as QEMU's dirty-limit
+    /// does: only the vCPUs that dirty memory slow down.
+    pub fn set_vcpu_throttles(&self, fractions: &[f64]) -> Result<(), VmError> {
+        self.throttles
+            .set_each(fractions, || self.kickables())
+            .map_err(|source| VmError::SpawnVcpu { vcpu: 0, source })
+    }
+
+    fn kickables(&self) -> Vec<vcpu::Kickable> {
+        self.vcpus.iter().map(VcpuHandle::kickable).collect()
+    }
+
+    /// The highest throttle in force (fraction of vCPU time held off).
     pub fn throttle(&self) -> f64 {
-        self.throttle.get()
+        self.throttles.max()
+    }
+
+    /// Each vCPU's throttle, in index order.
+    pub fn vcpu_throttles(&self) -> Vec<f64> {
+        self.throttles.each()
     }
 
     /// Guest RAM.
@@ -543,10 +556,7 @@ impl Vm {
     }
 
     fn stop_ticker(&self) {
-        let ticker = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = ticker {
-            t.stop();
-        }
+        self.throttles.stop();
     }
 
     fn vcpu(&self, index: u32) -> Result<&VcpuHandle, VmError> {

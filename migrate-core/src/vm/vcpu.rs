@@ -18,19 +18,19 @@
 //!  any --Exit--> thread ends
 //! ```
 //!
-//! Throttling (QEMU's auto-converge): with a throttle `p` in force, a vCPU
-//! sleeps `p / (1 - p)` × 10 ms after every 10 ms it ran, as QEMU's
-//! `cpu_throttle` does; a ticker kicks the vCPUs every 10 ms so that a guest
-//! that never exits (a store loop) still leaves KVM_RUN to take its sleep.
-//! The sleep waits on the command channel, so a throttled vCPU still pauses
-//! at once.
+//! Throttling (QEMU's auto-converge and dirty-limit): with its own throttle
+//! `p` in force, a vCPU sleeps `p / (1 - p)` × 10 ms after every 10 ms it
+//! ran, as QEMU's `cpu_throttle` does; a ticker kicks the throttled vCPUs
+//! every 10 ms so that a guest that never exits (a store loop) still leaves
+//! KVM_RUN to take its sleep (see [`super::throttle`]). The sleep waits on
+//! the command channel, so a throttled vCPU still pauses at once.
 //!
 //! Dirty ring: a vCPU whose ring is full exits with
 //! `KVM_EXIT_DIRTY_RING_FULL`; its thread consumes the ring, resets it and
 //! sets the pages aside for the engine's next harvest
 //! ([`super::ring_set::RingSet::on_ring_full`]), then re-enters the guest.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -45,6 +45,7 @@ use kvm_ioctls::VmFd;
 use super::ports::{PortAction, PortBus};
 use super::ring_set::RingSet;
 use super::state::{StateError, VcpuState};
+use super::throttle::{Throttle, THROTTLE_SLICE};
 use super::VmEvent;
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -54,34 +55,6 @@ pub fn kick_signal() -> i32 {
 
 /// Interval between kicks while a command waits for its answer.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
-
-/// Run slice of a throttled vCPU (QEMU's CPU_THROTTLE_TIMESLICE_NS).
-pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
-
-/// The throttle in force, in per-mille of vCPU time held off (0..=990).
-#[derive(Debug, Default)]
-pub struct Throttle(AtomicU32);
-
-impl Throttle {
-    /// Set the fraction of time the vCPUs are held off (clamped to 0..=0.99).
-    pub fn set(&self, fraction: f64) {
-        // In range 0..=990 after the clamp: the cast cannot truncate.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let per_mille = (fraction.clamp(0.0, 0.99) * 1000.0).round() as u32;
-        self.0.store(per_mille, Ordering::Relaxed);
-    }
-
-    /// The fraction in force.
-    pub fn get(&self) -> f64 {
-        f64::from(self.0.load(Ordering::Relaxed)) / 1000.0
-    }
-
-    /// How long to sleep after a full run slice (`None`: unthrottled).
-    fn sleep_per_slice(&self) -> Option<Duration> {
-        let p = self.get();
-        (p > 0.0).then(|| THROTTLE_SLICE.mul_f64(p / (1.0 - p)))
-    }
-}
 
 /// A vCPU thread's join handle, shared with whoever kicks it. The handle is
 /// taken out under the lock before joining, so nobody signals a thread
@@ -190,7 +163,8 @@ pub struct VcpuThread {
     pub parked: bool,
     /// The VM has the in-kernel irqchip: save and restore the LAPIC.
     pub lapic: bool,
-    /// The throttle shared by all vCPUs.
+    /// This vCPU's throttle (each vCPU has its own: dirty-limit slows
+    /// only the vCPUs that dirty memory).
     pub throttle: Arc<Throttle>,
     /// The dirty rings (`None`: the VM uses the bitmap).
     pub ring: Option<RingHook>,
@@ -400,36 +374,5 @@ impl VcpuThread {
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
-    }
-}
-
-/// The thread that kicks throttled vCPUs out of KVM_RUN every slice.
-pub struct Ticker {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Ticker {
-    /// Start kicking `vcpus` every slice while a throttle is in force.
-    pub fn spawn(throttle: Arc<Throttle>, vcpus: Vec<Kickable>) -> std::io::Result<Self> {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("throttle".into())
-            .spawn(move || {
-                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                    if throttle.get() > 0.0 {
-                        vcpus.iter().for_each(Kickable::kick);
-                    }
-                    std::thread::sleep(THROTTLE_SLICE);
-                }
-            })?;
-        Ok(Self { stop, thread })
-    }
-
-    /// Stop the thread and wait for it.
-    pub fn stop(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.thread.join();
     }
 }

@@ -20,10 +20,12 @@ fn all_specs() -> Vec<WorkloadSpec> {
         WorkloadSpec::Hotset {
             wss: 4096,
             rate: None,
+            writers: None,
         },
         WorkloadSpec::Hotset {
             wss: MIB,
             rate: Some(50_000),
+            writers: None,
         },
         WorkloadSpec::Verify {
             seq: false,

@@ -151,3 +151,48 @@ fn parts_are_equal_disjoint_and_inside_the_range() {
     assert_eq!(p.chunk, 3 * PAGE_SIZE);
     assert!(r.start + 3 * p.chunk <= r.end);
 }
+
+#[test]
+fn hotset_writers_idles_the_other_vcpus() {
+    let hot = |writers| WorkloadSpec::Hotset {
+        wss: 16 * MIB,
+        rate: None,
+        writers,
+    };
+    let p2 = smp_params(64 * MIB, 2);
+    // writers = every vCPU is the plain split: the same image.
+    assert_eq!(build(&hot(Some(2)), &p2), build(&hot(None), &p2));
+    // writers = 1 of 1 is the single-vCPU sector.
+    let p1 = smp_params(64 * MIB, 1);
+    assert_eq!(build(&hot(Some(1)), &p1), build(&hot(None), &p1));
+    // One writer of two: vCPU 1 branches to the idle countdown, vCPU 0
+    // keeps the whole working set (16 MiB = 4096 pages per pass).
+    let c64 = code64(&hot(Some(1)), &p2);
+    let at = c64
+        .iter()
+        .position(|i| i.mnemonic() == Mnemonic::Cmp && i.op_register(0) == Register::R8D)
+        .expect("index test");
+    assert_eq!(c64[at].immediate(1), 1);
+    assert_eq!(c64[at + 1].mnemonic(), Mnemonic::Jae);
+    let imms = immediates(&c64);
+    assert!(imms.contains(&4096), "{imms:?}");
+    // The idle countdown (`dec ecx`) is there only with writers.
+    let idles = |c: &[Instruction]| {
+        c.iter()
+            .any(|i| i.mnemonic() == Mnemonic::Dec && i.op_register(0) == Register::ECX)
+    };
+    assert!(idles(&c64));
+    let plain = code64(&hot(None), &p2);
+    assert!(!idles(&plain));
+    assert!(immediates(&plain).contains(&2048));
+    // 0, or more writers than vCPUs, is refused.
+    for w in [0, 3] {
+        assert_eq!(
+            build(&hot(Some(w)), &p2),
+            Err(WorkloadError::BadWriters {
+                writers: w,
+                vcpus: 2
+            })
+        );
+    }
+}

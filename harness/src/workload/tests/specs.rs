@@ -36,6 +36,7 @@ fn parses_good_specs() {
             WorkloadSpec::Hotset {
                 wss: DEFAULT_HOTSET_WSS,
                 rate: None,
+                writers: None,
             },
         ),
         (
@@ -43,6 +44,7 @@ fn parses_good_specs() {
             WorkloadSpec::Hotset {
                 wss: 256 * MIB,
                 rate: Some(50_000),
+                writers: None,
             },
         ),
         (
@@ -50,6 +52,7 @@ fn parses_good_specs() {
             WorkloadSpec::Hotset {
                 wss: DEFAULT_HOTSET_WSS,
                 rate: Some(16),
+                writers: None,
             },
         ),
         (
@@ -87,7 +90,8 @@ fn parses_good_specs() {
     assert_eq!(
         WorkloadSpec::Hotset {
             wss: 256 * MIB,
-            rate: Some(50_000)
+            rate: Some(50_000),
+            writers: None,
         }
         .to_string(),
         "hotset:wss=256M,rate=50000"
@@ -467,7 +471,11 @@ fn hotset_covers_the_study_range() {
         let mask = pages.next_power_of_two() - 1;
         for rate in [None, Some(1000), Some(250_000)] {
             for tsc_hz in [1_000_000_000, 2_000_000_000, 4_000_000_000] {
-                let spec = WorkloadSpec::Hotset { wss, rate };
+                let spec = WorkloadSpec::Hotset {
+                    wss,
+                    rate,
+                    writers: None,
+                };
                 let p = BuildParams {
                     mem_size: mem,
                     tsc_hz: Some(tsc_hz),
@@ -500,4 +508,40 @@ fn hotset_covers_the_study_range() {
         build(&"hotset:wss=1G".parse().unwrap(), &params(GIB)),
         Err(WorkloadError::WssTooLarge { .. })
     ));
+}
+
+#[test]
+fn hotset_writers_parses_and_prints() {
+    let spec: WorkloadSpec = "hotset:wss=16M,writers=1".parse().unwrap();
+    assert_eq!(
+        spec,
+        WorkloadSpec::Hotset {
+            wss: 16 * MIB,
+            rate: None,
+            writers: Some(1),
+        }
+    );
+    assert_eq!(spec.to_string(), "hotset:wss=16M,writers=1");
+    assert_eq!(spec.to_string().parse::<WorkloadSpec>().unwrap(), spec);
+    // Absent, it is not printed: existing specs keep their form.
+    assert_eq!(
+        "hotset:wss=16M"
+            .parse::<WorkloadSpec>()
+            .unwrap()
+            .to_string(),
+        "hotset:wss=16M"
+    );
+    for bad in [
+        "hotset:writers=0",
+        "hotset:writers=x",
+        "hotset:writers=4294967296",
+    ] {
+        assert!(
+            matches!(
+                bad.parse::<WorkloadSpec>(),
+                Err(WorkloadError::BadNumber { key: "writers", .. })
+            ),
+            "{bad}"
+        );
+    }
 }

@@ -593,4 +593,5 @@ mod channels;
 mod clone;
 mod completion;
 mod failover;
+mod vcpu_throttle;
 mod windows;
