@@ -255,10 +255,18 @@ struct ProfileFile {
     mem: String,
     #[serde(default = "default_mark")]
     mark: String,
+    #[serde(default = "default_vcpus")]
+    vcpus: u32,
+    #[serde(default)]
+    dirty_track: Option<String>,
 }
 
 fn default_mark() -> String {
     ".".into()
+}
+
+fn default_vcpus() -> u32 {
+    1
 }
 
 /// A loaded workload profile.
@@ -281,6 +289,11 @@ pub struct Profile {
     /// The guest needs VMM-written content, so a QEMU run boots it without
     /// that content and is not the same guest.
     pub needs_vmm_content: bool,
+    /// vCPUs of the guest (`vmigrate run --vcpus`; default 1).
+    pub vcpus: u32,
+    /// `vmigrate run --dirty-track` for the source (`None`: the default,
+    /// the bitmap); `dirty-limit` needs `ring`.
+    pub dirty_track: Option<String>,
 }
 
 /// Reads and checks a study file.
@@ -420,7 +433,17 @@ pub fn load_profile(dir: &Path, name: &str) -> Result<Profile, ConfigError> {
             )))
         }
     };
-    let (spec_error, needs_vmm_content) = match check_spec(&file.workload, mem_bytes) {
+    if file.vcpus == 0 {
+        return Err(invalid("vcpus must be at least 1".into()));
+    }
+    if let Some(t) = file.dirty_track.as_deref() {
+        if !["bitmap", "ring", "auto"].contains(&t) {
+            return Err(invalid(format!(
+                "dirty_track {t:?}: expected bitmap, ring or auto"
+            )));
+        }
+    }
+    let (spec_error, needs_vmm_content) = match check_spec(&file.workload, mem_bytes, file.vcpus) {
         Ok(needs) => (None, needs),
         Err(e) => (Some(e), false),
     };
@@ -433,19 +456,21 @@ pub fn load_profile(dir: &Path, name: &str) -> Result<Profile, ConfigError> {
         mark,
         spec_error,
         needs_vmm_content,
+        vcpus: file.vcpus,
+        dirty_track: file.dirty_track,
     })
 }
 
 /// Parses and builds a spec for `mem` bytes of RAM (with a nominal TSC rate
 /// so that paced workloads build); returns whether it needs VMM content.
-fn check_spec(spec: &str, mem: u64) -> Result<bool, String> {
+fn check_spec(spec: &str, mem: u64, vcpus: u32) -> Result<bool, String> {
     let parsed: WorkloadSpec = spec
         .parse()
         .map_err(|e| format!("workload `{spec}`: {e}"))?;
     let params = BuildParams {
         mem_size: mem,
         tsc_hz: Some(2_000_000_000),
-        vcpus: 1,
+        vcpus,
     };
     build(&parsed, &params)
         .map(|image| image.needs_vmm_content)

@@ -76,6 +76,20 @@ pub fn run_qemu(
         row.error = Some(e.clone());
         return RunRecord { row, report: None };
     }
+    if profile.vcpus > 1 || profile.dirty_track.is_some() {
+        // The QEMU runner boots one vCPU with QEMU's default dirty
+        // tracking: it would not be the same guest.
+        row.outcome = Some(Outcome::Error);
+        row.error = Some(format!(
+            "not run: the QEMU rows boot one vCPU with the bitmap, this profile has {} vCPUs{}",
+            profile.vcpus,
+            profile
+                .dirty_track
+                .as_deref()
+                .map_or_else(String::new, |t| format!(" and dirty tracking {t}"))
+        ));
+        return RunRecord { row, report: None };
+    }
     match migrate(env, q, work, profile, policy, &mut row) {
         Ok(report) => RunRecord {
             row,

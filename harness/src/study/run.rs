@@ -129,7 +129,7 @@ fn migrate(
         s("--incoming-timeout"),
         s(120),
     ]);
-    let src_argv = vec![
+    let mut src_argv = vec![
         vm.clone(),
         s("run"),
         s("--workload"),
@@ -141,6 +141,12 @@ fn migrate(
         s("--api-socket"),
         f("src.api").display().to_string(),
     ];
+    if profile.vcpus > 1 {
+        src_argv.extend([s("--vcpus"), profile.vcpus.to_string()]);
+    }
+    if let Some(t) = &profile.dirty_track {
+        src_argv.extend([s("--dirty-track"), t.clone()]);
+    }
     let start = Instant::now();
     let mut watch = MarkWatch::new(start, profile.mark, &[f("src.serial"), f("dst.serial")]);
     let mut dst = Guard::spawn(
