@@ -26,7 +26,9 @@ pub fn kvm_available(test: &str) -> bool {
 
 mod migration;
 
-pub use migration::{digest, finish_send, info, query_migrate, spawn_send, verb, wait_report};
+pub use migration::{
+    digest, epochs, finish_send, info, query_migrate, spawn_send, verb, wait_info, wait_report,
+};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -34,6 +34,34 @@ pub fn info(bin: &Path, socket: &Path) -> Value {
     json_verb(bin, socket, "info")
 }
 
+/// Poll `info` on `socket` every 20 ms until `ok` holds; panics after
+/// `timeout`, naming `what` and the last answer.
+pub fn wait_info(
+    bin: &Path,
+    socket: &Path,
+    timeout: std::time::Duration,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let st = info(bin, socket);
+        if ok(&st) {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited for {what}: {st:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Checkpoint epochs an `info` answer counts (0 without checkpoints).
+pub fn epochs(st: &Value) -> u64 {
+    st["checkpoints"]["epochs"].as_u64().unwrap_or(0)
+}
+
 /// `vmigrate digest --json` on `socket`: memory and vCPU digests the VM
 /// process computes from what it holds.
 pub fn digest(bin: &Path, socket: &Path) -> Value {

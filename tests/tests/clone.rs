@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use e2e::{
-    clone_json, digest, info, kvm_available, one_at_a_time, query_migrate, send_json, verb,
+    clone_json, digest, epochs, info, kvm_available, one_at_a_time, query_migrate, send_json, verb,
     Scratch, VmProcess,
 };
 use harness::{MISMATCH_MARK, PASS_MARK};
@@ -289,19 +289,7 @@ fn the_primary_of_a_failed_clone_keeps_running() {
 
 /// Poll `info` on `socket` until `ok` holds.
 fn wait_info(socket: &Path, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + T;
-    loop {
-        let st = info(bin(), socket);
-        if ok(&st) {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "waited for {what}: {st:#}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn epochs(st: &Value) -> u64 {
-    st["checkpoints"]["epochs"].as_u64().unwrap_or(0)
+    e2e::wait_info(bin(), socket, T, what, ok)
 }
 
 #[test]

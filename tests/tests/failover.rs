@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use e2e::{clone_json, info, kvm_available, one_at_a_time, verb, Scratch, VmProcess};
+use e2e::{clone_json, epochs, info, kvm_available, one_at_a_time, verb, Scratch, VmProcess};
 use harness::{MISMATCH_MARK, PASS_MARK};
 use serde_json::Value;
 
@@ -61,20 +61,9 @@ fn protected_pair(dir: &Scratch, tag: &str, standby_args: &[&str]) -> (VmProcess
     (src, held)
 }
 
+/// Poll `info` on `socket` until `ok` holds.
 fn wait_info(socket: &Path, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + T;
-    loop {
-        let st = info(bin(), socket);
-        if ok(&st) {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "waited for {what}: {st:#}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn epochs(st: &Value) -> u64 {
-    st["checkpoints"]["epochs"].as_u64().unwrap_or(0)
+    e2e::wait_info(bin(), socket, T, what, ok)
 }
 
 /// The pass numbers in a `verify:seq=1` stream, checked to count up by one
