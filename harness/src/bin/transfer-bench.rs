@@ -25,9 +25,12 @@ struct Args {
     /// vmigrate channel counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     channels: Vec<u32>,
-    /// QEMU multifd channel counts, comma-separated (1: no multifd; empty: no QEMU).
+    /// QEMU multifd channel counts, comma-separated (1: no multifd).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     qemu_channels: Vec<u32>,
+    /// Leave QEMU out (no QEMU rows).
+    #[arg(long)]
+    no_qemu: bool,
     /// Seconds of the plain TCP stream.
     #[arg(long, default_value_t = 3.0)]
     tcp_seconds: f64,
@@ -81,7 +84,11 @@ fn main() -> anyhow::Result<()> {
         mem: args.mem,
         reps: args.reps,
         channels: args.channels,
-        qemu_channels: args.qemu_channels,
+        qemu_channels: if args.no_qemu {
+            Vec::new()
+        } else {
+            args.qemu_channels
+        },
         tcp_seconds: args.tcp_seconds,
         time_cap_s: args.time_cap,
     };
