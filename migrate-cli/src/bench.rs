@@ -162,6 +162,7 @@ fn measure(mem: u64, wss: u64, track: DirtyTrack, a: &DirtyTrackArgs) -> anyhow:
                 track,
                 ring_bytes: None,
             },
+            ram: None,
         },
         tx,
     )?;

@@ -18,7 +18,7 @@ use migrate_core::transport::{
 };
 use migrate_core::vm::dirty_log::{DirtyTrack, DirtyTrackConfig};
 use migrate_core::vm::ports::SerialSink;
-use migrate_core::vm::{Vm, VmConfig, VmEvent};
+use migrate_core::vm::{PreparedRam, Vm, VmConfig, VmEvent};
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("channel").args(["psk_file", "tls_cert", "insecure"])))]
@@ -92,6 +92,14 @@ pub struct RunArgs {
     /// the arrived guest is tracked when it migrates on.
     #[arg(long, default_value = "bitmap")]
     dirty_track: DirtyTrack,
+    /// Allocate every page of guest RAM up front (QEMU's -mem-prealloc,
+    /// Cloud Hypervisor's prefault=on): before the guest boots, or with
+    /// --incoming before listening (then --mem is needed). A migration then
+    /// copies pages into memory that is already there, which is faster and
+    /// steadier on these hosts; the price is all of RAM resident from the
+    /// start.
+    #[arg(long)]
+    prefault: bool,
     /// Dirty ring size per vCPU in bytes (16 per page; a power of two from
     /// 4K to the kernel's maximum; default 1M or the maximum if smaller).
     #[arg(long)]
@@ -122,6 +130,21 @@ pub fn tsc_hz_for(spec: &harness::WorkloadSpec) -> Option<u64> {
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let serial = serial_sink(&a.serial)?;
     let mem = a.mem.as_deref().map(harness::parse_size).transpose()?;
+    let mut ram = match (a.prefault, mem) {
+        (false, _) => None,
+        (true, None) => bail!(
+            "--prefault needs --mem (with --incoming, the size must be known before the source connects)"
+        ),
+        (true, Some(size)) => {
+            let ram = PreparedRam::prefaulted(size).context("--prefault")?;
+            eprintln!(
+                "vmigrate: {} MiB of guest RAM allocated ahead in {} ms",
+                size >> 20,
+                ram.took().as_millis()
+            );
+            Some(ram)
+        }
+    };
     let dirty_track = DirtyTrackConfig {
         track: a.dirty_track,
         ring_bytes: a
@@ -205,6 +228,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                         vcpus: hello.vcpu_count,
                         serial: serial.take().expect("one VM per migration"),
                         dirty_track,
+                        ram: ram.take(),
                     },
                     vm_tx.clone(),
                 )?;
@@ -268,6 +292,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 vcpus: a.vcpus.unwrap_or(1),
                 serial,
                 dirty_track,
+                ram: ram.take(),
             },
             vm_tx.clone(),
         )?;

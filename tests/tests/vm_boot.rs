@@ -50,6 +50,7 @@ fn boot_sector_prints_dirties_and_halts() {
             vcpus: 1,
             serial: Box::new(out.clone()),
             dirty_track: Default::default(),
+            ram: None,
         },
         tx,
     )
@@ -125,6 +126,7 @@ fn bsp_starts_ap_with_init_sipi_and_state_round_trips() {
             vcpus: 2,
             serial: Box::new(out.clone()),
             dirty_track: Default::default(),
+            ram: None,
         },
         tx,
     )
@@ -223,6 +225,7 @@ fn boot_workload(spec: &str, vcpus: u32) -> (Vm, Capture, mpsc::Receiver<VmEvent
             vcpus,
             serial: Box::new(out.clone()),
             dirty_track: Default::default(),
+            ram: None,
         },
         tx,
     )
@@ -313,6 +316,7 @@ fn two_vcpu_vm_pauses_a_halted_bsp_and_a_never_started_ap() {
             vcpus: 2,
             serial: Box::new(out.clone()),
             dirty_track: Default::default(),
+            ram: None,
         },
         tx,
     )

@@ -288,6 +288,7 @@ impl Lanes {
         memory: &GuestMemoryMmap,
         written: &Arc<WrittenPages>,
         io_timeout: Duration,
+        via_mapping: bool,
     ) -> Result<Self, MigrationError> {
         let limits = Limits::default();
         let mut readers = Vec::new();
@@ -341,7 +342,7 @@ impl Lanes {
                 std::thread::Builder::new()
                     .name(format!("channel-{index}"))
                     .spawn(move || {
-                        if let Err(e) = receive_lane(r, &memory, written, &sync) {
+                        if let Err(e) = receive_lane(r, &memory, written, &sync, via_mapping) {
                             sync.fail(&format!(
                                 "channel {index}: {}",
                                 super::source::error_chain(&e)
@@ -379,8 +380,9 @@ fn receive_lane(
     memory: &GuestMemoryMmap,
     written: Arc<WrittenPages>,
     sync: &IterationSync,
+    via_mapping: bool,
 ) -> Result<(), MigrationError> {
-    let mut applier = PageApplier::sharing(written)?;
+    let mut applier = PageApplier::sharing(written)?.via_mapping(via_mapping);
     let limits = Limits::default();
     let mut iteration = 0u32;
     let mut pages = 0u64;

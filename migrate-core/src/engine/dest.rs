@@ -171,7 +171,8 @@ pub fn receive_migration_with_channels<V: MigratableVm>(
     let mut rx = Receiver {
         applier: PageApplier::new(
             usize::try_from(crate::vm::ram_pages(vm.memory())).expect("page count fits usize"),
-        )?,
+        )?
+        .via_mapping(vm.ram_prefaulted()),
         phase: Phase::Memory,
         iteration: 0,
         iteration_pages: 0,
@@ -281,6 +282,7 @@ fn receive_loop<V: MigratableVm>(
                                 vm.memory(),
                                 rx.applier.written(),
                                 opts.io_timeout,
+                                vm.ram_prefaulted(),
                             )
                         }),
                     None => Err(MigrationError::InvalidData(

@@ -109,6 +109,12 @@ pub trait MigratableVm: Sync {
     fn dirty_track(&self) -> &'static str {
         "memory"
     }
+    /// Every page of RAM is allocated and mapped already (`--prefault`):
+    /// the destination then copies pages in through the mapping, which is
+    /// faster than `pwrite` into the memfd only when no page fault follows.
+    fn ram_prefaulted(&self) -> bool {
+        false
+    }
     /// Save every vCPU's state as an opaque blob, in index order (paused).
     fn save_vcpus(&self) -> Result<Vec<Vec<u8>>, VmOpError>;
     /// Restore every vCPU from blobs, in index order (paused).
@@ -167,6 +173,9 @@ impl MigratableVm for crate::vm::Vm {
     }
     fn note_written(&self, pages: &DirtyBitmap) {
         crate::vm::Vm::note_written(self, pages)
+    }
+    fn ram_prefaulted(&self) -> bool {
+        crate::vm::Vm::ram_prefaulted(self)
     }
     fn dirty_track(&self) -> &'static str {
         crate::vm::Vm::dirty_track(self)

@@ -218,6 +218,10 @@ pub struct PageApplier {
     spare: Vec<u8>,
     decompressor: zstd::bulk::Decompressor<'static>,
     zero_page: Vec<u8>,
+    /// Copy pages in through the mapping rather than `pwrite` them into
+    /// the memfd: right when every page is allocated and mapped already
+    /// (`--prefault`), where it is about twice as fast.
+    via_mapping: bool,
 }
 
 impl PageApplier {
@@ -237,7 +241,15 @@ impl PageApplier {
                 MigrationError::InvalidData(format!("cannot set up zstd decompression: {e}"))
             })?,
             zero_page: vec![0; PAGE_SIZE],
+            via_mapping: false,
         })
+    }
+
+    /// Write through the mapping (`yes`, for prefaulted RAM) or with
+    /// `pwrite` into the memfd (the default).
+    pub fn via_mapping(mut self, yes: bool) -> Self {
+        self.via_mapping = yes;
+        self
     }
 
     fn page_index(&self, gpa: u64) -> Result<usize, MigrationError> {
@@ -322,7 +334,7 @@ impl PageApplier {
                 &self.scratch
             }
         };
-        write_pages(memory, &batch.gpas, data)?;
+        write_pages(memory, &batch.gpas, data, self.via_mapping)?;
         for gpa in &batch.gpas {
             self.written
                 .set(usize::try_from(*gpa / PAGE_SIZE as u64).expect("checked above"));
@@ -371,9 +383,14 @@ impl PageApplier {
 /// go into the region's memfd with one `pwrite` each: a page written whole
 /// that way is not zeroed by the kernel first, which a copy through the
 /// mapping into a never-touched page would cost (see `vm::memory`).
-/// Regions without a file (anonymous memory) are written through the
-/// mapping.
-fn write_pages(memory: &GuestMemoryMmap, gpas: &[u64], data: &[u8]) -> Result<(), MigrationError> {
+/// Regions without a file (anonymous memory), and every region when
+/// `via_mapping` (RAM allocated ahead), are written through the mapping.
+fn write_pages(
+    memory: &GuestMemoryMmap,
+    gpas: &[u64],
+    data: &[u8],
+    via_mapping: bool,
+) -> Result<(), MigrationError> {
     let failed = |gpa: u64, e: &dyn std::fmt::Display| {
         MigrationError::InvalidData(format!("writing page {gpa:#x}: {e}"))
     };
@@ -393,7 +410,7 @@ fn write_pages(memory: &GuestMemoryMmap, gpas: &[u64], data: &[u8]) -> Result<()
             n += 1;
         }
         let bytes = &data[i * PAGE_SIZE..(i + n) * PAGE_SIZE];
-        match region.file_offset() {
+        match region.file_offset().filter(|_| !via_mapping) {
             Some(f) => {
                 let at = f.start() + (first - region.start_addr().raw_value());
                 f.file()
@@ -415,7 +432,8 @@ mod tests {
     use crate::vm::memory::{map_memory, slot_layout};
 
     /// Pages across a slot boundary, out of order and in runs arrive where
-    /// they belong, through the memfd and through an anonymous mapping.
+    /// they belong, through the memfd (by `pwrite` or the mapping) and
+    /// through an anonymous mapping.
     #[test]
     fn whole_pages_land_in_their_slots_in_runs_and_singly() {
         const GIB: u64 = 1 << 30;
@@ -431,15 +449,18 @@ mod tests {
         let data: Vec<u8> = (0..gpas.len())
             .flat_map(|i| vec![u8::try_from(i + 1).unwrap(); PAGE_SIZE])
             .collect();
-        let file_backed = map_memory(&slot_layout(GIB + 4 * page).unwrap()).unwrap();
-        assert_eq!(file_backed.num_regions(), 2);
-        let anonymous = GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), usize::try_from(GIB).unwrap()),
-            (GuestAddress(GIB), usize::try_from(4 * page).unwrap()),
-        ])
-        .unwrap();
-        for memory in [&file_backed, &anonymous] {
-            write_pages(memory, &gpas, &data).unwrap();
+        for (memory, via_mapping) in [false, true].into_iter().flat_map(|via| {
+            let file_backed = map_memory(&slot_layout(GIB + 4 * page).unwrap()).unwrap();
+            assert_eq!(file_backed.num_regions(), 2);
+            let anonymous = GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), usize::try_from(GIB).unwrap()),
+                (GuestAddress(GIB), usize::try_from(4 * page).unwrap()),
+            ])
+            .unwrap();
+            [(file_backed, via), (anonymous, via)]
+        }) {
+            let memory = &memory;
+            write_pages(memory, &gpas, &data, via_mapping).unwrap();
             // The last write of a gpa wins (the duplicate at the end).
             for (gpa, want) in [
                 (GIB - 2 * page, 6u8),

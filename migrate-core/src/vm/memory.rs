@@ -61,6 +61,15 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    /// Guest memory could not be allocated ahead of use (`--prefault`).
+    #[error("cannot allocate the {size:#x} bytes of guest memory ahead of use")]
+    Prefault {
+        /// Requested size in bytes.
+        size: u64,
+        /// The system error.
+        #[source]
+        source: std::io::Error,
+    },
     /// KVM refused a memory slot.
     #[error("KVM refused memory slot {slot} at {gpa:#x} ({size:#x} bytes)")]
     RegisterSlot {

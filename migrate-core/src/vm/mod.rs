@@ -12,11 +12,14 @@ pub mod irqchip;
 pub mod memory;
 mod pending;
 pub mod ports;
+pub mod prefault;
 pub mod ring_set;
 mod saved;
 pub mod state;
 pub mod throttle;
 pub mod vcpu;
+
+pub use prefault::PreparedRam;
 
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -146,6 +149,9 @@ pub struct VmConfig {
     pub serial: SerialSink,
     /// Dirty bitmap or dirty ring.
     pub dirty_track: DirtyTrackConfig,
+    /// RAM allocated ahead ([`PreparedRam::prefaulted`]), of `mem_size`
+    /// bytes; `None`: pages are allocated as they are first written.
+    pub ram: Option<PreparedRam>,
 }
 
 /// A KVM VM with its memory and vCPU threads.
@@ -169,6 +175,8 @@ pub struct Vm {
     written: std::sync::Mutex<DirtyBitmap>,
     /// The VM has the in-kernel irqchip (two or more vCPUs, [`irqchip`]).
     irqchip: bool,
+    /// Every page of RAM was allocated and mapped before the VM was made.
+    prefaulted: bool,
 }
 
 impl Vm {
@@ -208,7 +216,22 @@ impl Vm {
             }
             None => dirty_log::enable_manual_protect(&fd),
         };
-        let memory = memory::map_memory(&slots)?;
+        let prefaulted = config.ram.is_some();
+        let memory = match config.ram {
+            Some(ram) if ram.size == config.mem_size => ram.memory,
+            Some(ram) => {
+                return Err(memory::MemoryError::BadSize {
+                    size: config.mem_size,
+                    reason: if ram.size < config.mem_size {
+                        "larger than the RAM allocated ahead (--mem)"
+                    } else {
+                        "smaller than the RAM allocated ahead (--mem)"
+                    },
+                }
+                .into())
+            }
+            None => memory::map_memory(&slots)?,
+        };
         memory::register_slots(&fd, &memory, &slots)?;
         // Before any vCPU, so that each gets its LAPIC.
         let with_irqchip = config.vcpus > 1;
@@ -310,6 +333,7 @@ impl Vm {
             throttles,
             written: std::sync::Mutex::new(DirtyBitmap::new(pages)),
             irqchip: with_irqchip,
+            prefaulted,
         })
     }
 
@@ -347,6 +371,12 @@ impl Vm {
     /// Guest RAM.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// Whether every page of RAM was allocated before the VM was made
+    /// ([`VmConfig::ram`]): writes then go through the mapping.
+    pub fn ram_prefaulted(&self) -> bool {
+        self.prefaulted
     }
 
     /// The KVM memory slots.

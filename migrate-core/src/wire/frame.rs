@@ -2,6 +2,7 @@
 
 use std::io::{self, IoSlice, Read, Write};
 
+use super::checked;
 use super::codec::invalid;
 use super::message::{decode_payload, encode_payload};
 use super::pages::{self, Compression};
@@ -160,6 +161,55 @@ impl<'r, R: Read> PayloadReader<'r, R> {
         Ok(buffer)
     }
 
+    /// Checks the payload checksum against what was read so far: for a
+    /// kind whose frame CRC covers only the start of the payload
+    /// (`CheckedPages`); the rest is then read with
+    /// [`PayloadReader::read_into_unhashed`].
+    pub(super) fn check_prefix(&mut self) -> Result<(), WireError> {
+        let found = self.hasher.clone().finalize();
+        if found != self.header.payload_crc {
+            let err = WireError::PayloadChecksum {
+                kind: self.header.kind,
+                expected: self.header.payload_crc,
+                found,
+            };
+            // Drain unhashed so the error stays a checksum error.
+            let mut scratch = [0u8; 8192];
+            while self.remaining > 0 {
+                let n = self.remaining.min(scratch.len());
+                let got = read_full(self.r, &mut scratch[..n])?;
+                self.remaining -= got;
+                if got < n {
+                    return Err(self.truncated());
+                }
+            }
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Like [`PayloadReader::read_into`], leaving the bytes out of the
+    /// frame checksum (after [`PayloadReader::check_prefix`]).
+    pub(super) fn read_into_unhashed(
+        &mut self,
+        n: usize,
+        mut buffer: Vec<u8>,
+    ) -> Result<Vec<u8>, WireError> {
+        debug_assert!(n <= self.remaining);
+        if buffer.capacity() < n {
+            buffer = Vec::with_capacity(n);
+        }
+        // Reusing the allocation: a buffer that held `n` bytes before is
+        // neither reallocated nor zero-filled.
+        buffer.resize(n, 0);
+        let got = read_full(self.r, &mut buffer)?;
+        self.remaining -= got;
+        if got < n {
+            return Err(self.truncated());
+        }
+        Ok(buffer)
+    }
+
     /// Checks the payload checksum once everything was read.
     pub(super) fn finish(&mut self) -> Result<(), WireError> {
         debug_assert_eq!(self.remaining, 0);
@@ -242,6 +292,9 @@ pub fn read_message_into<R: Read>(
     if header.kind == MessageKind::Pages {
         return pages::read_batch(&mut pr, std::mem::take(spare)).map(Message::Pages);
     }
+    if header.kind == MessageKind::CheckedPages {
+        return checked::read(&mut pr, std::mem::take(spare)).map(Message::CheckedPages);
+    }
     let payload = pr.read_vec(pr.remaining())?;
     pr.finish()?;
     decode_payload(header.kind, &payload)
@@ -265,7 +318,48 @@ pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> Result<u64, WireErro
     let mut buf = Vec::with_capacity(HEADER_LEN + 64);
     buf.resize(HEADER_LEN, 0);
     let tail = encode_payload(msg, &mut buf)?;
+    if msg.kind() == MessageKind::CheckedPages {
+        // The frame CRC covers the prefix; each page has its own.
+        return write_frame_parts(w, msg.kind(), buf, &[], &[tail]);
+    }
     write_frame(w, msg.kind(), buf, &[tail])
+}
+
+/// Writes a `CheckedPages` batch whose pages are given as slices, for
+/// example runs of guest memory: `runs` together hold exactly one page per
+/// gpa, in order, and `crcs` one CRC-32 per page. The slices are handed to
+/// the writer as they are (one `writev` where it passes vectored writes
+/// through), never copied or read here. Returns the bytes written.
+///
+/// # Errors
+///
+/// [`WireError::InvalidField`] for a bad gpa list, CRC count or data
+/// length, before anything is written; [`WireError::Io`] from the writer.
+pub fn write_checked_pages<W: Write>(
+    w: &mut W,
+    iteration: u32,
+    gpas: &[u64],
+    crcs: &[u32],
+    runs: &[&[u8]],
+) -> Result<u64, WireError> {
+    let kind = MessageKind::CheckedPages;
+    pages::validate_gpas_of(kind, gpas)?;
+    let data: usize = runs.iter().map(|r| r.len()).sum();
+    if crcs.len() != gpas.len() || data != gpas.len() * PAGE_SIZE {
+        return Err(invalid(
+            kind,
+            "data",
+            format!(
+                "{data} bytes and {} CRCs for {} pages",
+                crcs.len(),
+                gpas.len()
+            ),
+        ));
+    }
+    let mut buf = Vec::with_capacity(HEADER_LEN + checked::CHECKED_FIXED_LEN + 12 * gpas.len());
+    buf.resize(HEADER_LEN, 0);
+    checked::encode_prefix(iteration, gpas, crcs, &mut buf)?;
+    write_frame_parts(w, kind, buf, &[], runs)
 }
 
 /// Writes a raw `Pages` batch whose pages are separate slices (for example
@@ -306,8 +400,19 @@ pub fn write_raw_pages<W: Write>(
 fn write_frame<W: Write>(
     w: &mut W,
     kind: MessageKind,
+    buf: Vec<u8>,
+    rest: &[&[u8]],
+) -> Result<u64, WireError> {
+    write_frame_parts(w, kind, buf, rest, &[])
+}
+
+/// [`write_frame`] with a tail `unhashed` that the frame CRC leaves out.
+fn write_frame_parts<W: Write>(
+    w: &mut W,
+    kind: MessageKind,
     mut buf: Vec<u8>,
     rest: &[&[u8]],
+    unhashed: &[&[u8]],
 ) -> Result<u64, WireError> {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&buf[HEADER_LEN..]);
@@ -316,6 +421,7 @@ fn write_frame<W: Write>(
         hasher.update(part);
         payload_len += part.len();
     }
+    payload_len += unhashed.iter().map(|p| p.len()).sum::<usize>();
     let max = kind.max_payload_len();
     let len = u32::try_from(payload_len)
         .ok()
@@ -333,6 +439,7 @@ fn write_frame<W: Write>(
     buf[..HEADER_LEN].copy_from_slice(&header.encode());
     let mut slices: Vec<IoSlice<'_>> = std::iter::once(buf.as_slice())
         .chain(rest.iter().copied())
+        .chain(unhashed.iter().copied())
         .filter(|p| !p.is_empty())
         .map(IoSlice::new)
         .collect();

@@ -48,11 +48,14 @@ pub enum MessageKind {
     /// holds back for a checkpoint epoch (output commit), or how far it
     /// released its output.
     SerialOutput = 16,
+    /// [`CheckedBatch`](super::CheckedBatch): whole pages sent straight
+    /// from guest memory, each with its own CRC.
+    CheckedPages = 17,
 }
 
 impl MessageKind {
     /// Every kind, in wire-value order.
-    pub const ALL: [MessageKind; 16] = [
+    pub const ALL: [MessageKind; 17] = [
         Self::Hello,
         Self::HelloAck,
         Self::Error,
@@ -69,6 +72,7 @@ impl MessageKind {
         Self::ChannelJoin,
         Self::StandbyHeld,
         Self::SerialOutput,
+        Self::CheckedPages,
     ];
 
     /// Decodes a wire value; `None` for `0` and unknown values.
@@ -100,6 +104,7 @@ impl MessageKind {
             Self::ChannelJoin => "ChannelJoin",
             Self::StandbyHeld => "StandbyHeld",
             Self::SerialOutput => "SerialOutput",
+            Self::CheckedPages => "CheckedPages",
         }
     }
 
@@ -119,6 +124,7 @@ impl MessageKind {
             Self::Complete => 17,
             Self::Accepted => 9,
             Self::SerialOutput => 65_556,
+            Self::CheckedPages => 4_206_600,
             Self::Commit | Self::Heartbeat | Self::Resumed | Self::StandbyHeld => 0,
         }
     }
@@ -128,6 +134,9 @@ impl MessageKind {
 const _: () = {
     assert!(2 + 2 + MAX_ERROR_MESSAGE_LEN == 4_100);
     assert!(pages::PAGES_FIXED_LEN + super::MAX_BATCH_PAGES * (8 + PAGE_SIZE) == 4_202_505);
+    assert!(
+        super::checked::CHECKED_FIXED_LEN + super::MAX_BATCH_PAGES * (12 + PAGE_SIZE) == 4_206_600
+    );
     assert!(8 + 16 * super::MAX_ZERO_RANGES == 1_048_584);
     assert!(20 + super::MAX_SERIAL_CHUNK == 65_556);
     assert!(8 + MAX_BLOB_LEN == 1_048_584 && 4 + MAX_BLOB_LEN == 1_048_580);

@@ -292,6 +292,8 @@ pub enum Message {
     ChannelJoin(ChannelJoin),
     /// See [`SerialOutput`].
     SerialOutput(SerialOutput),
+    /// See [`CheckedBatch`](super::CheckedBatch).
+    CheckedPages(super::CheckedBatch),
 }
 
 impl Message {
@@ -314,6 +316,7 @@ impl Message {
             Self::StandbyHeld => MessageKind::StandbyHeld,
             Self::Heartbeat => MessageKind::Heartbeat,
             Self::SerialOutput(_) => MessageKind::SerialOutput,
+            Self::CheckedPages(_) => MessageKind::CheckedPages,
         }
     }
 
@@ -336,6 +339,7 @@ impl Message {
                 Ok(())
             }
             Self::Pages(b) => b.validate(),
+            Self::CheckedPages(b) => b.validate(),
             Self::ZeroPages(z) => z.validate(),
             Self::VcpuState(VcpuState { blob, .. }) | Self::VmState(VmState { blob }) => {
                 if blob.len() > MAX_BLOB_LEN {
@@ -424,6 +428,10 @@ pub(super) fn encode_payload<'m>(
             pages::encode_batch_prefix(b.iteration, b.compression, &b.gpas, out)?;
             return Ok(&b.data);
         }
+        Message::CheckedPages(b) => {
+            super::checked::encode_prefix(b.iteration, &b.gpas, &b.crcs, out)?;
+            return Ok(&b.data);
+        }
         Message::ZeroPages(z) => pages::encode_zero_pages(z, out)?,
         Message::IterationEnd(e) => {
             out.put_u32(e.iteration);
@@ -476,6 +484,7 @@ pub(super) fn decode_payload(kind: MessageKind, payload: &[u8]) -> Result<Messag
             Message::Error(ErrorMessage { code, message })
         }
         MessageKind::Pages => Message::Pages(pages::decode_batch(&mut d)?),
+        MessageKind::CheckedPages => Message::CheckedPages(super::checked::decode(&mut d)?),
         MessageKind::ZeroPages => Message::ZeroPages(pages::decode_zero_pages(&mut d)?),
         MessageKind::IterationEnd => Message::IterationEnd(IterationEnd {
             iteration: d.u32("iteration")?,

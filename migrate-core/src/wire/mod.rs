@@ -129,6 +129,7 @@
 //! directly into the batch's own buffer. Decompression is left to the caller
 //! ([`PageBatch::decompress_into`]), so it can run off the socket thread.
 
+mod checked;
 mod codec;
 mod frame;
 mod kind;
@@ -137,7 +138,11 @@ mod pages;
 #[cfg(test)]
 mod tests;
 
-pub use frame::{read_message, read_message_into, write_message, write_raw_pages, FrameHeader};
+pub use checked::CheckedBatch;
+pub use frame::{
+    read_message, read_message_into, write_checked_pages, write_message, write_raw_pages,
+    FrameHeader,
+};
 pub use kind::{ErrorCode, MessageKind};
 pub use message::{
     Accepted, ChannelJoin, Complete, ErrorMessage, Hello, HelloAck, IterationEnd, MemoryRegion,
@@ -202,9 +207,18 @@ pub const FEATURE_CHANNELS: u64 = 1 << 3;
 /// mistake one for the other; a destination that does not know the bit
 /// does not ack it and the source stops before sending memory.
 pub const FEATURE_CLONE: u64 = 1 << 4;
+/// Feature bit: the source may send raw pages as `CheckedPages`, straight
+/// from guest memory with a CRC per page (see [`CheckedBatch`]); the
+/// destination drops a page that fails its CRC and requires it to be sent
+/// again before `Complete`.
+pub const FEATURE_PAGE_CHECKSUMS: u64 = 1 << 5;
 /// Every feature bit this implementation knows.
-pub const FEATURES_KNOWN: u64 =
-    FEATURE_ZSTD | FEATURE_MEMORY_DIGEST | FEATURE_GUEST_PAUSED | FEATURE_CHANNELS | FEATURE_CLONE;
+pub const FEATURES_KNOWN: u64 = FEATURE_ZSTD
+    | FEATURE_MEMORY_DIGEST
+    | FEATURE_GUEST_PAUSED
+    | FEATURE_CHANNELS
+    | FEATURE_CLONE
+    | FEATURE_PAGE_CHECKSUMS;
 
 /// Receiver-side caps on payload sizes, checked against the header's `len`
 /// before any payload buffer is allocated.
@@ -225,10 +239,10 @@ impl Limits {
 
 impl Default for Limits {
     /// Accepts every legal frame: the cap is the largest legal payload,
-    /// a full raw `Pages` batch (4 202 505 bytes).
+    /// a full `CheckedPages` batch (4 206 600 bytes).
     fn default() -> Self {
         Self {
-            max_payload: MessageKind::Pages.max_payload_len(),
+            max_payload: MessageKind::CheckedPages.max_payload_len(),
         }
     }
 }

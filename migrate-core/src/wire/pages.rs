@@ -193,16 +193,21 @@ impl PageBatch {
 }
 
 pub(super) fn validate_gpas(gpas: &[u64]) -> Result<(), WireError> {
+    validate_gpas_of(KIND, gpas)
+}
+
+/// The gpa rules of a page batch of `kind` (`Pages`, `CheckedPages`).
+pub(super) fn validate_gpas_of(kind: MessageKind, gpas: &[u64]) -> Result<(), WireError> {
     if gpas.is_empty() || gpas.len() > MAX_BATCH_PAGES {
         return Err(invalid(
-            KIND,
+            kind,
             "gpas",
             format!("{} pages outside 1..={MAX_BATCH_PAGES}", gpas.len()),
         ));
     }
     if let Some(gpa) = gpas.iter().find(|&&gpa| gpa % PAGE_SIZE_U64 != 0) {
         return Err(invalid(
-            KIND,
+            kind,
             "gpas",
             format!("gpa {gpa:#x} is not page-aligned"),
         ));

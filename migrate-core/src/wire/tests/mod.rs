@@ -92,6 +92,10 @@ pub(super) fn samples() -> Vec<Message> {
         )),
         Message::Pages(raw_batch(0, 2)),
         Message::Pages(raw_batch(1, 3).compress(3).unwrap()),
+        Message::CheckedPages({
+            let b = raw_batch(2, 2);
+            CheckedBatch::new(b.iteration, b.gpas, b.data).unwrap()
+        }),
         Message::ZeroPages(ZeroPages {
             iteration: 0,
             ranges: vec![

@@ -154,14 +154,14 @@ fn hello_ack_negotiates_known_features() {
     );
     let bad = HelloAck {
         version: PROTOCOL_VERSION,
-        features: 1 << 5,
+        features: 1 << 6,
     };
     assert!(matches!(
         write_message(&mut Vec::new(), &Message::HelloAck(bad)),
         Err(WireError::InvalidField { .. })
     ));
     let mut p = PROTOCOL_VERSION.to_le_bytes().to_vec();
-    p.extend_from_slice(&(1u64 << 5).to_le_bytes());
+    p.extend_from_slice(&(1u64 << 6).to_le_bytes());
     assert!(matches!(
         read(&frame(2, 0, &p)),
         Err(WireError::InvalidField {

@@ -46,6 +46,16 @@ fn edge_sizes_round_trip() {
     assert_eq!(z.compression, Compression::Zstd);
     roundtrip(&Message::Pages(z));
 
+    let full = raw_batch(9, MAX_BATCH_PAGES);
+    let checked = CheckedBatch::new(9, full.gpas, full.data).unwrap();
+    let mut buf = Vec::new();
+    let n = write_message(&mut buf, &Message::CheckedPages(checked.clone())).unwrap();
+    assert_eq!(
+        n,
+        HEADER_LEN as u64 + u64::from(MessageKind::CheckedPages.max_payload_len())
+    );
+    roundtrip(&Message::CheckedPages(checked));
+
     roundtrip(&Message::ZeroPages(ZeroPages::new(4)));
     let ranges = (0..MAX_ZERO_RANGES as u64)
         .map(|i| ZeroRange {
