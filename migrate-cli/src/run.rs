@@ -251,6 +251,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             );
             standby_session = Some(session);
         } else {
+            if outcome.torn_pages > 0 {
+                eprintln!(
+                    "vmigrate: {} pages changed while they were sent (failed their CRC); each was sent again",
+                    outcome.torn_pages
+                );
+            }
             eprintln!(
             "vmigrate: migration received ({} iterations, {} pages; resident memory {} MiB before resume); {}",
             outcome.iterations,

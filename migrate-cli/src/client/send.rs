@@ -73,6 +73,11 @@ pub struct SendArgs {
     /// destination applies them in parallel (QEMU's multifd).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     channels: u16,
+    /// Copy every page out of guest memory before sending it, as before
+    /// pages went out straight from guest memory with a CRC each
+    /// (ARCHITECTURE.md §4d); for measuring what the direct path saves.
+    #[arg(long)]
+    copy_pages: bool,
     /// Pre-shared key file, the same as the destination's --psk-file: both
     /// ends prove they hold it and every record is encrypted and authenticated.
     #[arg(long)]
@@ -159,6 +164,7 @@ fn outgoing(a: SendArgs, clone: bool) -> anyhow::Result<ExitCode> {
         },
         verify: a.verify,
         channels: a.channels,
+        copy_pages: a.copy_pages,
         // The VM process reads the key: give it an absolute path.
         psk_file: a
             .psk_file

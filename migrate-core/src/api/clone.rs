@@ -277,6 +277,7 @@ impl VmController {
                 progress(r)
             })),
             destination: uri.to_string(),
+            copy_pages: req.copy_pages,
             channels: (req.channels > 1).then(|| {
                 let (uri, security) = (uri.clone(), security.clone());
                 ChannelConnector {

@@ -166,6 +166,12 @@ pub struct SendRequest {
     /// split across them by 2 MiB block, in the spirit of QEMU's multifd.
     #[serde(default = "default_channels")]
     pub channels: u16,
+    /// Copy each page out of guest memory before sending it (`Pages`
+    /// frames), as before `CheckedPages`, even where the destination takes
+    /// pages straight from guest memory (default false); for measuring what
+    /// the direct path saves.
+    #[serde(default)]
+    pub copy_pages: bool,
     /// Pre-shared key file (absolute path, read by the VM process): the
     /// channel authenticates both ends and every record with it. One of
     /// `psk-file` and `insecure` is required.
@@ -223,6 +229,7 @@ impl SendRequest {
             io_timeout: None,
             verify: false,
             channels: default_channels(),
+            copy_pages: false,
             psk_file: None,
             insecure: false,
             tls_cert: None,

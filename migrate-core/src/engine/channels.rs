@@ -76,7 +76,7 @@ pub fn shard(set: &DirtyBitmap, n: usize) -> Vec<DirtyBitmap> {
 
 /// One further channel of the source.
 pub(super) struct Lane {
-    sender: PageSender,
+    pub(super) sender: PageSender,
     w: BufWriter<RateLimited<Stream>>,
 }
 
@@ -409,6 +409,12 @@ fn receive_lane(
                 check(b.iteration)?;
                 started = true;
                 pages += applier.apply_batch(memory, &b)?;
+                applier.recycle(b.data);
+            }
+            Message::CheckedPages(b) => {
+                check(b.iteration)?;
+                started = true;
+                pages += applier.apply_checked(memory, &b)?.0;
                 applier.recycle(b.data);
             }
             Message::ZeroPages(z) => {

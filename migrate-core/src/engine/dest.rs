@@ -70,6 +70,10 @@ pub struct ReceiveOutcome<V> {
     pub digest: Option<u64>,
     /// This process's resident memory just before the guest resumed, bytes.
     pub rss_before_resume: Option<u64>,
+    /// `CheckedPages` pages that failed their CRC and were dropped (each was
+    /// sent again later, or the migration would have failed): pages the
+    /// guest changed while they were being sent.
+    pub torn_pages: u64,
     /// The guest arrived paused (it was paused on the source) and was not
     /// resumed: `resume` on the API starts it.
     pub paused: bool,
@@ -199,6 +203,7 @@ pub fn receive_migration_with_channels<V: MigratableVm>(
     if let Some(l) = lanes {
         l.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
     }
+    let torn_pages = rx.applier.written().torn_total();
     let (paused, standby) = match result? {
         Ended::Resumed { paused } => (paused, None),
         Ended::Standby => {
@@ -221,6 +226,7 @@ pub fn receive_migration_with_channels<V: MigratableVm>(
         pages: rx.total_pages,
         digest: rx.digest,
         rss_before_resume: rx.rss_before_resume,
+        torn_pages,
         paused,
         standby,
     })
@@ -470,6 +476,13 @@ impl Receiver {
                 self.applier.recycle(b.data);
                 Ok(Step::Continue)
             }
+            (Phase::Memory, Message::CheckedPages(b)) => {
+                self.check_iteration(b.iteration)?;
+                let (pages, _torn) = self.applier.apply_checked(vm.memory(), &b)?;
+                self.iteration_pages += pages;
+                self.applier.recycle(b.data);
+                Ok(Step::Continue)
+            }
             (Phase::Memory, Message::ZeroPages(z)) => {
                 self.check_iteration(z.iteration)?;
                 self.iteration_pages += self.applier.apply_zeros(vm.memory(), &z)?;
@@ -526,6 +539,13 @@ impl Receiver {
                     return Err(MigrationError::InvalidData(format!(
                         "source counts {} pages, destination has {pages}",
                         c.total_pages
+                    )));
+                }
+                if let (n @ 1.., Some(first)) = self.applier.written().torn() {
+                    return Err(MigrationError::InvalidData(format!(
+                        "{n} pages failed their CRC (changed while sent, or damaged on the way) \
+                         and were never sent again; the first is at {:#x}",
+                        first as u64 * crate::wire::PAGE_SIZE as u64
                     )));
                 }
                 let t0 = std::time::Instant::now();

@@ -25,6 +25,7 @@ mod channels;
 mod clone;
 mod control;
 mod dest;
+mod direct;
 mod epoch;
 mod failover;
 #[cfg(feature = "memory-vm")]

@@ -15,8 +15,8 @@ use super::written::WrittenPages;
 use super::MigrationError;
 use crate::dirty::DirtyBitmap;
 use crate::wire::{
-    write_message, Message, PageBatch, WireError, ZeroPages, ZeroRange, MAX_BATCH_PAGES,
-    MAX_ZERO_RANGES, PAGE_SIZE,
+    write_message, CheckedBatch, Message, PageBatch, WireError, ZeroPages, ZeroRange,
+    MAX_BATCH_PAGES, MAX_ZERO_RANGES, PAGE_SIZE,
 };
 
 /// Pages per `Pages` frame: 1 MiB of data, large enough that per-frame costs
@@ -52,6 +52,10 @@ pub struct PageSender {
     /// The further channels of a multi-channel migration (see
     /// [`super::channels`]); empty for one connection.
     pub(super) lanes: Vec<super::channels::Lane>,
+    /// Raw pages go out straight from guest memory as `CheckedPages`
+    /// ([`super::direct`]); else they are copied into `data` first.
+    direct: bool,
+    crcs: Vec<u32>,
 }
 
 fn wire_err(phase: &str) -> impl Fn(WireError) -> MigrationError + '_ {
@@ -77,7 +81,29 @@ impl PageSender {
             gpas: Vec::with_capacity(BATCH_PAGES),
             cancel: None,
             lanes: Vec::new(),
+            direct: false,
+            crcs: Vec::with_capacity(BATCH_PAGES),
         })
+    }
+
+    /// Send raw pages straight from guest memory (`yes`: the destination
+    /// acked `FEATURE_PAGE_CHECKSUMS`); this sender's lanes alike. A
+    /// compressing sender copies anyway (zstd needs the bytes to hold
+    /// still) and ignores this.
+    pub fn send_direct(&mut self, yes: bool) {
+        self.direct = yes && self.compressor.is_none();
+        for lane in &mut self.lanes {
+            lane.sender.send_direct(yes);
+        }
+    }
+
+    /// `guest-memory` or `copy`, for the report.
+    pub fn page_path(&self) -> &'static str {
+        if self.direct {
+            "guest-memory"
+        } else {
+            "copy"
+        }
     }
 
     /// Fail with [`MigrationError::Cancelled`] before the next batch once
@@ -119,6 +145,22 @@ impl PageSender {
         }
         for page in to_read.iter_ones() {
             let gpa = page as u64 * PAGE_SIZE as u64;
+            if self.direct {
+                if is_zero(super::direct::guest_page(memory, gpa)?) {
+                    zeros.push_page(gpa);
+                    counts.zero_pages += 1;
+                    if zeros.ranges.len() >= MAX_ZERO_RANGES {
+                        counts.bytes += self.flush_zeros(w, &mut zeros, phase)?;
+                    }
+                } else {
+                    self.gpas.push(gpa);
+                    counts.data_pages += 1;
+                    if self.gpas.len() == BATCH_PAGES {
+                        counts.bytes += self.flush_direct(w, memory, iteration, phase)?;
+                    }
+                }
+                continue;
+            }
             let at = self.data.len();
             self.data.resize(at + PAGE_SIZE, 0);
             memory
@@ -139,7 +181,11 @@ impl PageSender {
                 counts.bytes += self.flush_batch(w, iteration, phase)?;
             }
         }
-        counts.bytes += self.flush_batch(w, iteration, phase)?;
+        counts.bytes += if self.direct {
+            self.flush_direct(w, memory, iteration, phase)?
+        } else {
+            self.flush_batch(w, iteration, phase)?
+        };
         counts.bytes += self.flush_zeros(w, &mut zeros, phase)?;
         counts.raw_bytes = counts.data_pages * PAGE_SIZE as u64;
         Ok(counts)
@@ -178,6 +224,32 @@ impl PageSender {
             self.data.clear();
             self.data.reserve(BATCH_PAGES * PAGE_SIZE);
         }
+        Ok(n)
+    }
+
+    /// Writes the gathered gpas as one `CheckedPages` frame from guest
+    /// memory.
+    fn flush_direct<W: Write>(
+        &mut self,
+        w: &mut W,
+        memory: &GuestMemoryMmap,
+        iteration: u32,
+        phase: &str,
+    ) -> Result<u64, MigrationError> {
+        if self.gpas.is_empty() {
+            return Ok(0);
+        }
+        if self.cancel.as_ref().is_some_and(|c| c.cancelled()) {
+            return Err(MigrationError::Cancelled);
+        }
+        self.crcs.clear();
+        let runs = super::direct::runs_and_crcs(memory, &self.gpas, &mut self.crcs)?;
+        let n = crate::wire::write_checked_pages(w, iteration, &self.gpas, &self.crcs, &runs)
+            .map_err(wire_err(phase))?;
+        if let Some(c) = &self.cancel {
+            c.note_sent(n);
+        }
+        self.gpas.clear();
         Ok(n)
     }
 
@@ -336,10 +408,51 @@ impl PageApplier {
         };
         write_pages(memory, &batch.gpas, data, self.via_mapping)?;
         for gpa in &batch.gpas {
-            self.written
-                .set(usize::try_from(*gpa / PAGE_SIZE as u64).expect("checked above"));
+            let page = usize::try_from(*gpa / PAGE_SIZE as u64).expect("checked above");
+            self.written.set(page);
+            self.written.mend(page, 1);
         }
         Ok(batch.gpas.len() as u64)
+    }
+
+    /// Write the pages of a `CheckedPages` batch that match their CRCs;
+    /// the others are left out of guest memory and marked torn until a
+    /// newer copy comes (`wire/checked.rs`). Returns (pages in the batch,
+    /// pages torn).
+    pub fn apply_checked(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        batch: &CheckedBatch,
+    ) -> Result<(u64, u64), MigrationError> {
+        for gpa in &batch.gpas {
+            self.page_index(*gpa)?;
+        }
+        batch.validate().map_err(wire_err("checking pages"))?;
+        let mut torn = 0u64;
+        let mut start = 0;
+        let n = batch.gpas.len();
+        for i in 0..=n {
+            if i < n && batch.page_intact(i) {
+                continue;
+            }
+            // Pages start..i are intact: write them as runs.
+            if start < i {
+                let data = &batch.data[start * PAGE_SIZE..i * PAGE_SIZE];
+                write_pages(memory, &batch.gpas[start..i], data, self.via_mapping)?;
+                for gpa in &batch.gpas[start..i] {
+                    let page = usize::try_from(*gpa / PAGE_SIZE as u64).expect("checked above");
+                    self.written.set(page);
+                    self.written.mend(page, 1);
+                }
+            }
+            if i < n {
+                let page = usize::try_from(batch.gpas[i] / PAGE_SIZE as u64).expect("checked");
+                self.written.mark_torn(page);
+                torn += 1;
+            }
+            start = i + 1;
+        }
+        Ok((n as u64, torn))
     }
 
     /// Apply zero ranges; returns their page count.
@@ -361,6 +474,7 @@ impl PageApplier {
                 })?;
             self.page_index(last_gpa)?;
             let count = usize::try_from(r.pages).expect("checked against guest size");
+            self.written.mend(first, count);
             // Only pages written here before need zeroing; the scan goes a
             // word at a time, so a huge untouched range costs next to nothing
             // (it is on the downtime path when the destination lags behind).

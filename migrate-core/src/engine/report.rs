@@ -173,6 +173,11 @@ pub struct MigrationReport {
     pub destination: String,
     /// Page compression used.
     pub compression: String,
+    /// Where raw pages were sent from: `guest-memory` (`CheckedPages`,
+    /// straight from guest memory with a CRC per page) or `copy` (copied
+    /// out first, `Pages`; zstd batches always are).
+    #[serde(default)]
+    pub page_path: String,
     /// Dirty tracking of the source VM (`bitmap`, `ring`; `memory` for a
     /// VM without KVM).
     #[serde(default)]
@@ -250,6 +255,7 @@ impl MigrationReport {
             stop_reason: None,
             destination: destination.to_string(),
             compression: compression.to_string(),
+            page_path: "copy".to_string(),
             dirty_track: String::new(),
             digest: None,
             vcpu_digest: None,

@@ -17,7 +17,8 @@ use crate::vm::ram_pages;
 use crate::wire::{
     read_message, write_message, ChannelJoin, Complete, ErrorCode, ErrorMessage, Hello,
     IterationEnd, Limits, MemoryRegion, Message, VcpuState, FEATURE_CHANNELS, FEATURE_CLONE,
-    FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST, FEATURE_ZSTD, PAGE_SIZE_U64,
+    FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST, FEATURE_PAGE_CHECKSUMS, FEATURE_ZSTD,
+    PAGE_SIZE_U64,
 };
 
 /// Page compression on the wire.
@@ -79,6 +80,10 @@ pub struct SendOptions {
     pub destination: String,
     /// Further channels (`None`: one connection).
     pub channels: Option<ChannelConnector>,
+    /// Send raw pages from a copy (`Pages`) even where the destination
+    /// takes them straight from guest memory (`CheckedPages`); for
+    /// measurement.
+    pub copy_pages: bool,
 }
 
 /// What an outgoing stream is for.
@@ -227,12 +232,17 @@ fn run<V: MigratableVm>(
     if mode == Outgoing::Clone {
         features |= FEATURE_CLONE;
     }
+    if !opts.copy_pages {
+        features |= FEATURE_PAGE_CHECKSUMS;
+    }
     let regions = vm_regions(memory);
     let hello = Hello::new(features, vm.vcpu_count(), vm.cpu_model(), regions);
     write_message(&mut w, &Message::Hello(hello)).map_err(wire("handshake"))?;
     w.flush().map_err(|e| wire("handshake")(e.into()))?;
+    let direct_pages;
     match read_message(&mut reader, &limits).map_err(wire("handshake"))? {
         Message::HelloAck(ack) => {
+            direct_pages = ack.features & FEATURE_PAGE_CHECKSUMS != 0;
             if opts.verify_digest && ack.features & FEATURE_MEMORY_DIGEST == 0 {
                 return Err(MigrationError::Incompatible(
                     "destination does not support memory digests".into(),
@@ -270,7 +280,16 @@ fn run<V: MigratableVm>(
         p(report);
     }
 
-    let result = transfer(vm, &mut w, &mut reader, opts, report, start, paused, mode);
+    let result = transfer(
+        vm,
+        &mut w,
+        &mut reader,
+        opts,
+        report,
+        start,
+        paused,
+        (mode, direct_pages),
+    );
     if let Err(e) = &result {
         tell_peer(&mut w, e);
     }
@@ -332,7 +351,7 @@ fn transfer<V: MigratableVm, W: Write>(
     report: &mut MigrationReport,
     start: Instant,
     paused: &mut bool,
-    mode: Outgoing,
+    (mode, direct_pages): (Outgoing, bool),
 ) -> Result<(), MigrationError> {
     let memory = vm.memory();
     let limits = Limits::default();
@@ -369,6 +388,8 @@ fn transfer<V: MigratableVm, W: Write>(
             &opts.control,
         )?;
     }
+    sender.send_direct(direct_pages);
+    report.page_path = sender.page_path().to_string();
     let end = precopy::run(vm, &mut w, &mut sender, opts, report, start)?;
     if !opts.control.begin_switchover() {
         return Err(MigrationError::Cancelled);

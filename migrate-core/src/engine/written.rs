@@ -1,5 +1,5 @@
-//! The destination's record of the pages it has written, shared by every
-//! channel of a migration.
+//! The destination's record of the pages it has written, and of those
+//! whose last copy arrived torn, shared by every channel of a migration.
 //!
 //! A zero range must zero a page that an earlier iteration wrote (fresh
 //! memory is zero already, so an untouched page is skipped and stays
@@ -9,6 +9,11 @@
 //! the iteration barrier (a mutex), which every channel passes between its
 //! `IterationEnd` and the next iteration's first frame: relaxed bit
 //! operations are enough.
+//!
+//! *Torn* pages: a `CheckedPages` page that failed its own CRC is not
+//! written; it is marked here until a newer copy (data or a zero range)
+//! arrives, on any channel. One still marked at `Complete` fails the
+//! migration (`wire/checked.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,6 +23,9 @@ use crate::dirty::DirtyBitmap;
 #[derive(Debug)]
 pub struct WrittenPages {
     words: Vec<AtomicU64>,
+    torn: Vec<AtomicU64>,
+    /// Pages ever marked torn (a page torn twice counts twice).
+    torn_total: AtomicU64,
     pages: usize,
 }
 
@@ -27,6 +35,8 @@ impl WrittenPages {
     pub fn new(pages: usize) -> Self {
         Self {
             words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            torn: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            torn_total: AtomicU64::new(0),
             pages,
         }
     }
@@ -40,6 +50,52 @@ impl WrittenPages {
     /// Mark `page` written (`page < len()`).
     pub fn set(&self, page: usize) {
         self.words[page / 64].fetch_or(1 << (page % 64), Ordering::Relaxed);
+    }
+
+    /// Mark `page` torn: its last copy failed its CRC and was dropped.
+    pub fn mark_torn(&self, page: usize) {
+        self.torn[page / 64].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        self.torn_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Pages marked torn so far, mended or not.
+    #[must_use]
+    pub fn torn_total(&self) -> u64 {
+        self.torn_total.load(Ordering::Relaxed)
+    }
+
+    /// A newer copy of `first..first + count` arrived: none of it is torn.
+    pub fn mend(&self, first: usize, count: usize) {
+        let end = (first + count).min(self.pages);
+        let mut p = first.min(end);
+        while p < end {
+            let (w, bit) = (p / 64, p % 64);
+            let n = (64 - bit).min(end - p);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            if self.torn[w].load(Ordering::Relaxed) & mask != 0 {
+                self.torn[w].fetch_and(!mask, Ordering::Relaxed);
+            }
+            p += n;
+        }
+    }
+
+    /// How many pages are torn now, and the first of them.
+    #[must_use]
+    pub fn torn(&self) -> (u64, Option<usize>) {
+        let mut first = None;
+        let mut count = 0u64;
+        for (i, w) in self.torn.iter().enumerate() {
+            let bits = w.load(Ordering::Relaxed);
+            if bits != 0 {
+                first.get_or_insert(i * 64 + bits.trailing_zeros() as usize);
+                count += u64::from(bits.count_ones());
+            }
+        }
+        (count, first)
     }
 
     /// The written pages among `first..first + count`, a word at a time (a
@@ -81,6 +137,23 @@ impl WrittenPages {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn torn_pages_are_counted_until_mended() {
+        let w = WrittenPages::new(300);
+        assert_eq!(w.torn(), (0, None));
+        for p in [3, 64, 65, 200, 299] {
+            w.mark_torn(p);
+        }
+        assert_eq!(w.torn(), (5, Some(3)));
+        w.mend(60, 6); // 64 and 65
+        assert_eq!(w.torn(), (3, Some(3)));
+        w.mend(0, 300);
+        assert_eq!(w.torn(), (0, None));
+        w.mark_torn(299);
+        w.mend(299, 5); // clipped at the end
+        assert_eq!(w.torn(), (0, None));
+    }
 
     #[test]
     fn set_scan_and_snapshot_agree() {

@@ -66,9 +66,7 @@ impl PreparedRam {
                 .map(|_| {
                     s.spawn(|| loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&(addr, len)) = pieces.get(i) else {
-                            return None;
-                        };
+                        let &(addr, len) = pieces.get(i)?;
                         if let Err(e) = populate(addr, len) {
                             return Some(e);
                         }

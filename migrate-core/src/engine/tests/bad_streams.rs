@@ -203,3 +203,67 @@ fn a_truncated_stream_is_a_wire_error_and_never_resumes() {
     assert!(matches!(err, MigrationError::Wire { .. }), "{err}");
     assert!(!answers.iter().any(|m| matches!(m, Message::Resumed)));
 }
+
+/// A `CheckedPages` page whose data does not match its CRC (the guest
+/// changed it while it was sent).
+fn torn_page(iteration: u32, gpa: u64) -> Message {
+    let mut b = crate::wire::CheckedBatch::new(iteration, vec![gpa], vec![7; 4096]).unwrap();
+    b.data[100] ^= 1;
+    Message::CheckedPages(b)
+}
+
+#[test]
+fn a_torn_page_never_sent_again_fails_at_complete() {
+    let mut s = valid_prefix();
+    s[1] = torn_page(0, 0);
+    s.push(complete());
+    assert_refused(s, "failed their CRC");
+}
+
+/// A torn page is left out of guest memory, and a copy sent again in a
+/// later iteration (as data, or as a zero range) makes the stream whole.
+#[test]
+fn a_torn_page_sent_again_is_written_and_accepted() {
+    for resend in [page(1, 0), {
+        let mut z = ZeroPages::new(1);
+        z.ranges.push(ZeroRange { gpa: 0, pages: 1 });
+        Message::ZeroPages(z)
+    }] {
+        let mut s = valid_prefix();
+        s[1] = torn_page(0, 0);
+        s.insert(4, resend.clone());
+        s[5] = end(1, 1);
+        s.push(complete());
+        s.push(Message::Commit);
+        let (a, b) = UnixStream::pair().unwrap();
+        let dest = std::thread::spawn(move || {
+            receive_migration(Stream::Unix(b), &ReceiveOptions::default(), |_| {
+                Ok(FakeVm::new(SIZE))
+            })
+        });
+        let mut w = a.try_clone().unwrap();
+        let mut r = a;
+        for m in &s {
+            write_message(&mut w, m).unwrap();
+        }
+        w.flush().unwrap();
+        // HelloAck, Accepted, Resumed.
+        for _ in 0..3 {
+            read_message(&mut r, &Limits::default()).unwrap();
+        }
+        let outcome = dest.join().unwrap().unwrap();
+        assert_eq!(outcome.torn_pages, 1);
+        let mut got = vec![0u8; 4096];
+        outcome
+            .vm
+            .memory
+            .read_slice(&mut got, GuestAddress(0))
+            .unwrap();
+        let want = if matches!(resend, Message::Pages(_)) {
+            7
+        } else {
+            0
+        };
+        assert!(got.iter().all(|&b| b == want), "{resend:?}");
+    }
+}

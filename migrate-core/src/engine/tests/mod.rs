@@ -129,6 +129,7 @@ fn options(compress: CompressMode) -> SendOptions {
         progress: None,
         destination: "test".into(),
         channels: None,
+        copy_pages: false,
     }
 }
 
@@ -592,6 +593,7 @@ mod bad_streams;
 mod channels;
 mod clone;
 mod completion;
+mod direct_pages;
 mod failover;
 mod vcpu_throttle;
 mod windows;

@@ -1,0 +1,116 @@
+//! Raw pages sent straight from guest memory (`CheckedPages`,
+//! `wire/checked.rs`): what the source hands the kernel is guest memory
+//! itself, with no copy into a batch buffer first.
+//!
+//! The guest keeps running while its pages are read here, so a page can
+//! change between its CRC being taken and the kernel copying it into the
+//! socket. Nothing here relies on the bytes staying put: they go to the
+//! kernel (`writev`) or into a CRC or a zero test, and the destination
+//! checks every page against its CRC before the page reaches guest memory.
+//! A page torn that way is dropped there and sent again, because the write
+//! that tore it came after the dirty log was harvested.
+
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::MigrationError;
+use crate::wire::PAGE_SIZE;
+
+/// `pages` whole pages of guest memory from `gpa`, all inside one region.
+fn guest_bytes(memory: &GuestMemoryMmap, gpa: u64, pages: usize) -> Result<&[u8], MigrationError> {
+    let len = pages * PAGE_SIZE;
+    let bad = || MigrationError::InvalidData(format!("page {gpa:#x} is outside guest memory"));
+    let region = memory.find_region(GuestAddress(gpa)).ok_or_else(bad)?;
+    let offset = gpa - region.start_addr().raw_value();
+    if offset + len as u64 > region.len() {
+        return Err(bad());
+    }
+    let host = region
+        .get_host_address(vm_memory::MemoryRegionAddress(offset))
+        .map_err(|_| bad())?;
+    // SAFETY: `host..host + len` lies inside one live mapping of `region`
+    // (checked against its length above), and `memory`, which owns the
+    // mapping, is borrowed for the slice's lifetime. The guest may write
+    // these bytes at any time: every use of the slice (the kernel's copy,
+    // a CRC, a zero test) tolerates torn contents, and the destination
+    // re-checks each page against its CRC (module docs). This is the
+    // contract VMMs sending live guest RAM rely on (vm-memory's
+    // `as_slice`, QEMU's RAM save).
+    Ok(unsafe { std::slice::from_raw_parts(host.cast_const(), len) })
+}
+
+/// One page of guest memory.
+pub(super) fn guest_page(memory: &GuestMemoryMmap, gpa: u64) -> Result<&[u8], MigrationError> {
+    guest_bytes(memory, gpa, 1)
+}
+
+/// The runs of guest memory holding `gpas` (consecutive pages of one
+/// region make one run, so a batch is a few slices for `writev`), and each
+/// page's CRC-32, taken now, appended to `crcs`.
+pub(super) fn runs_and_crcs<'m>(
+    memory: &'m GuestMemoryMmap,
+    gpas: &[u64],
+    crcs: &mut Vec<u32>,
+) -> Result<Vec<&'m [u8]>, MigrationError> {
+    let page = PAGE_SIZE as u64;
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < gpas.len() {
+        let first = gpas[i];
+        let region = memory.find_region(GuestAddress(first)).ok_or_else(|| {
+            MigrationError::InvalidData(format!("page {first:#x} is outside guest memory"))
+        })?;
+        let region_end = region.start_addr().raw_value() + region.len();
+        let mut n = 1;
+        while i + n < gpas.len()
+            && gpas[i + n] == first + n as u64 * page
+            && gpas[i + n] + page <= region_end
+        {
+            n += 1;
+        }
+        let run = guest_bytes(memory, first, n)?;
+        crcs.extend(run.chunks_exact(PAGE_SIZE).map(crc32fast::hash));
+        runs.push(run);
+        i += n;
+    }
+    Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::memory::{map_memory, slot_layout};
+    use vm_memory::Bytes;
+
+    #[test]
+    fn runs_split_at_gaps_and_slot_edges_and_crcs_follow_the_pages() {
+        const GIB: u64 = 1 << 30;
+        let page = PAGE_SIZE as u64;
+        let memory = map_memory(&slot_layout(GIB + 4 * page).unwrap()).unwrap();
+        for (i, gpa) in [5 * page, 6 * page, GIB - page, GIB, GIB + page]
+            .into_iter()
+            .enumerate()
+        {
+            memory
+                .write_slice(
+                    &[u8::try_from(i + 1).unwrap(); PAGE_SIZE],
+                    GuestAddress(gpa),
+                )
+                .unwrap();
+        }
+        let gpas = [5 * page, 6 * page, 9 * page, GIB - page, GIB, GIB + page];
+        let mut crcs = Vec::new();
+        let runs = runs_and_crcs(&memory, &gpas, &mut crcs).unwrap();
+        let lens: Vec<usize> = runs.iter().map(|r| r.len() / PAGE_SIZE).collect();
+        assert_eq!(lens, [2, 1, 1, 2]);
+        let pages: Vec<u8> = runs.concat().chunks(PAGE_SIZE).map(|p| p[0]).collect();
+        assert_eq!(pages, [1, 2, 0, 3, 4, 5]);
+        let want: Vec<u32> = runs
+            .concat()
+            .chunks(PAGE_SIZE)
+            .map(crc32fast::hash)
+            .collect();
+        assert_eq!(crcs, want);
+        assert!(guest_page(&memory, GIB + 4 * page).is_err());
+        assert!(guest_bytes(&memory, GIB - page, 2).is_err());
+    }
+}
