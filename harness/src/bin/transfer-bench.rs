@@ -25,6 +25,14 @@ struct Args {
     /// vmigrate channel counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     channels: Vec<u32>,
+    /// vmigrate variants at each channel count, comma-separated: `direct`
+    /// (the defaults), `copy-pages` (send --copy-pages), `prefault` (the
+    /// destination allocates its RAM before it listens).
+    #[arg(long, value_delimiter = ',', default_value = "direct,copy-pages,prefault")]
+    variants: Vec<String>,
+    /// Leave out the memory-to-memory TCP stream.
+    #[arg(long)]
+    no_tcp_memory: bool,
     /// QEMU multifd channel counts, comma-separated (1: no multifd).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     qemu_channels: Vec<u32>,
@@ -80,10 +88,20 @@ fn main() -> anyhow::Result<()> {
             b.display()
         );
     }
+    let variants = args
+        .variants
+        .iter()
+        .map(|v| {
+            harness::transfer::Variant::parse(v)
+                .with_context(|| format!("unknown variant {v:?} (direct, copy-pages, prefault)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let cfg = TransferConfig {
         mem: args.mem,
         reps: args.reps,
         channels: args.channels,
+        variants,
+        tcp_memory: !args.no_tcp_memory,
         qemu_channels: if args.no_qemu {
             Vec::new()
         } else {

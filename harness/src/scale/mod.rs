@@ -136,6 +136,7 @@ fn one(
         mem,
         policy: &w.policy,
         send_args: Vec::new(),
+        dst_args: Vec::new(),
         time_cap_s: cfg.time_cap_s,
         // Every page written once before the migration starts (idle prints
         // no pass mark).

@@ -43,12 +43,31 @@ pub fn measure(
     work: &Path,
     stop: &Stop,
 ) -> Result<f64, BaselineError> {
+    measure_with(tcp_baseline, prefix, listen_ip, seconds, work, stop, &[])
+}
+
+/// [`measure`] with more `tcp-baseline` arguments on both ends (e.g.
+/// `--memory 2G`: a memory-to-memory stream).
+///
+/// # Errors
+/// [`BaselineError`] when either side fails.
+#[allow(clippy::too_many_arguments)]
+pub fn measure_with(
+    tcp_baseline: &Path,
+    prefix: &[String],
+    listen_ip: &str,
+    seconds: f64,
+    work: &Path,
+    stop: &Stop,
+    extra: &[String],
+) -> Result<f64, BaselineError> {
     let mut argv = prefix.to_vec();
     argv.extend([
         tcp_baseline.display().to_string(),
         "--listen".into(),
         format!("{listen_ip}:0"),
     ]);
+    argv.extend(extra.iter().cloned());
     let out = work.join("baseline-listen.out");
     let mut listener = Guard::spawn(
         "tcp-baseline receiver",
@@ -75,13 +94,14 @@ pub fn measure(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let argv = vec![
+    let mut argv = vec![
         tcp_baseline.display().to_string(),
         "--connect".into(),
         addr,
         "--seconds".into(),
         format!("{seconds}"),
     ];
+    argv.extend(extra.iter().cloned());
     let sout = work.join("baseline-send.out");
     let serr = work.join("baseline-send.err");
     let mut sender = Guard::spawn("tcp-baseline sender", &argv, &sout, &serr, None)?;

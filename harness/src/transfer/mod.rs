@@ -36,12 +36,52 @@ pub struct TransferConfig {
     pub reps: u32,
     /// vmigrate channel counts to run (1 is the plain stream).
     pub channels: Vec<u32>,
+    /// vmigrate variants to run at each channel count.
+    pub variants: Vec<Variant>,
+    /// Also run the memory-to-memory TCP stream (`tcp-baseline --memory`).
+    pub tcp_memory: bool,
     /// QEMU multifd channel counts (1 runs without multifd).
     pub qemu_channels: Vec<u32>,
     /// Seconds of the plain TCP stream.
     pub tcp_seconds: f64,
     /// Migrations not completed within this many seconds count as failed.
     pub time_cap_s: f64,
+}
+
+/// How vmigrate is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// The defaults: raw pages straight from guest memory (`CheckedPages`),
+    /// destination RAM allocated as pages arrive.
+    Direct,
+    /// `send --copy-pages`: every page copied out of guest memory first.
+    CopyPages,
+    /// Destination started with `--mem SIZE --prefault`: its RAM is
+    /// allocated before it listens.
+    Prefault,
+}
+
+impl Variant {
+    /// The `system` column of its rows.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "vmigrate",
+            Self::CopyPages => "vmigrate --copy-pages",
+            Self::Prefault => "vmigrate, dest --prefault",
+        }
+    }
+
+    /// From the command-line name (`direct`, `copy-pages`, `prefault`).
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "direct" => Some(Self::Direct),
+            "copy-pages" => Some(Self::CopyPages),
+            "prefault" => Some(Self::Prefault),
+            _ => None,
+        }
+    }
 }
 
 /// Programs the benchmark starts.
@@ -80,6 +120,8 @@ pub struct TransferRun {
     pub engine_page_mbps: Option<f64>,
     /// `rate_mbps` ÷ the TCP stream of the same repetition.
     pub of_tcp: Option<f64>,
+    /// `rate_mbps` ÷ the memory-to-memory TCP stream of the same repetition.
+    pub of_tcp_memory: Option<f64>,
     /// Why it failed, or a caveat.
     pub note: Option<String>,
 }
@@ -98,6 +140,7 @@ impl TransferRun {
             rate_mbps: None,
             engine_page_mbps: None,
             of_tcp: None,
+            of_tcp_memory: None,
             note: None,
         }
     }
@@ -196,9 +239,31 @@ pub fn run(
             Err(e) => tcp = tcp.failed(e),
         }
         these.push(tcp);
-        for &n in &cfg.channels {
+        if cfg.tcp_memory {
             check(stop)?;
-            these.push(vmigrate::migrate(cfg, bins, &dir, rep, n, stop));
+            let mut tcp = TransferRun::new(rep, TCP_MEMORY, 1);
+            match crate::study::baseline::measure_with(
+                &bins.tcp_baseline,
+                &[],
+                "127.0.0.1",
+                cfg.tcp_seconds,
+                &dir,
+                stop,
+                &["--memory".to_owned(), cfg.mem.clone()],
+            ) {
+                Ok(mbps) => {
+                    tcp.status = "completed".into();
+                    tcp.rate_mbps = Some(mbps);
+                }
+                Err(e) => tcp = tcp.failed(e),
+            }
+            these.push(tcp);
+        }
+        for &n in &cfg.channels {
+            for &v in &cfg.variants {
+                check(stop)?;
+                these.push(vmigrate::migrate(cfg, bins, &dir, rep, n, v, stop));
+            }
         }
         for &n in &cfg.qemu_channels {
             check(stop)?;
@@ -209,9 +274,16 @@ pub fn run(
             these.push(run);
         }
         let tcp_rate = these[0].rate_mbps;
+        let memory_rate = these
+            .iter()
+            .find(|r| r.system == TCP_MEMORY)
+            .and_then(|r| r.rate_mbps);
         for r in &mut these {
             if let (Some(x), Some(t)) = (r.rate_mbps, tcp_rate) {
                 r.of_tcp = Some(x / t);
+            }
+            if let (Some(x), Some(t)) = (r.rate_mbps, memory_rate) {
+                r.of_tcp_memory = Some(x / t);
             }
             progress(r);
         }
@@ -219,6 +291,9 @@ pub fn run(
     }
     Ok(runs)
 }
+
+/// The `system` of the memory-to-memory TCP rows.
+pub const TCP_MEMORY: &str = "tcp, memory to memory";
 
 fn check(stop: &crate::study::procs::Stop) -> Result<(), TransferError> {
     if stop.requested() {
@@ -253,8 +328,8 @@ pub fn markdown_table(cfg: &TransferConfig, runs: &[TransferRun]) -> String {
     let mut s = format!(
         "Guest {} (all RAM above 1 MiB pseudo-random), loopback TCP, medians of {} \
          interleaved repetitions; rate = page bytes ÷ total time.\n\n\
-         | system | channels | completed | rate (Mbit/s) | of TCP | total (ms) | downtime (ms) | page data | engine page-mbps |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | system | channels | completed | rate (Mbit/s) | of TCP | of TCP memory to memory | total (ms) | downtime (ms) | page data | engine page-mbps |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         cfg.mem, cfg.reps
     );
     let fmt = |x: Option<f64>, d: usize| x.map_or_else(|| "—".to_owned(), |v| format!("{v:.d$}"));
@@ -281,10 +356,12 @@ pub fn markdown_table(cfg: &TransferConfig, runs: &[TransferRun]) -> String {
             .map(|n| format!(" ({n})"))
             .unwrap_or_default();
         s.push_str(&format!(
-            "| {system}{note} | {ch} | {done}/{} | {} | {} | {} | {} | {} | {} |\n",
+            "| {system}{note} | {ch} | {done}/{} | {} | {} | {} | {} | {} | {} | {} |\n",
             group.len(),
             fmt(med(|r| r.rate_mbps), 0),
             med(|r| r.of_tcp).map_or_else(|| "—".into(), |v| format!("{:.0}%", v * 100.0)),
+            med(|r| r.of_tcp_memory)
+                .map_or_else(|| "—".into(), |v| format!("{:.0}%", v * 100.0)),
             fmt(med(|r| r.total_ms), 0),
             fmt(med(|r| r.downtime_ms), 1),
             bytes.map_or_else(|| "—".into(), |b| format!("{:.0} MiB", b / 1_048_576.0)),
@@ -315,6 +392,8 @@ mod tests {
             mem: "2G".into(),
             reps: 3,
             channels: vec![1],
+            variants: vec![Variant::Direct],
+            tcp_memory: false,
             qemu_channels: vec![],
             tcp_seconds: 1.0,
             time_cap_s: 60.0,
@@ -330,7 +409,7 @@ mod tests {
         runs.push(TransferRun::new(3, "vmigrate", 1).failed("boom"));
         let t = markdown_table(&cfg, &runs);
         let row = t.lines().find(|l| l.starts_with("| vmigrate")).unwrap();
-        assert!(row.contains("| 3/4 | 20 | 50% |"), "{row}");
+        assert!(row.contains("| 3/4 | 20 | 50% | — |"), "{row}");
         assert!(row.contains("(boom)"), "{row}");
     }
 }

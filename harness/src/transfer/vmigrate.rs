@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::{Binaries, TransferConfig, TransferRun};
+use super::{Binaries, TransferConfig, TransferRun, Variant};
 use crate::study::procs::{Guard, Stop};
 
 /// Mappings larger than this are guest RAM (a slot is the whole guest or up
@@ -27,6 +27,8 @@ pub struct Migration<'a> {
     pub policy: &'a str,
     /// More `send` arguments.
     pub send_args: Vec<String>,
+    /// More arguments of the destination's `run --incoming`.
+    pub dst_args: Vec<String>,
     /// Seconds before `send` gives up (`--timeout`).
     pub time_cap_s: f64,
     /// Pass marks the guest must print before `send` (a sweep that has not
@@ -101,6 +103,7 @@ pub fn run_migration(
     dst_argv.extend(["--incoming", "tcp:127.0.0.1:0", "--insecure"].map(String::from));
     dst_argv.extend(["--serial".into(), s(&f("dst.serial"))]);
     dst_argv.extend(["--api-socket".into(), s(&f("dst.api"))]);
+    dst_argv.extend(m.dst_args.iter().cloned());
     let mut dst = Guard::spawn(
         "destination vmigrate",
         &dst_argv,
@@ -193,19 +196,29 @@ pub(super) fn migrate(
     dir: &Path,
     rep: u32,
     channels: u32,
+    variant: Variant,
     stop: &Stop,
 ) -> TransferRun {
-    let row = TransferRun::new(rep, "vmigrate", channels);
+    let row = TransferRun::new(rep, variant.label(), channels);
+    let mut send_args = Vec::new();
+    if channels > 1 {
+        send_args.extend(["--channels".into(), channels.to_string()]);
+    }
+    if variant == Variant::CopyPages {
+        send_args.push("--copy-pages".into());
+    }
+    let dst_args = if variant == Variant::Prefault {
+        vec!["--mem".into(), cfg.mem.clone(), "--prefault".into()]
+    } else {
+        Vec::new()
+    };
     let m = Migration {
-        tag: format!("vm{channels}"),
+        tag: format!("vm{channels}-{variant:?}"),
         workload: "halt:fill=random",
         mem: &cfg.mem,
         policy: "qemu",
-        send_args: if channels > 1 {
-            vec!["--channels".into(), channels.to_string()]
-        } else {
-            Vec::new()
-        },
+        send_args,
+        dst_args,
         time_cap_s: cfg.time_cap_s,
         warm_passes: 0,
     };
