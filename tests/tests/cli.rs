@@ -159,6 +159,18 @@ fn bad_arguments_get_clear_errors() {
         (
             &[
                 "run",
+                "--incoming",
+                "tcp:127.0.0.1:0",
+                "--insecure",
+                "--prefault",
+                "--serial",
+                serial,
+            ],
+            "--prefault needs --mem",
+        ),
+        (
+            &[
+                "run",
                 "--workload",
                 "idle:fill=zeros",
                 "--mem",

@@ -27,20 +27,49 @@ fn running_pair(
     marks: (u8, usize),
     incoming: &str,
 ) -> (VmProcess, VmProcess, String) {
+    running_pair_with(dir, workload, mem, marks, incoming, &["--insecure"])
+}
+
+/// [`running_pair`] with the destination's `run` arguments `dst_args`.
+fn running_pair_with(
+    dir: &Scratch,
+    workload: &str,
+    mem: &str,
+    marks: (u8, usize),
+    incoming: &str,
+    dst_args: &[&str],
+) -> (VmProcess, VmProcess, String) {
     let mut src = VmProcess::source(bin(), dir, "src", workload, mem);
     src.wait_api();
     src.wait_marks(marks.0, marks.1, T);
-    let (dst, uri) = VmProcess::destination(bin(), dir, "dst", incoming);
+    let (dst, uri) = VmProcess::destination_with(bin(), dir, "dst", incoming, dst_args, &[]);
     (src, dst, uri)
 }
 
 /// Migrate a running `verify` guest and check it goes on cleanly on the
 /// destination. Returns the report.
 fn migrate_verify(test: &str, incoming: &str, extra: &[&str]) -> Value {
+    migrate_verify_to(test, incoming, &["--insecure"], extra).0
+}
+
+/// [`migrate_verify`] to a destination run with `dst_args`; returns the
+/// report and the destination's stderr.
+fn migrate_verify_to(
+    test: &str,
+    incoming: &str,
+    dst_args: &[&str],
+    extra: &[&str],
+) -> (Value, String) {
     let dir = Scratch::new(test);
     let incoming = incoming.replace("DIR", dir.0.to_str().unwrap());
-    let (mut src, mut dst, uri) =
-        running_pair(&dir, "verify:end=32M", "64M", (PASS_MARK, 2), &incoming);
+    let (mut src, mut dst, uri) = running_pair_with(
+        &dir,
+        "verify:end=32M",
+        "64M",
+        (PASS_MARK, 2),
+        &incoming,
+        dst_args,
+    );
 
     let (ok, report, stderr) = send_json(bin(), &src.api, &uri, extra);
     let report = report.unwrap_or_else(|| panic!("no report: {stderr} {}", src.stderr_text()));
@@ -90,7 +119,7 @@ fn migrate_verify(test: &str, incoming: &str, extra: &[&str]) -> Value {
     );
     assert!(out.status.success());
     assert!(dst.wait_exit(T).success());
-    report
+    (report, dst.stderr_text())
 }
 
 #[test]
@@ -103,7 +132,36 @@ fn verify_guest_over_tcp() {
     // test is about correctness, not convergence.
     let r = migrate_verify("tcp", "tcp:127.0.0.1:0", &["--downtime-limit", "2000"]);
     assert_eq!(r["compression"], "none");
+    assert_eq!(r["page-path"], "guest-memory");
     assert!(r["ram"]["normal"].as_u64().unwrap() > 0);
+}
+
+/// Pages go out straight from guest memory by default, and a copy when
+/// asked; a destination that allocated its RAM ahead takes them too. The
+/// verify guest checks every page either way.
+#[test]
+fn verify_guest_from_guest_memory_into_a_prefaulted_destination_and_by_copy() {
+    if !kvm_available("verify_guest_from_guest_memory_into_a_prefaulted_destination_and_by_copy") {
+        return;
+    }
+    let _g = one_at_a_time();
+    let (r, dst_err) = migrate_verify_to(
+        "prefault",
+        "tcp:127.0.0.1:0",
+        &["--insecure", "--mem", "64M", "--prefault"],
+        &["--downtime-limit", "2000"],
+    );
+    assert_eq!(r["page-path"], "guest-memory", "{r:#}");
+    assert!(
+        dst_err.contains("64 MiB of guest RAM allocated ahead"),
+        "{dst_err}"
+    );
+    let r = migrate_verify(
+        "copy_pages",
+        "tcp:127.0.0.1:0",
+        &["--downtime-limit", "2000", "--copy-pages"],
+    );
+    assert_eq!(r["page-path"], "copy", "{r:#}");
 }
 
 #[test]

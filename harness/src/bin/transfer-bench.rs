@@ -28,7 +28,11 @@ struct Args {
     /// vmigrate variants at each channel count, comma-separated: `direct`
     /// (the defaults), `copy-pages` (send --copy-pages), `prefault` (the
     /// destination allocates its RAM before it listens).
-    #[arg(long, value_delimiter = ',', default_value = "direct,copy-pages,prefault")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,copy-pages,prefault"
+    )]
     variants: Vec<String>,
     /// Leave out the memory-to-memory TCP stream.
     #[arg(long)]

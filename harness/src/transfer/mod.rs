@@ -360,8 +360,7 @@ pub fn markdown_table(cfg: &TransferConfig, runs: &[TransferRun]) -> String {
             group.len(),
             fmt(med(|r| r.rate_mbps), 0),
             med(|r| r.of_tcp).map_or_else(|| "—".into(), |v| format!("{:.0}%", v * 100.0)),
-            med(|r| r.of_tcp_memory)
-                .map_or_else(|| "—".into(), |v| format!("{:.0}%", v * 100.0)),
+            med(|r| r.of_tcp_memory).map_or_else(|| "—".into(), |v| format!("{:.0}%", v * 100.0)),
             fmt(med(|r| r.total_ms), 0),
             fmt(med(|r| r.downtime_ms), 1),
             bytes.map_or_else(|| "—".into(), |b| format!("{:.0} MiB", b / 1_048_576.0)),

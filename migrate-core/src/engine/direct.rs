@@ -3,9 +3,10 @@
 //! itself, with no copy into a batch buffer first.
 //!
 //! The guest keeps running while its pages are read here, so a page can
-//! change between its CRC being taken and the kernel copying it into the
-//! socket. Nothing here relies on the bytes staying put: they go to the
-//! kernel (`writev`) or into a CRC or a zero test, and the destination
+//! change between the kernel copying it into the socket and its CRC being
+//! taken right after (`wire::write_checked_pages`, from the cache). Nothing
+//! here relies on the bytes staying put: they go to the kernel (`writev`)
+//! or into a CRC or a zero test, and the destination
 //! checks every page against its CRC before the page reaches guest memory.
 //! A page torn that way is dropped there and sent again, because the write
 //! that tore it came after the dirty log was harvested.
@@ -43,13 +44,11 @@ pub(super) fn guest_page(memory: &GuestMemoryMmap, gpa: u64) -> Result<&[u8], Mi
     guest_bytes(memory, gpa, 1)
 }
 
-/// The runs of guest memory holding `gpas` (consecutive pages of one
-/// region make one run, so a batch is a few slices for `writev`), and each
-/// page's CRC-32, taken now, appended to `crcs`.
-pub(super) fn runs_and_crcs<'m>(
+/// The runs of guest memory holding `gpas`: consecutive pages of one
+/// region make one run, so a batch is a few slices for `writev`.
+pub(super) fn runs<'m>(
     memory: &'m GuestMemoryMmap,
     gpas: &[u64],
-    crcs: &mut Vec<u32>,
 ) -> Result<Vec<&'m [u8]>, MigrationError> {
     let page = PAGE_SIZE as u64;
     let mut runs = Vec::new();
@@ -67,9 +66,7 @@ pub(super) fn runs_and_crcs<'m>(
         {
             n += 1;
         }
-        let run = guest_bytes(memory, first, n)?;
-        crcs.extend(run.chunks_exact(PAGE_SIZE).map(crc32fast::hash));
-        runs.push(run);
+        runs.push(guest_bytes(memory, first, n)?);
         i += n;
     }
     Ok(runs)
@@ -82,7 +79,7 @@ mod tests {
     use vm_memory::Bytes;
 
     #[test]
-    fn runs_split_at_gaps_and_slot_edges_and_crcs_follow_the_pages() {
+    fn runs_split_at_gaps_and_slot_edges() {
         const GIB: u64 = 1 << 30;
         let page = PAGE_SIZE as u64;
         let memory = map_memory(&slot_layout(GIB + 4 * page).unwrap()).unwrap();
@@ -98,18 +95,11 @@ mod tests {
                 .unwrap();
         }
         let gpas = [5 * page, 6 * page, 9 * page, GIB - page, GIB, GIB + page];
-        let mut crcs = Vec::new();
-        let runs = runs_and_crcs(&memory, &gpas, &mut crcs).unwrap();
+        let runs = super::runs(&memory, &gpas).unwrap();
         let lens: Vec<usize> = runs.iter().map(|r| r.len() / PAGE_SIZE).collect();
         assert_eq!(lens, [2, 1, 1, 2]);
         let pages: Vec<u8> = runs.concat().chunks(PAGE_SIZE).map(|p| p[0]).collect();
         assert_eq!(pages, [1, 2, 0, 3, 4, 5]);
-        let want: Vec<u32> = runs
-            .concat()
-            .chunks(PAGE_SIZE)
-            .map(crc32fast::hash)
-            .collect();
-        assert_eq!(crcs, want);
         assert!(guest_page(&memory, GIB + 4 * page).is_err());
         assert!(guest_bytes(&memory, GIB - page, 2).is_err());
     }

@@ -55,7 +55,6 @@ pub struct PageSender {
     /// Raw pages go out straight from guest memory as `CheckedPages`
     /// ([`super::direct`]); else they are copied into `data` first.
     direct: bool,
-    crcs: Vec<u32>,
 }
 
 fn wire_err(phase: &str) -> impl Fn(WireError) -> MigrationError + '_ {
@@ -82,7 +81,6 @@ impl PageSender {
             cancel: None,
             lanes: Vec::new(),
             direct: false,
-            crcs: Vec::with_capacity(BATCH_PAGES),
         })
     }
 
@@ -242,9 +240,8 @@ impl PageSender {
         if self.cancel.as_ref().is_some_and(|c| c.cancelled()) {
             return Err(MigrationError::Cancelled);
         }
-        self.crcs.clear();
-        let runs = super::direct::runs_and_crcs(memory, &self.gpas, &mut self.crcs)?;
-        let n = crate::wire::write_checked_pages(w, iteration, &self.gpas, &self.crcs, &runs)
+        let runs = super::direct::runs(memory, &self.gpas)?;
+        let n = crate::wire::write_checked_pages(w, iteration, &self.gpas, &runs)
             .map_err(wire_err(phase))?;
         if let Some(c) = &self.cancel {
             c.note_sent(n);

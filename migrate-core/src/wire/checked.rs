@@ -6,20 +6,23 @@
 //! it writes the header, which for a running guest means copying every
 //! page out of guest memory first (the guest may change it at any time).
 //! That copy was 43% of the source's time at loopback speed. Here the
-//! source takes each page's CRC from guest memory and then hands the
-//! kernel the guest pages themselves (`writev`). If the guest writes a
-//! page between the two, the copy the kernel took no longer matches its
-//! CRC: the destination drops that page alone (it never reaches guest
-//! memory) and waits for it to be sent again. It will be: the write came
-//! after the dirty log was harvested, so the page is in the next
-//! iteration's set, and the final pass reads pages with the guest paused.
-//! A page dropped and never sent again fails the migration at `Complete`.
+//! source hands the kernel the guest pages themselves (`writev`), then
+//! takes each page's CRC from guest memory, now in the cache since the
+//! kernel just read it, and sends the CRCs after the pages. If the guest
+//! writes a page between the kernel's copy and the CRC, the copy no longer
+//! matches its CRC: the destination drops that page alone (it never
+//! reaches guest memory) and waits for it to be sent again. It will be:
+//! the write came after the dirty log was harvested, so the page is in the
+//! next iteration's set, and the final pass reads pages with the guest
+//! paused. A page dropped and never sent again fails the migration at
+//! `Complete`.
 //!
 //! Layout: `iteration u32`, `count u32` (1..=1024), `count × gpa u64`,
-//! `count × crc u32` (CRC-32 of each page), then `count × 4096` bytes of
-//! pages. The frame's `payload_crc` covers everything before the pages
-//! (so a damaged gpa or CRC is caught as with any frame); each page is
-//! covered by its own CRC.
+//! then `count × 4096` bytes of pages, then the trailer: `count × crc u32`
+//! (CRC-32 of each page) and `trailer_crc u32` (CRC-32 of those CRC
+//! bytes). The frame's `payload_crc` covers the part before the pages, the
+//! trailer its own CRC, and each page its CRC in the trailer; a damaged
+//! prefix or trailer fails the frame (`PayloadChecksum`).
 
 use std::io::Read;
 
@@ -95,23 +98,53 @@ impl CheckedBatch {
     }
 }
 
-/// Appends iteration, count, gpas and CRCs (everything the frame CRC covers).
+/// Appends iteration, count and gpas (what the frame CRC covers).
 pub(super) fn encode_prefix(
     iteration: u32,
     gpas: &[u64],
-    crcs: &[u32],
     out: &mut Vec<u8>,
 ) -> Result<(), WireError> {
-    out.reserve(CHECKED_FIXED_LEN + 12 * gpas.len());
+    out.reserve(CHECKED_FIXED_LEN + 8 * gpas.len());
     out.put_u32(iteration);
     out.put_u32(len_u32(KIND, "gpas", gpas.len(), MAX_BATCH_PAGES)?);
     for &gpa in gpas {
         out.put_u64(gpa);
     }
+    Ok(())
+}
+
+/// Bytes of the trailer of a batch of `count` pages.
+pub(super) fn trailer_len(count: usize) -> usize {
+    4 * count + 4
+}
+
+/// The trailer: the pages' CRCs, then the CRC of those bytes.
+pub(super) fn encode_trailer(crcs: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(trailer_len(crcs.len()));
     for &crc in crcs {
         out.put_u32(crc);
     }
-    Ok(())
+    let own = crc32fast::hash(&out);
+    out.put_u32(own);
+    out
+}
+
+/// The CRCs of a trailer, checked against its own CRC.
+fn decode_trailer(trailer: &[u8]) -> Result<Vec<u32>, WireError> {
+    let (crcs, own) = trailer.split_at(trailer.len() - 4);
+    let expected = u32::from_le_bytes(own.try_into().expect("4 bytes"));
+    let found = crc32fast::hash(crcs);
+    if found != expected {
+        return Err(WireError::PayloadChecksum {
+            kind: KIND,
+            expected,
+            found,
+        });
+    }
+    Ok(crcs
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect())
 }
 
 /// Parses the count and checks the payload is exactly as long as it says
@@ -121,7 +154,8 @@ fn parse_fixed(d: &mut Decoder<'_>, more: usize) -> Result<(u32, usize), WireErr
     let raw = d.u32("gpas")?;
     let count = usize::try_from(raw).unwrap_or(usize::MAX);
     let left = d.remaining().saturating_add(more);
-    if count == 0 || count > MAX_BATCH_PAGES || left != count * (12 + PAGE_SIZE) {
+    if count == 0 || count > MAX_BATCH_PAGES || left != count * (8 + PAGE_SIZE) + trailer_len(count)
+    {
         return Err(invalid(
             KIND,
             "gpas",
@@ -135,21 +169,17 @@ fn parse_fixed(d: &mut Decoder<'_>, more: usize) -> Result<(u32, usize), WireErr
 
 fn build(
     iteration: u32,
-    count: usize,
-    prefix: &[u8],
+    gpas: &[u8],
     data: Vec<u8>,
+    trailer: &[u8],
 ) -> Result<CheckedBatch, WireError> {
-    let (gpas, crcs) = prefix.split_at(8 * count);
     let batch = CheckedBatch {
         iteration,
         gpas: gpas
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect(),
-        crcs: crcs
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect(),
+        crcs: decode_trailer(trailer)?,
         data,
     };
     batch.validate()?;
@@ -159,9 +189,10 @@ fn build(
 /// Decodes a `CheckedPages` payload held in memory.
 pub(super) fn decode(d: &mut Decoder<'_>) -> Result<CheckedBatch, WireError> {
     let (iteration, count) = parse_fixed(d, 0)?;
-    let prefix = d.take(12 * count, "gpas")?;
-    let data = d.take(d.remaining(), "data")?.to_vec();
-    build(iteration, count, prefix, data)
+    let gpas = d.take(8 * count, "gpas")?;
+    let data = d.take(count * PAGE_SIZE, "data")?.to_vec();
+    let trailer = d.take(d.remaining(), "crcs")?;
+    build(iteration, gpas, data, trailer)
 }
 
 /// Reads a `CheckedPages` payload from the stream: the prefix is checked
@@ -179,11 +210,14 @@ pub(super) fn read<R: Read>(
         Ok(v) => v,
         Err(e) => return Err(pr.abandon(e)),
     };
-    let mut prefix = [0u8; 12 * MAX_BATCH_PAGES];
-    pr.read_exact(&mut prefix[..12 * count])?;
+    let mut gpas = [0u8; 8 * MAX_BATCH_PAGES];
+    pr.read_exact(&mut gpas[..8 * count])?;
     pr.check_prefix()?;
     let data = pr.read_into_unhashed(count * PAGE_SIZE, buffer)?;
-    build(iteration, count, &prefix[..12 * count], data)
+    let mut trailer = [0u8; 4 * MAX_BATCH_PAGES + 4];
+    let trailer = &mut trailer[..trailer_len(count)];
+    pr.read_exact_unhashed(trailer)?;
+    build(iteration, &gpas[..8 * count], data, trailer)
 }
 
 #[cfg(test)]
@@ -214,7 +248,7 @@ mod tests {
         write_message(&mut whole, &Message::CheckedPages(b.clone())).unwrap();
         let mut sliced = Vec::new();
         let (first, rest) = b.data.split_at(PAGE_SIZE);
-        let n = write_checked_pages(&mut sliced, 7, &b.gpas, &b.crcs, &[first, rest]).unwrap();
+        let n = write_checked_pages(&mut sliced, 7, &b.gpas, &[first, rest]).unwrap();
         assert_eq!(sliced, whole);
         assert_eq!(n, whole.len() as u64);
     }
@@ -227,7 +261,7 @@ mod tests {
         let mut wire = Vec::new();
         write_message(&mut wire, &Message::CheckedPages(b)).unwrap();
         let mut torn = wire.clone();
-        let last = torn.len() - 1;
+        let last = torn.len() - trailer_len(3) - 1; // last byte of page 2
         torn[last] ^= 1;
         let Message::CheckedPages(got) =
             read_message(&mut torn.as_slice(), &Limits::default()).unwrap()
@@ -236,7 +270,14 @@ mod tests {
         };
         assert!(got.page_intact(0) && got.page_intact(1) && !got.page_intact(2));
         let mut bad = wire.clone();
-        bad[16 + CHECKED_FIXED_LEN + 3 * 8] ^= 1; // first CRC
+        bad[16 + CHECKED_FIXED_LEN] ^= 1; // first gpa
+        assert!(matches!(
+            read_message(&mut bad.as_slice(), &Limits::default()),
+            Err(WireError::PayloadChecksum { .. })
+        ));
+        let mut bad = wire.clone();
+        let first_crc = wire.len() - trailer_len(3);
+        bad[first_crc] ^= 1;
         assert!(matches!(
             read_message(&mut bad.as_slice(), &Limits::default()),
             Err(WireError::PayloadChecksum { .. })
@@ -252,7 +293,7 @@ mod tests {
         assert!(CheckedBatch::new(0, vec![1], vec![0; PAGE_SIZE]).is_err());
         assert!(CheckedBatch::new(0, vec![], vec![]).is_err());
         let mut a = Vec::new();
-        assert!(write_checked_pages(&mut a, 0, &[0], &[0], &[&[0; 10]]).is_err());
+        assert!(write_checked_pages(&mut a, 0, &[0], &[&[0; 10]]).is_err());
         assert!(a.is_empty());
     }
 

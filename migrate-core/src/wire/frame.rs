@@ -188,6 +188,18 @@ impl<'r, R: Read> PayloadReader<'r, R> {
         Ok(())
     }
 
+    /// Fills `buf` without adding it to the frame checksum (after
+    /// [`PayloadReader::check_prefix`]).
+    pub(super) fn read_exact_unhashed(&mut self, buf: &mut [u8]) -> Result<(), WireError> {
+        debug_assert!(buf.len() <= self.remaining);
+        let n = read_full(self.r, buf)?;
+        self.remaining -= n;
+        if n < buf.len() {
+            return Err(self.truncated());
+        }
+        Ok(())
+    }
+
     /// Like [`PayloadReader::read_into`], leaving the bytes out of the
     /// frame checksum (after [`PayloadReader::check_prefix`]).
     pub(super) fn read_into_unhashed(
@@ -315,51 +327,85 @@ pub fn read_message_into<R: Read>(
 /// fails, in which case part of the frame may have been written.
 pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> Result<u64, WireError> {
     msg.validate()?;
+    if let Message::CheckedPages(b) = msg {
+        // The CRCs travel behind the pages.
+        return write_checked(w, b.iteration, &b.gpas, &[&b.data], Some(&b.crcs));
+    }
     let mut buf = Vec::with_capacity(HEADER_LEN + 64);
     buf.resize(HEADER_LEN, 0);
     let tail = encode_payload(msg, &mut buf)?;
-    if msg.kind() == MessageKind::CheckedPages {
-        // The frame CRC covers the prefix; each page has its own.
-        return write_frame_parts(w, msg.kind(), buf, &[], &[tail]);
-    }
     write_frame(w, msg.kind(), buf, &[tail])
 }
 
 /// Writes a `CheckedPages` batch whose pages are given as slices, for
 /// example runs of guest memory: `runs` together hold exactly one page per
-/// gpa, in order, and `crcs` one CRC-32 per page. The slices are handed to
-/// the writer as they are (one `writev` where it passes vectored writes
-/// through), never copied or read here. Returns the bytes written.
+/// gpa, in order. The slices go to the writer as they are (one `writev`
+/// where it passes vectored writes through), never copied; each page's CRC
+/// is taken after that, from the slices, and sent behind them
+/// (`wire/checked.rs`). Returns the bytes written.
 ///
 /// # Errors
 ///
-/// [`WireError::InvalidField`] for a bad gpa list, CRC count or data
-/// length, before anything is written; [`WireError::Io`] from the writer.
+/// [`WireError::InvalidField`] for a bad gpa list or data length, before
+/// anything is written; [`WireError::Io`] from the writer.
 pub fn write_checked_pages<W: Write>(
     w: &mut W,
     iteration: u32,
     gpas: &[u64],
-    crcs: &[u32],
     runs: &[&[u8]],
+) -> Result<u64, WireError> {
+    write_checked(w, iteration, gpas, runs, None)
+}
+
+/// [`write_checked_pages`] with the CRCs given (`Some`, a
+/// [`Message::CheckedPages`] as it is) or taken after the data went out.
+fn write_checked<W: Write>(
+    w: &mut W,
+    iteration: u32,
+    gpas: &[u64],
+    runs: &[&[u8]],
+    crcs: Option<&[u32]>,
 ) -> Result<u64, WireError> {
     let kind = MessageKind::CheckedPages;
     pages::validate_gpas_of(kind, gpas)?;
     let data: usize = runs.iter().map(|r| r.len()).sum();
-    if crcs.len() != gpas.len() || data != gpas.len() * PAGE_SIZE {
+    if data != gpas.len() * PAGE_SIZE || crcs.is_some_and(|c| c.len() != gpas.len()) {
         return Err(invalid(
             kind,
             "data",
-            format!(
-                "{data} bytes and {} CRCs for {} pages",
-                crcs.len(),
-                gpas.len()
-            ),
+            format!("{data} bytes (and CRCs) for {} pages", gpas.len()),
         ));
     }
-    let mut buf = Vec::with_capacity(HEADER_LEN + checked::CHECKED_FIXED_LEN + 12 * gpas.len());
+    let mut buf = Vec::with_capacity(HEADER_LEN + checked::CHECKED_FIXED_LEN + 8 * gpas.len());
     buf.resize(HEADER_LEN, 0);
-    checked::encode_prefix(iteration, gpas, crcs, &mut buf)?;
-    write_frame_parts(w, kind, buf, &[], runs)
+    checked::encode_prefix(iteration, gpas, &mut buf)?;
+    let payload_len = buf.len() - HEADER_LEN + data + checked::trailer_len(gpas.len());
+    let header = FrameHeader {
+        kind,
+        len: u32::try_from(payload_len).expect("bounded by the page count"),
+        payload_crc: crc32fast::hash(&buf[HEADER_LEN..]),
+    };
+    buf[..HEADER_LEN].copy_from_slice(&header.encode());
+    let mut slices: Vec<IoSlice<'_>> = std::iter::once(buf.as_slice())
+        .chain(runs.iter().copied())
+        .filter(|p| !p.is_empty())
+        .map(IoSlice::new)
+        .collect();
+    write_all_vectored(w, &mut slices)?;
+    let taken: Vec<u32>;
+    let crcs = match crcs {
+        Some(c) => c,
+        None => {
+            taken = runs
+                .iter()
+                .flat_map(|r| r.chunks_exact(PAGE_SIZE))
+                .map(crc32fast::hash)
+                .collect();
+            &taken
+        }
+    };
+    w.write_all(&checked::encode_trailer(crcs))?;
+    Ok((HEADER_LEN + payload_len) as u64)
 }
 
 /// Writes a raw `Pages` batch whose pages are separate slices (for example
@@ -400,19 +446,8 @@ pub fn write_raw_pages<W: Write>(
 fn write_frame<W: Write>(
     w: &mut W,
     kind: MessageKind,
-    buf: Vec<u8>,
-    rest: &[&[u8]],
-) -> Result<u64, WireError> {
-    write_frame_parts(w, kind, buf, rest, &[])
-}
-
-/// [`write_frame`] with a tail `unhashed` that the frame CRC leaves out.
-fn write_frame_parts<W: Write>(
-    w: &mut W,
-    kind: MessageKind,
     mut buf: Vec<u8>,
     rest: &[&[u8]],
-    unhashed: &[&[u8]],
 ) -> Result<u64, WireError> {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&buf[HEADER_LEN..]);
@@ -421,7 +456,6 @@ fn write_frame_parts<W: Write>(
         hasher.update(part);
         payload_len += part.len();
     }
-    payload_len += unhashed.iter().map(|p| p.len()).sum::<usize>();
     let max = kind.max_payload_len();
     let len = u32::try_from(payload_len)
         .ok()
@@ -439,7 +473,6 @@ fn write_frame_parts<W: Write>(
     buf[..HEADER_LEN].copy_from_slice(&header.encode());
     let mut slices: Vec<IoSlice<'_>> = std::iter::once(buf.as_slice())
         .chain(rest.iter().copied())
-        .chain(unhashed.iter().copied())
         .filter(|p| !p.is_empty())
         .map(IoSlice::new)
         .collect();

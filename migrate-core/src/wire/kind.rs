@@ -124,7 +124,7 @@ impl MessageKind {
             Self::Complete => 17,
             Self::Accepted => 9,
             Self::SerialOutput => 65_556,
-            Self::CheckedPages => 4_206_600,
+            Self::CheckedPages => 4_206_604,
             Self::Commit | Self::Heartbeat | Self::Resumed | Self::StandbyHeld => 0,
         }
     }
@@ -135,7 +135,8 @@ const _: () = {
     assert!(2 + 2 + MAX_ERROR_MESSAGE_LEN == 4_100);
     assert!(pages::PAGES_FIXED_LEN + super::MAX_BATCH_PAGES * (8 + PAGE_SIZE) == 4_202_505);
     assert!(
-        super::checked::CHECKED_FIXED_LEN + super::MAX_BATCH_PAGES * (12 + PAGE_SIZE) == 4_206_600
+        super::checked::CHECKED_FIXED_LEN + super::MAX_BATCH_PAGES * (12 + PAGE_SIZE) + 4
+            == 4_206_604
     );
     assert!(8 + 16 * super::MAX_ZERO_RANGES == 1_048_584);
     assert!(20 + super::MAX_SERIAL_CHUNK == 65_556);

@@ -428,9 +428,9 @@ pub(super) fn encode_payload<'m>(
             pages::encode_batch_prefix(b.iteration, b.compression, &b.gpas, out)?;
             return Ok(&b.data);
         }
-        Message::CheckedPages(b) => {
-            super::checked::encode_prefix(b.iteration, &b.gpas, &b.crcs, out)?;
-            return Ok(&b.data);
+        Message::CheckedPages(_) => {
+            // Its CRCs follow the pages: `write_message` writes it itself.
+            return Err(invalid(kind, "frame", "written by write_message"));
         }
         Message::ZeroPages(z) => pages::encode_zero_pages(z, out)?,
         Message::IterationEnd(e) => {

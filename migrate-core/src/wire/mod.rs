@@ -53,6 +53,7 @@
 //! | 14   | `ChannelJoin`  | src → dst | `session u64`, `index u16`, `count u16` (2..=16, index < count); only after `HelloAck` with [`FEATURE_CHANNELS`]           | 12          |
 //! | 15   | `StandbyHeld`  | dst → src | empty: the answer to `Commit` in a live clone (`FEATURE_CLONE`)                                                          | 0           |
 //! | 16   | `SerialOutput` | src → dst | `released u64`, `start u64`, `len u32` (≤ 65 536), `data`: held serial output of an epoch, or (empty) how far the primary released its output; clone sessions only | 65 556 |
+//! | 17   | `CheckedPages` | src → dst | `iteration u32`, `count u32` (1..=1024), `count × gpa u64`, `count × 4096` bytes of pages, `count × crc u32`, `trailer_crc u32`; `payload_crc` covers only the part before the pages (see [`CheckedBatch`]); only after `HelloAck` with [`FEATURE_PAGE_CHECKSUMS`] | 4 206 604 |
 //!
 //! Field rules beyond the layout (enforced when decoding *and* before
 //! writing, see [`Message::validate`]):
@@ -71,6 +72,11 @@
 //!   content size it must be `count × 4096`; the decompressed size is
 //!   checked again by [`PageBatch::decompress_into`]. Duplicate gpas are not
 //!   refused; pages apply in order.
+//! * `CheckedPages`: gpas as for `Pages`; the payload is exactly as long as
+//!   `count` says; `trailer_crc` is the CRC-32 of the `count` CRCs before it
+//!   (a mismatch is a [`WireError::PayloadChecksum`]). A page that does not
+//!   match its own CRC is *not* an error of the frame: the receiver drops
+//!   that page and requires a newer copy of it before `Complete`.
 //! * `ZeroPages`: each gpa is aligned, `pages ≥ 1`, `gpa + pages × 4096`
 //!   does not overflow. An empty range list is legal.
 //! * `Error`: code `0` and unknown codes are refused.
@@ -83,7 +89,7 @@
 //!    |           vcpu_count, cpu_model, regions} ------>|  check layout
 //!    |<-- HelloAck {version, features ∩ known} ---------|  (or Error {LayoutMismatch..})
 //!    |                                                   |
-//!    |--- Pages / ZeroPages {iteration: 0} ... -------->|  iteration 0: all memory
+//!    |--- Pages / CheckedPages / ZeroPages {0} ... ---->|  iteration 0: all memory
 //!    |--- IterationEnd {0, pages} --------------------->|  cross-check page count
 //!    |--- Pages / ZeroPages {iteration: 1..n} ... ----->|  dirty pages only
 //!    |--- IterationEnd {i, pages} --------------------->|
@@ -125,7 +131,9 @@
 //! [`write_message`] writes a `Pages` batch without copying its data: the
 //! header and the small fields go out in one `write_all`, the page data in
 //! another (wrap the socket in a `BufWriter`). [`write_raw_pages`] sends raw
-//! pages straight from per-page slices. [`read_message`] reads page data
+//! pages straight from per-page slices, and [`write_checked_pages`] a
+//! `CheckedPages` batch straight from runs of live guest memory, its CRCs
+//! taken after the kernel's copy. [`read_message`] reads page data
 //! directly into the batch's own buffer. Decompression is left to the caller
 //! ([`PageBatch::decompress_into`]), so it can run off the socket thread.
 
@@ -239,7 +247,7 @@ impl Limits {
 
 impl Default for Limits {
     /// Accepts every legal frame: the cap is the largest legal payload,
-    /// a full `CheckedPages` batch (4 206 600 bytes).
+    /// a full `CheckedPages` batch (4 206 604 bytes).
     fn default() -> Self {
         Self {
             max_payload: MessageKind::CheckedPages.max_payload_len(),
