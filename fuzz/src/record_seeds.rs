@@ -37,6 +37,8 @@ struct Case {
     vcpus: usize,
     compress: CompressMode,
     verify: bool,
+    /// Raw pages as `Pages` (copied) instead of `CheckedPages`.
+    copy_pages: bool,
 }
 
 fn record(case: &Case) -> Vec<u8> {
@@ -93,6 +95,7 @@ fn record(case: &Case) -> Vec<u8> {
         progress: None,
         destination: "record-seeds".into(),
         channels: None,
+        copy_pages: case.copy_pages,
     };
     let report = send_migration(&src, Stream::Unix(src_end), opts);
     assert_eq!(
@@ -124,6 +127,15 @@ fn main() {
             vcpus: 1,
             compress: CompressMode::None,
             verify: true,
+            copy_pages: false,
+        },
+        Case {
+            name: "copied-verify",
+            mem: 2 << 20,
+            vcpus: 1,
+            compress: CompressMode::None,
+            verify: true,
+            copy_pages: true,
         },
         Case {
             name: "zstd-verify",
@@ -131,6 +143,7 @@ fn main() {
             vcpus: 1,
             compress: CompressMode::Zstd(1),
             verify: true,
+            copy_pages: false,
         },
         Case {
             name: "zstd-2vcpus",
@@ -138,6 +151,7 @@ fn main() {
             vcpus: 2,
             compress: CompressMode::Zstd(3),
             verify: false,
+            copy_pages: false,
         },
     ];
     for case in &cases {
