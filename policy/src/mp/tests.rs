@@ -7,6 +7,7 @@ use super::*;
 
 mod nets_and_settings;
 mod phases;
+mod steady;
 
 const PAGE: u64 = 4096;
 /// Guest RAM: 1 GiB.
