@@ -8,6 +8,7 @@ use super::*;
 mod nets_and_settings;
 mod phases;
 mod steady;
+mod transcribed;
 
 const PAGE: u64 = 4096;
 /// Guest RAM: 1 GiB.
