@@ -74,7 +74,7 @@
 //!    extra confirmation costs one more iteration's traffic. So a
 //!    non-converging guest (dirties ≥ the link rate) stops after exactly
 //!    `confirm + 1` iterations (the full copy and `confirm` stuck ones),
-//!    unless a safety net ends it first.
+//!    unless a safety net ends it first, or 2 when rule 4d finds it steady.
 //!    *Why trough-wait = 1:* one iteration is enough to reach the trough of
 //!    a two-iteration oscillation, and a bound keeps a steadily rising
 //!    guest from waiting forever.
@@ -135,18 +135,22 @@
 //!    further iteration could catch, and each confirming iteration re-sends
 //!    the whole final copy. Added after the study's sweep-1g: 4 iterations,
 //!    4.66 s and 4.0 × RAM at 10 Gbit/s (36 s, 4.0 × at 1 Gbit/s), every
-//!    iteration leaving all 261,888 pages it sent, with windows of 21–67 k
-//!    pages. *Why not at the full copy already:* the full copy alone cannot
-//!    tell a steady writer from a phase. In all 9 sawtooth-1g runs it fell
-//!    in a storm, left all 65,536 data pages it sent and had no quiet window
-//!    (the smallest ≥ 0.39 × the busiest), exactly like a sweep; the
-//!    iteration after it always held the quiet phase (windows of 4,096
-//!    pages, at least 1.4 s long as the phases line up). *Why a gap of 2:*
-//!    on a shared host a vCPU can stall for a window or two (sweep-1g at
-//!    1 Gbit/s had windows of 0 pages among ones of 60 k), while a quiet
-//!    phase that could hold an iteration is longer (sawtooth's ≥ 14 windows
-//!    after the full copy, burst's 20). Without windows (loopback, short
-//!    iterations, older traces) nothing changes.
+//!    iteration leaving all 261,888 pages it sent, with windows of 13–67 k
+//!    pages; with the rule 4.06 s / 3.0 × and 27.05 s / 3.0 × (3 runs
+//!    each, same downtime). *Why not at the full copy already:* the full
+//!    copy alone cannot tell a steady writer from a phase. In all 27
+//!    sawtooth-1g runs of the study (every policy) it fell in a storm, left
+//!    all 65,536 data pages it sent and had no quiet window (the smallest
+//!    ≥ 0.39 × the busiest), exactly like a sweep; the iteration after it
+//!    always held the quiet phase (windows of 4,096 pages, at least 1.4 s
+//!    long as the phases line up). So `mp` cannot match `qemu` with a 2 s
+//!    limit when that one stops after a fast full copy (sweep-1g at
+//!    10 Gbit/s: 2.16 s / 2.0 × in 1 of 3 runs), only when it does not.
+//!    *Why a gap of 2:* on a shared host a vCPU can stall for a window or
+//!    two (sweep-1g at 1 Gbit/s had windows of 0 pages among ones of
+//!    60 k), while a quiet phase that could hold an iteration is longer
+//!    (sawtooth's ≥ 14 windows after the full copy, burst's 20). Without
+//!    windows (loopback, short iterations, older traces) nothing changes.
 //! 5. **Safety nets**, like Xen legacy's: completed iterations ≥
 //!    `max-iterations` (default 29: with the final copy, Xen's "30 times
 //!    round loop") → [`StopReason::IterationLimit`]; total bytes sent >
