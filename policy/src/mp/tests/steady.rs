@@ -1,6 +1,6 @@
 //! Rule 4d on made-up traces: a steady writer stops after one stuck
-//! iteration; host stalls of up to two windows are tolerated, longer quiet
-//! runs, missing or sparse windows and a rising edge keep rule 4's
+//! iteration; host stalls of up to `steady-gap` windows are tolerated,
+//! longer quiet runs, missing or sparse windows and a rising edge keep rule 4's
 //! confirmation; converging guests are untouched; phased guests (burst,
 //! sawtooth) decide exactly as without the rule at every alignment of their
 //! phases with the iterations.
@@ -86,6 +86,32 @@ fn host_stalls_of_two_windows_are_tolerated_longer_quiet_runs_are_not() {
             "stall of {stall}"
         );
     }
+}
+
+#[test]
+fn the_gap_is_a_setting() {
+    let with = |gap: &str| {
+        MpPolicy::from_params(&PolicyParams {
+            settings: [("steady-gap".to_string(), gap.to_string())].into(),
+            ..Default::default()
+        })
+    };
+    assert_eq!(MpPolicy::default().steady_gap, 2);
+    let mut sweep = steady(trace(&[RAM_PAGES; 10], |_| 100), 26_000);
+    for w in &mut sweep[0].dirty_windows[2..5] {
+        *w = 0;
+    }
+    // A stall of 3 windows: steady with a gap of 3, not with 2; with a gap
+    // of 0 any quiet window breaks it.
+    assert_eq!(stop(&mut with("3").unwrap(), &sweep).0, 1);
+    assert_eq!(stop(&mut with("2").unwrap(), &sweep).0, 2);
+    sweep[0].dirty_windows[3] = 26_000;
+    assert_eq!(stop(&mut with("1").unwrap(), &sweep).0, 1);
+    assert_eq!(stop(&mut with("0").unwrap(), &sweep).0, 2);
+    assert!(matches!(
+        with("two"),
+        Err(PolicyError::BadSetting { key, .. }) if key == "steady-gap"
+    ));
 }
 
 #[test]
