@@ -7,6 +7,8 @@ use super::*;
 
 mod nets_and_settings;
 mod phases;
+mod steady;
+mod transcribed;
 
 const PAGE: u64 = 4096;
 /// Guest RAM: 1 GiB.

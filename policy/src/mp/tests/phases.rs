@@ -1,7 +1,8 @@
 //! Rule 4c on made-up traces with the engine's 100 ms windows: a sawtooth
 //! whose quiet phase outlasts an iteration is waited for and stops in a
-//! quiet iteration; a burst whose quiet phase is shorter, a steady sweep and
-//! `phase-wait=off` stop as before.
+//! quiet iteration; a burst whose quiet phase is shorter and `phase-wait=off`
+//! stop as before, and a steady sweep is not read as phases (rule 4d then
+//! stops it early: `steady`).
 
 use super::*;
 
@@ -110,11 +111,23 @@ fn a_steady_writer_with_small_windows_is_not_read_as_phases() {
         &[SET, SET, SET, SET],
         &[win(10), win(7), win(7), win(7)],
     );
-    let (at, d) = stop_at(&mut mp_with(300), &t);
+    // Not waited for (rule 4c): with rule 4d off, rule 4's confirmation
+    // stops it at iteration 2, as without windows.
+    let mut no_steady = mp_with(300);
+    no_steady.steady_stop = false;
+    let (at, d) = stop_at(&mut no_steady, &t);
     assert_eq!(at, 2);
     assert!(matches!(
         d,
         Decision::StopAndCopy(StopReason::MemoryIntensive { .. })
+    ));
+    // With it (the default), the steady windows stop it one iteration
+    // earlier.
+    let (at, d) = stop_at(&mut mp_with(300), &t);
+    assert_eq!(at, 1);
+    assert!(matches!(
+        d,
+        Decision::StopAndCopy(StopReason::MemoryIntensive { iterations: 1, .. })
     ));
 }
 
