@@ -36,7 +36,8 @@ use std::time::Duration;
 
 use vm_memory::GuestMemoryMmap;
 
-use super::pages::{PageApplier, PageSender, SentCounts};
+use super::apply::PageApplier;
+use super::pages::{PageSender, SentCounts};
 use super::written::WrittenPages;
 use super::MigrationError;
 use crate::dirty::DirtyBitmap;

@@ -26,11 +26,11 @@
 
 use std::io::{BufReader, BufWriter, Write};
 
-use super::pages::{PageApplier, PageSender};
+use super::apply::PageApplier;
+use super::pages::PageSender;
 use super::report::{ms, MigrationReport};
-use super::source::{
-    error_chain, send_outgoing, vm_err, Channel, CompressMode, Outgoing, SendOptions,
-};
+use super::send_options::{CompressMode, SendOptions};
+use super::source::{error_chain, send_outgoing, vm_err, Channel, Outgoing};
 use super::{MigratableVm, MigrationError};
 use crate::dirty::DirtyBitmap;
 use crate::transport::Stream;

@@ -21,6 +21,7 @@
 //! Anything that fails before `Commit` is sent resumes the source guest; the
 //! destination resumes only on `Commit`, so the guest never runs twice.
 
+mod apply;
 mod channels;
 mod clone;
 mod control;
@@ -32,7 +33,9 @@ mod failover;
 mod memory_vm;
 mod pages;
 mod precopy;
+mod receive_options;
 mod report;
+mod send_options;
 mod source;
 mod windows;
 mod written;
@@ -40,19 +43,17 @@ mod written;
 pub use channels::{ChannelAcceptor, ChannelConnector};
 pub use clone::{live_clone, CloneOutcome, CloneSession, SessionEnd, StandbySession};
 pub use control::{DowntimeRamp, MigrationControl, RampError};
-pub use dest::{
-    receive_migration, receive_migration_with_channels, ReceiveOptions, ReceiveOutcome,
-};
+pub use dest::{receive_migration, receive_migration_with_channels};
 pub use epoch::{EpochRecord, EpochReport, EpochStats, PauseSummary, SentEpoch, StagedEpoch};
 #[cfg(feature = "memory-vm")]
 pub use memory_vm::MemoryVm;
 pub use pages::is_zero as is_zero_page;
+pub use receive_options::{ReceiveOptions, ReceiveOutcome};
 pub use report::{
     DowntimeBreakdown, IterationRecord, MigrationReport, MigrationStatus, RamReport, ReportMode,
 };
-pub use source::{
-    error_chain, send_migration, CompressMode, ProgressFn, SendOptions, TimeoutAction,
-};
+pub use send_options::{CompressMode, ProgressFn, SendOptions, TimeoutAction};
+pub use source::{error_chain, send_migration};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 

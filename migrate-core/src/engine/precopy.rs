@@ -13,7 +13,8 @@ use policy::{Decision, IterationStats, MigrationHistory};
 
 use super::pages::PageSender;
 use super::report::{mbps, ms, MigrationReport};
-use super::source::{send_iteration, vm_err, SendOptions, TimeoutAction};
+use super::send_options::{SendOptions, TimeoutAction};
+use super::source::{send_iteration, vm_err};
 use super::{MigratableVm, MigrationError};
 use crate::dirty::DirtyBitmap;
 use crate::vm::ram_pages;
