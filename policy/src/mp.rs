@@ -177,6 +177,10 @@
 //!    4c waits for a quiet phase (a final copy taken in a quiet phase must
 //!    not carry the storm set held back from earlier): then the answer is
 //!    false and the engine sends what it held in the next iteration.
+//! 7. **Writer throttle** (`writer-throttle`, default on; `mp/writers.rs`):
+//!    a stuck guest whose ring counts show only some vCPUs write gets those
+//!    throttled as by `dirty-limit` instead of a stop, for at most
+//!    `throttle-patience` iterations; checked after rule 4b, before rule 4.
 //!
 //! Every stop after rule 1 reports the predicted downtime: `remaining ÷`
 //! the bandwidth of the last iteration that sent data pages (as `qemu`'s,
@@ -195,6 +199,8 @@ use crate::{
 
 #[cfg(test)]
 mod tests;
+mod writers;
+pub use writers::WriterThrottle;
 
 /// Rule 4c looks at the windows of this many iterations, the last one
 /// included: enough for a quiet phase split across two iterations and a
@@ -268,6 +274,21 @@ pub const SETTINGS: &[SettingDoc] = &[
         default: "on",
         meaning: "hold the writable working set for the final copy once the guest is stuck",
     },
+    SettingDoc {
+        key: "writer-throttle",
+        default: "on",
+        meaning: "rule 7: when the dirty ring shows only some vCPUs write, throttle those instead of stopping",
+    },
+    SettingDoc {
+        key: "vcpu-dirty-limit",
+        default: "32",
+        meaning: "rule 7: MB/s each writing vCPU is throttled down to (as dirty-limit)",
+    },
+    SettingDoc {
+        key: "throttle-patience",
+        default: "2",
+        meaning: "rule 7: throttled iterations allowed before a still-stuck guest is stopped by rule 4",
+    },
 ];
 
 /// The memory-pattern policy (see the [module docs](self)).
@@ -301,6 +322,8 @@ pub struct MpPolicy {
     /// Rule 6: whether to ask for writable-working-set deferral.
     pub defer_wws: bool,
     deferring: bool,
+    /// Rule 7 (`mp/writers.rs`).
+    pub writers: WriterThrottle,
 }
 
 /// What rules 2 to 4 make of a history.
@@ -351,6 +374,11 @@ impl MpPolicy {
             max_sent_factor: Self::DEFAULT_MAX_SENT_FACTOR,
             defer_wws: true,
             deferring: false,
+            writers: WriterThrottle::configured(
+                true,
+                crate::DirtyLimitPolicy::DEFAULT_LIMIT_MB,
+                writers::DEFAULT_PATIENCE,
+            ),
         }
     }
 
@@ -370,6 +398,14 @@ impl MpPolicy {
             max_iterations: s.count_u32("max-iterations", Self::DEFAULT_MAX_ITERATIONS)?,
             max_sent_factor: s.factor("max-sent-factor", Self::DEFAULT_MAX_SENT_FACTOR)?,
             defer_wws: s.switch("defer-wws", true)?,
+            writers: WriterThrottle::configured(
+                s.switch("writer-throttle", true)?,
+                s.factor(
+                    "vcpu-dirty-limit",
+                    crate::DirtyLimitPolicy::DEFAULT_LIMIT_MB,
+                )?,
+                s.count_at_least("throttle-patience", writers::DEFAULT_PATIENCE, 1)?,
+            ),
             ..Self::new(params.downtime_limit)
         })
     }
@@ -514,6 +550,14 @@ impl ConvergencePolicy for MpPolicy {
                 remaining_bytes,
                 predicted_downtime_ms,
             });
+        }
+        // Rule 7: throttle the writers, and hold nothing back meanwhile.
+        let throttled = self.writers.decide(history, stuck_now);
+        if self.writers.active() {
+            self.deferring = false;
+        }
+        if let Some(d) = throttled {
+            return d;
         }
         // Rule 4 (one stuck iteration for a steady writer, rule 4d), unless
         // rule 4c waits for a quiet phase.

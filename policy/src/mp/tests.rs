@@ -9,6 +9,7 @@ mod nets_and_settings;
 mod phases;
 mod steady;
 mod transcribed;
+mod writers;
 
 const PAGE: u64 = 4096;
 /// Guest RAM: 1 GiB.
