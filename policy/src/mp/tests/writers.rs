@@ -17,6 +17,8 @@ fn simulate(p: &mut MpPolicy, link: u64, entries: [u64; 2]) -> (Vec<Decision>, V
     let mut decisions = Vec::new();
     for i in 0..40u32 {
         let secs = to_send as f64 / link as f64;
+        // Truncation intended: whole entries.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let logged: Vec<u64> = (0..2)
             .map(|v| (entries[v] as f64 * (1.0 - throttles[v]) * secs) as u64)
             .collect();
