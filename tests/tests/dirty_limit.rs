@@ -205,3 +205,58 @@ fn dirty_limit_leaves_the_computing_vcpu_its_speed() {
     assert!(idle >= 0.6, "vCPU 1 slowed to {idle:.2} of its speed");
     assert!(busy < 0.2, "vCPU 0 kept {busy:.2} of its speed");
 }
+
+/// `mp` on the same guest: the first stuck iteration shows vCPU 0 as the
+/// only writer, so rule 7 throttles it (not vCPU 1) and the migration
+/// converges by the downtime rule instead of stopping with the whole
+/// working set in the final copy. With the rule off, `mp` stops as
+/// memory-intensive and throttles nothing.
+#[test]
+fn mp_throttles_only_the_writing_vcpu_and_converges() {
+    if !kvm_available("mp_throttles_only_the_writing_vcpu_and_converges") {
+        return;
+    }
+    let _g = one_at_a_time();
+    for rule in ["on", "off"] {
+        let dir = Scratch::new(&format!("mp-writers-{rule}"));
+        let mut src = source(&dir, "ring");
+        let (mut dst, uri) = VmProcess::destination(bin(), &dir, "dst", "tcp:127.0.0.1:0");
+        let (ok, report, stderr) = send_json(
+            bin(),
+            &src.api,
+            &uri,
+            &[
+                "--policy",
+                "mp",
+                "--param",
+                &format!("writer-throttle={rule}"),
+                "--param",
+                "vcpu-dirty-limit=4",
+                "--max-bandwidth",
+                "16M",
+            ],
+        );
+        let r = report.unwrap_or_else(|| panic!("no report: {stderr} {}", src.stderr_text()));
+        assert!(ok, "send failed: {r:#}\n{stderr}\n{}", dst.stderr_text());
+        assert_eq!(r["status"], "completed", "{r:#}");
+        assert_eq!(r["digest"]["equal"], true, "{r:#}");
+        let reason = r["stop-reason"].as_str().unwrap().to_string();
+        let throttles = r.get("vcpu-throttle").map(f64s).unwrap_or_default();
+        eprintln!(
+            "rule {rule}: {reason}; throttles {throttles:?}; {} iterations; downtime {} ms",
+            r["iterations"].as_array().map_or(0, Vec::len),
+            r["downtime"]
+        );
+        if rule == "on" {
+            assert!(reason.contains("within the limit"), "{reason}");
+            assert!(throttles[0] > 0.5 && throttles[1] == 0.0, "{throttles:?}");
+        } else {
+            assert!(reason.contains("memory-intensive"), "{reason}");
+            assert!(throttles.iter().all(|&t| t == 0.0), "{throttles:?}");
+        }
+        assert!(src.wait_exit(T).success(), "{}", src.stderr_text());
+        dst.wait_marks(VCPU0, 2, T);
+        dst.wait_marks(VCPU1, 1, T);
+        drop(dst.child.kill());
+    }
+}
