@@ -222,42 +222,11 @@ pub fn run(
             source,
         })?;
         let mut these = Vec::new();
-        let mut tcp = TransferRun::new(rep, "tcp", 1);
-        match crate::study::baseline::measure(
-            &bins.tcp_baseline,
-            &[],
-            "127.0.0.1",
-            cfg.tcp_seconds,
-            &dir,
-            stop,
-        ) {
-            Ok(mbps) => {
-                tcp.status = "completed".into();
-                tcp.rate_mbps = Some(mbps);
-                tcp.of_tcp = Some(1.0);
-            }
-            Err(e) => tcp = tcp.failed(e),
-        }
-        these.push(tcp);
+        these.push(tcp_row(cfg, bins, &dir, stop, rep, "tcp", &[]));
         if cfg.tcp_memory {
             check(stop)?;
-            let mut tcp = TransferRun::new(rep, TCP_MEMORY, 1);
-            match crate::study::baseline::measure_with(
-                &bins.tcp_baseline,
-                &[],
-                "127.0.0.1",
-                cfg.tcp_seconds,
-                &dir,
-                stop,
-                &["--memory".to_owned(), cfg.mem.clone()],
-            ) {
-                Ok(mbps) => {
-                    tcp.status = "completed".into();
-                    tcp.rate_mbps = Some(mbps);
-                }
-                Err(e) => tcp = tcp.failed(e),
-            }
-            these.push(tcp);
+            let extra = ["--memory".to_owned(), cfg.mem.clone()];
+            these.push(tcp_row(cfg, bins, &dir, stop, rep, TCP_MEMORY, &extra));
         }
         for &n in &cfg.channels {
             for &v in &cfg.variants {
@@ -290,6 +259,35 @@ pub fn run(
         runs.extend(these);
     }
     Ok(runs)
+}
+
+/// One plain TCP stream over loopback (`tcp-baseline` with `extra`).
+fn tcp_row(
+    cfg: &TransferConfig,
+    bins: &Binaries,
+    dir: &Path,
+    stop: &crate::study::procs::Stop,
+    rep: u32,
+    system: &str,
+    extra: &[String],
+) -> TransferRun {
+    let row = TransferRun::new(rep, system, 1);
+    match crate::study::baseline::measure_with(
+        &bins.tcp_baseline,
+        &[],
+        "127.0.0.1",
+        cfg.tcp_seconds,
+        dir,
+        stop,
+        extra,
+    ) {
+        Ok(mbps) => TransferRun {
+            status: "completed".into(),
+            rate_mbps: Some(mbps),
+            ..row
+        },
+        Err(e) => row.failed(e),
+    }
 }
 
 /// The `system` of the memory-to-memory TCP rows.

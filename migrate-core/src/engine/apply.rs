@@ -5,13 +5,11 @@ use std::sync::Arc;
 
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::written::WrittenPages;
 use super::MigrationError;
-use crate::wire::{CheckedBatch, PageBatch, WireError, ZeroPages, PAGE_SIZE};
+use crate::wire::{CheckedBatch, PageBatch, WireError, ZeroPages, ZeroRange, PAGE_SIZE};
 
 fn wire_err(phase: &str) -> impl Fn(WireError) -> MigrationError + '_ {
     move |source| MigrationError::Wire {
@@ -93,18 +91,28 @@ impl PageApplier {
     /// Check zero ranges without applying them: each inside guest memory.
     pub fn check_zeros(&self, zeros: &ZeroPages) -> Result<(), MigrationError> {
         for r in &zeros.ranges {
-            self.page_index(r.gpa)?;
-            let last = r
-                .pages
-                .checked_sub(1)
-                .and_then(|n| n.checked_mul(PAGE_SIZE as u64))
-                .and_then(|len| r.gpa.checked_add(len))
-                .ok_or_else(|| {
-                    MigrationError::InvalidData(format!("bad zero range at {:#x}", r.gpa))
-                })?;
-            self.page_index(last)?;
+            self.zero_range(r)?;
         }
         Ok(())
+    }
+
+    /// A zero range's first page index and page count, both ends inside
+    /// guest memory.
+    fn zero_range(&self, r: &ZeroRange) -> Result<(usize, usize), MigrationError> {
+        let first = self.page_index(r.gpa)?;
+        let last = r
+            .pages
+            .checked_sub(1)
+            .and_then(|n| n.checked_mul(PAGE_SIZE as u64))
+            .and_then(|len| r.gpa.checked_add(len))
+            .ok_or_else(|| {
+                MigrationError::InvalidData(format!("bad zero range at {:#x}", r.gpa))
+            })?;
+        self.page_index(last)?;
+        Ok((
+            first,
+            usize::try_from(r.pages).expect("checked against guest size"),
+        ))
     }
 
     /// Pages written so far (by every channel).
@@ -149,12 +157,18 @@ impl PageApplier {
             }
         };
         write_pages(memory, &batch.gpas, data, self.via_mapping)?;
-        for gpa in &batch.gpas {
-            let page = usize::try_from(*gpa / PAGE_SIZE as u64).expect("checked above");
+        self.note_written(&batch.gpas);
+        Ok(batch.gpas.len() as u64)
+    }
+
+    /// Record `gpas` (checked to be inside guest memory) as written, and
+    /// as no longer torn.
+    fn note_written(&self, gpas: &[u64]) {
+        for gpa in gpas {
+            let page = usize::try_from(*gpa / PAGE_SIZE as u64).expect("checked by the caller");
             self.written.set(page);
             self.written.mend(page, 1);
         }
-        Ok(batch.gpas.len() as u64)
     }
 
     /// Write the pages of a `CheckedPages` batch that match their CRCs;
@@ -181,11 +195,7 @@ impl PageApplier {
             if start < i {
                 let data = &batch.data[start * PAGE_SIZE..i * PAGE_SIZE];
                 write_pages(memory, &batch.gpas[start..i], data, self.via_mapping)?;
-                for gpa in &batch.gpas[start..i] {
-                    let page = usize::try_from(*gpa / PAGE_SIZE as u64).expect("checked above");
-                    self.written.set(page);
-                    self.written.mend(page, 1);
-                }
+                self.note_written(&batch.gpas[start..i]);
             }
             if i < n {
                 let page = usize::try_from(batch.gpas[i] / PAGE_SIZE as u64).expect("checked");
@@ -205,17 +215,7 @@ impl PageApplier {
     ) -> Result<u64, MigrationError> {
         let mut total = 0u64;
         for r in &zeros.ranges {
-            let first = self.page_index(r.gpa)?;
-            let last_gpa = r
-                .pages
-                .checked_sub(1)
-                .and_then(|n| n.checked_mul(PAGE_SIZE as u64))
-                .and_then(|len| r.gpa.checked_add(len))
-                .ok_or_else(|| {
-                    MigrationError::InvalidData(format!("bad zero range at {:#x}", r.gpa))
-                })?;
-            self.page_index(last_gpa)?;
-            let count = usize::try_from(r.pages).expect("checked against guest size");
+            let (first, count) = self.zero_range(r)?;
             self.written.mend(first, count);
             // Only pages written here before need zeroing; the scan goes a
             // word at a time, so a huge untouched range costs next to nothing
@@ -250,21 +250,8 @@ fn write_pages(
     let failed = |gpa: u64, e: &dyn std::fmt::Display| {
         MigrationError::InvalidData(format!("writing page {gpa:#x}: {e}"))
     };
-    let page = PAGE_SIZE as u64;
-    let mut i = 0;
-    while i < gpas.len() {
+    for (i, n, region) in super::direct::region_runs(memory, gpas)? {
         let first = gpas[i];
-        let region = memory
-            .find_region(GuestAddress(first))
-            .ok_or_else(|| failed(first, &"outside guest memory"))?;
-        let region_end = region.start_addr().raw_value() + region.len();
-        let mut n = 1;
-        while i + n < gpas.len()
-            && gpas[i + n] == first + n as u64 * page
-            && gpas[i + n] + page <= region_end
-        {
-            n += 1;
-        }
         let bytes = &data[i * PAGE_SIZE..(i + n) * PAGE_SIZE];
         match region.file_offset().filter(|_| !via_mapping) {
             Some(f) => {
@@ -277,7 +264,6 @@ fn write_pages(
                 .write_slice(bytes, GuestAddress(first))
                 .map_err(|e| failed(first, &e))?,
         }
-        i += n;
     }
     Ok(())
 }
@@ -286,6 +272,7 @@ fn write_pages(
 mod tests {
     use super::*;
     use crate::vm::memory::{map_memory, slot_layout};
+    use vm_memory::GuestMemoryBackend;
 
     /// Pages across a slot boundary, out of order and in runs arrive where
     /// they belong, through the memfd (by `pwrite` or the mapping) and

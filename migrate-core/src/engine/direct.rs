@@ -11,7 +11,9 @@
 //! A page torn that way is dropped there and sent again, because the write
 //! that tore it came after the dirty log was harvested.
 
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use super::MigrationError;
 use crate::wire::PAGE_SIZE;
@@ -44,12 +46,13 @@ pub(super) fn guest_page(memory: &GuestMemoryMmap, gpa: u64) -> Result<&[u8], Mi
     guest_bytes(memory, gpa, 1)
 }
 
-/// The runs of guest memory holding `gpas`: consecutive pages of one
-/// region make one run, so a batch is a few slices for `writev`.
-pub(super) fn runs<'m>(
+/// Splits `gpas` into runs of consecutive pages inside one region:
+/// (index of the run's first gpa, its page count, the region). Shared by
+/// the sender (slices for `writev`) and the applier (one `pwrite` per run).
+pub(super) fn region_runs<'m>(
     memory: &'m GuestMemoryMmap,
     gpas: &[u64],
-) -> Result<Vec<&'m [u8]>, MigrationError> {
+) -> Result<Vec<(usize, usize, &'m GuestRegionMmap)>, MigrationError> {
     let page = PAGE_SIZE as u64;
     let mut runs = Vec::new();
     let mut i = 0;
@@ -66,10 +69,22 @@ pub(super) fn runs<'m>(
         {
             n += 1;
         }
-        runs.push(guest_bytes(memory, first, n)?);
+        runs.push((i, n, region));
         i += n;
     }
     Ok(runs)
+}
+
+/// The runs of guest memory holding `gpas`: consecutive pages of one
+/// region make one run, so a batch is a few slices for `writev`.
+pub(super) fn runs<'m>(
+    memory: &'m GuestMemoryMmap,
+    gpas: &[u64],
+) -> Result<Vec<&'m [u8]>, MigrationError> {
+    region_runs(memory, gpas)?
+        .into_iter()
+        .map(|(i, n, _)| guest_bytes(memory, gpas[i], n))
+        .collect()
 }
 
 #[cfg(test)]

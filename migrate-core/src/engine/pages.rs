@@ -98,6 +98,19 @@ impl PageSender {
         }
     }
 
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.cancel.as_ref().is_some_and(|c| c.cancelled()) {
+            return Err(MigrationError::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn note_sent(&self, bytes: u64) {
+        if let Some(c) = &self.cancel {
+            c.note_sent(bytes);
+        }
+    }
+
     /// `guest-memory` or `copy`, for the report.
     pub fn page_path(&self) -> &'static str {
         if self.direct {
@@ -201,9 +214,7 @@ impl PageSender {
         if self.gpas.is_empty() {
             return Ok(0);
         }
-        if self.cancel.as_ref().is_some_and(|c| c.cancelled()) {
-            return Err(MigrationError::Cancelled);
-        }
+        self.check_cancel()?;
         let data = std::mem::take(&mut self.data);
         let gpas = std::mem::take(&mut self.gpas);
         let mut batch = PageBatch::raw(iteration, gpas, data).map_err(wire_err(phase))?;
@@ -212,9 +223,7 @@ impl PageSender {
         }
         let msg = Message::Pages(batch);
         let n = write_message(w, &msg).map_err(wire_err(phase))?;
-        if let Some(c) = &self.cancel {
-            c.note_sent(n);
-        }
+        self.note_sent(n);
         // Take the buffers back to reuse their capacity.
         if let Message::Pages(b) = msg {
             self.gpas = b.gpas;
@@ -240,15 +249,11 @@ impl PageSender {
         if self.gpas.is_empty() {
             return Ok(0);
         }
-        if self.cancel.as_ref().is_some_and(|c| c.cancelled()) {
-            return Err(MigrationError::Cancelled);
-        }
+        self.check_cancel()?;
         let runs = super::direct::runs(memory, &self.gpas)?;
         let n = crate::wire::write_checked_pages(w, iteration, &self.gpas, &runs)
             .map_err(wire_err(phase))?;
-        if let Some(c) = &self.cancel {
-            c.note_sent(n);
-        }
+        self.note_sent(n);
         self.gpas.clear();
         Ok(n)
     }
@@ -265,9 +270,7 @@ impl PageSender {
         let iteration = zeros.iteration;
         let msg = Message::ZeroPages(std::mem::replace(zeros, ZeroPages::new(iteration)));
         let n = write_message(w, &msg).map_err(wire_err(phase))?;
-        if let Some(c) = &self.cancel {
-            c.note_sent(n);
-        }
+        self.note_sent(n);
         Ok(n)
     }
 }
