@@ -1,12 +1,15 @@
 //! Raw pages sent straight from guest memory (`CheckedPages`,
-//! `wire/checked.rs`): what the source hands the kernel is guest memory
-//! itself, with no copy into a batch buffer first.
+//! `wire/checked.rs`): what the source hands its writer is guest memory
+//! itself, with no batch buffer of its own in between. (The connection's
+//! 1 MiB `BufWriter` gathers frames smaller than its free room, which is
+//! then the one copy out of guest memory; larger frames go to `writev` as
+//! they are. `engine/pages.rs` says why the frames are the small kind.)
 //!
 //! The guest keeps running while its pages are read here, so a page can
-//! change between the kernel copying it into the socket and its CRC being
-//! taken right after (`wire::write_checked_pages`, from the cache). Nothing
-//! here relies on the bytes staying put: they go to the kernel (`writev`)
-//! or into a CRC or a zero test, and the destination
+//! change between being copied out (into the `BufWriter`, or by the
+//! kernel) and its CRC being taken right after (`wire::write_checked_pages`,
+//! from the cache). Nothing here relies on the bytes staying put: they are
+//! copied, or go into a CRC or a zero test, and the destination
 //! checks every page against its CRC before the page reaches guest memory.
 //! A page torn that way is dropped there and sent again, because the write
 //! that tore it came after the dirty log was harvested.
@@ -33,7 +36,7 @@ fn guest_bytes(memory: &GuestMemoryMmap, gpa: u64, pages: usize) -> Result<&[u8]
     // SAFETY: `host..host + len` lies inside one live mapping of `region`
     // (checked against its length above), and `memory`, which owns the
     // mapping, is borrowed for the slice's lifetime. The guest may write
-    // these bytes at any time: every use of the slice (the kernel's copy,
+    // these bytes at any time: every use of the slice (a copy,
     // a CRC, a zero test) tolerates torn contents, and the destination
     // re-checks each page against its CRC (module docs). This is the
     // contract VMMs sending live guest RAM rely on (vm-memory's

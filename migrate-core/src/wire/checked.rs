@@ -6,10 +6,10 @@
 //! it writes the header, which for a running guest means copying every
 //! page out of guest memory first (the guest may change it at any time).
 //! That copy was 43% of the source's time at loopback speed. Here the
-//! source hands the kernel the guest pages themselves (`writev`), then
-//! takes each page's CRC from guest memory, now in the cache since the
-//! kernel just read it, and sends the CRCs after the pages. If the guest
-//! writes a page between the kernel's copy and the CRC, the copy no longer
+//! source hands its writer the guest pages themselves (a vectored write),
+//! then takes each page's CRC from guest memory, now in the cache since
+//! the write just copied it, and sends the CRCs after the pages. If the
+//! guest writes a page between that copy and the CRC, the copy no longer
 //! matches its CRC: the destination drops that page alone (it never
 //! reaches guest memory) and waits for it to be sent again. It will be:
 //! the write came after the dirty log was harvested, so the page is in the

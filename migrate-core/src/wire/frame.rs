@@ -339,9 +339,9 @@ pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> Result<u64, WireErro
 
 /// Writes a `CheckedPages` batch whose pages are given as slices, for
 /// example runs of guest memory: `runs` together hold exactly one page per
-/// gpa, in order. The slices go to the writer as they are (one `writev`
-/// where it passes vectored writes through), never copied; each page's CRC
-/// is taken after that, from the slices, and sent behind them
+/// gpa, in order. The slices go to the writer as they are, in one vectored
+/// write (this function copies nothing; a buffering writer may); each
+/// page's CRC is taken after that, from the slices, and sent behind them
 /// (`wire/checked.rs`). Returns the bytes written.
 ///
 /// # Errors

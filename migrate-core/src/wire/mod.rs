@@ -133,7 +133,7 @@
 //! another (wrap the socket in a `BufWriter`). [`write_raw_pages`] sends raw
 //! pages straight from per-page slices, and [`write_checked_pages`] a
 //! `CheckedPages` batch straight from runs of live guest memory, its CRCs
-//! taken after the kernel's copy. [`read_message`] reads page data
+//! taken after the write copied them. [`read_message`] reads page data
 //! directly into the batch's own buffer. Decompression is left to the caller
 //! ([`PageBatch::decompress_into`]), so it can run off the socket thread.
 
