@@ -257,6 +257,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                     outcome.torn_pages
                 );
             }
+            if outcome.pages_in_place > 0 {
+                eprintln!(
+                    "vmigrate: {} pages received straight into guest memory and checked there",
+                    outcome.pages_in_place
+                );
+            }
             eprintln!(
             "vmigrate: migration received ({} iterations, {} pages; resident memory {} MiB before resume); {}",
             outcome.iterations,

@@ -156,6 +156,10 @@ fn verify_guest_from_guest_memory_into_a_prefaulted_destination_and_by_copy() {
         dst_err.contains("64 MiB of guest RAM allocated ahead"),
         "{dst_err}"
     );
+    assert!(
+        dst_err.contains("pages received straight into guest memory"),
+        "{dst_err}"
+    );
     let r = migrate_verify(
         "copy_pages",
         "tcp:127.0.0.1:0",

@@ -9,7 +9,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, GuestMemoryRegion
 
 use super::written::WrittenPages;
 use super::MigrationError;
-use crate::wire::{CheckedBatch, PageBatch, WireError, ZeroPages, ZeroRange, PAGE_SIZE};
+use crate::wire::{
+    CheckedBatch, PageBatch, PlacedBatch, WireError, ZeroPages, ZeroRange, PAGE_SIZE,
+};
 
 fn wire_err(phase: &str) -> impl Fn(WireError) -> MigrationError + '_ {
     move |source| MigrationError::Wire {
@@ -205,6 +207,37 @@ impl PageApplier {
             start = i + 1;
         }
         Ok((n as u64, torn))
+    }
+
+    /// Whether pages may be received straight into guest memory
+    /// (`engine/in_place.rs`): where RAM was allocated ahead.
+    pub fn in_place(&self) -> bool {
+        self.via_mapping
+    }
+
+    /// Check the pages of a batch received in place against their CRCs:
+    /// each is now written (a later zero range must clear it), and one
+    /// that fails is marked torn until a newer copy comes, as in
+    /// [`PageApplier::apply_checked`]. Returns (pages in the batch, pages
+    /// torn).
+    pub fn apply_placed(
+        &mut self,
+        memory: &GuestMemoryMmap,
+        batch: &PlacedBatch,
+    ) -> Result<(u64, u64), MigrationError> {
+        let mut torn = 0u64;
+        for (gpa, crc) in batch.gpas.iter().zip(&batch.crcs) {
+            let page = self.page_index(*gpa)?;
+            self.written.set(page);
+            if crc32fast::hash(super::direct::guest_page(memory, *gpa)?) == *crc {
+                self.written.mend(page, 1);
+            } else {
+                self.written.mark_torn(page);
+                torn += 1;
+            }
+        }
+        self.written.note_placed(batch.gpas.len() as u64);
+        Ok((batch.gpas.len() as u64, torn))
     }
 
     /// Apply zero ranges; returns their page count.

@@ -37,13 +37,15 @@ use std::time::Duration;
 use vm_memory::GuestMemoryMmap;
 
 use super::apply::PageApplier;
+use super::in_place::InPlace;
 use super::pages::{PageSender, SentCounts};
 use super::written::WrittenPages;
 use super::MigrationError;
 use crate::dirty::DirtyBitmap;
 use crate::transport::{RateLimited, SharedRate, Stream};
 use crate::wire::{
-    read_message_into, write_message, ChannelJoin, IterationEnd, Limits, Message, WireError,
+    read_message_into, read_message_placing, write_message, ChannelJoin, IterationEnd, Limits,
+    Message, Received, WireError,
 };
 
 /// Pages of one block, which always travels on one channel: 2 MiB.
@@ -306,7 +308,7 @@ impl Lanes {
                     .try_clone()
                     .map_err(|e| wire_err("joining channels", e.into()))?,
             );
-            let mut r = BufReader::with_capacity(64 << 10, stream);
+            let mut r = BufReader::with_capacity(super::dest::RECEIVE_BUFFER, stream);
             let first = read_message_into(&mut r, &limits, &mut Vec::new())
                 .map_err(|e| wire_err("joining channels", e))?;
             let Message::ChannelJoin(j) = first else {
@@ -390,12 +392,6 @@ fn receive_lane(
     let mut started = false;
     loop {
         let phase = format!("iteration {iteration} (channel)");
-        let msg = match read_message_into(&mut r, &limits, applier.spare_buffer()) {
-            // The source closes its channels after the final pass.
-            Err(WireError::ConnectionClosed) if !started => return Ok(()),
-            Err(e) => return Err(wire_err(&phase, e)),
-            Ok(m) => m,
-        };
         let check = |i: u32| {
             if i == iteration {
                 Ok(())
@@ -403,6 +399,24 @@ fn receive_lane(
                 Err(MigrationError::InvalidData(format!(
                     "data for iteration {i} while receiving iteration {iteration}"
                 )))
+            }
+        };
+        let read = if applier.in_place() {
+            let mut place = InPlace::new(memory);
+            read_message_placing(&mut r, &limits, applier.spare_buffer(), &mut place)
+        } else {
+            read_message_into(&mut r, &limits, applier.spare_buffer()).map(Received::Message)
+        };
+        let msg = match read {
+            // The source closes its channels after the final pass.
+            Err(WireError::ConnectionClosed) if !started => return Ok(()),
+            Err(e) => return Err(wire_err(&phase, e)),
+            Ok(Received::Message(m)) => m,
+            Ok(Received::Placed(b)) => {
+                check(b.iteration)?;
+                started = true;
+                pages += applier.apply_placed(memory, &b)?.0;
+                continue;
             }
         };
         match msg {

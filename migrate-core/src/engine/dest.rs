@@ -18,15 +18,25 @@ use std::sync::Arc;
 use super::apply::PageApplier;
 use super::channels::{ChannelAcceptor, IterationSync, Lanes};
 use super::clone::StandbySession;
+use super::in_place::InPlace;
 use super::receive_options::{check_hello, ReceiveOptions, ReceiveOutcome};
 use super::source::peer_message;
 use super::{memory_digest, MigratableVm, MigrationError, VmOpError};
 use crate::transport::Stream;
 use crate::wire::{
-    read_message, read_message_into, write_message, Accepted, ChannelJoin, ErrorCode, ErrorMessage,
-    Hello, HelloAck, Limits, Message, MessageKind, FEATURES_KNOWN, FEATURE_CHANNELS,
-    FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST,
+    read_message, read_message_into, read_message_placing, write_message, Accepted, ChannelJoin,
+    ErrorCode, ErrorMessage, Hello, HelloAck, Limits, Message, MessageKind, PlacedBatch, Received,
+    FEATURES_KNOWN, FEATURE_CHANNELS, FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST,
 };
+
+/// The read buffer of each connection of the destination. Small on
+/// purpose: page data is read past it (a batch's buffer, or guest memory
+/// in place) once it is drained, and what it holds of a frame's pages when
+/// that frame starts is copied once more. It fills when the small parts
+/// are read (header, gpas, trailer), so a buffer of 8 KiB takes at most
+/// two pages of a 32-page frame; one of 64 KiB took half of them, and one
+/// of 1 MiB every page.
+pub(super) const RECEIVE_BUFFER: usize = 8 << 10;
 
 /// Where the receiver is in the exchange.
 enum Phase {
@@ -77,11 +87,7 @@ pub fn receive_migration_with_channels<V: MigratableVm>(
         .map_err(|e| wire("setup")(e.into()))?;
     let writer = stream.try_clone().map_err(|e| wire("setup")(e.into()))?;
     let mut w = BufWriter::new(writer);
-    // Small on purpose: a read of a whole page batch (1 MiB) finds the
-    // buffer drained after the frame's first bytes and goes straight from
-    // the socket into the batch's buffer; a 1 MiB buffer here made every
-    // batch pass through it, one more copy of every page.
-    let mut r = BufReader::with_capacity(64 << 10, stream);
+    let mut r = BufReader::with_capacity(RECEIVE_BUFFER, stream);
     let limits = Limits::default();
 
     let hello = match read_message(&mut r, &limits).map_err(wire("handshake"))? {
@@ -150,6 +156,7 @@ pub fn receive_migration_with_channels<V: MigratableVm>(
         l.finish(result.as_ref().err().map(|e| e.to_string()).as_deref());
     }
     let torn_pages = rx.applier.written().torn_total();
+    let pages_in_place = rx.applier.written().placed_total();
     let (paused, standby) = match result? {
         Ended::Resumed { paused } => (paused, None),
         Ended::Standby => {
@@ -173,6 +180,7 @@ pub fn receive_migration_with_channels<V: MigratableVm>(
         digest: rx.digest,
         rss_before_resume: rx.rss_before_resume,
         torn_pages,
+        pages_in_place,
         paused,
         standby,
     })
@@ -205,8 +213,21 @@ fn receive_loop<V: MigratableVm>(
     };
     loop {
         let phase = rx.phase.name();
-        let msg = match read_message_into(r, &limits, rx.applier.spare_buffer()) {
-            Ok(m) => m,
+        let read = if rx.applier.in_place() && matches!(rx.phase, Phase::Memory) {
+            let mut place = InPlace::new(vm.memory());
+            read_message_placing(r, &limits, rx.applier.spare_buffer(), &mut place)
+        } else {
+            read_message_into(r, &limits, rx.applier.spare_buffer()).map(Received::Message)
+        };
+        let msg = match read {
+            Ok(Received::Message(m)) => m,
+            Ok(Received::Placed(b)) => match rx.placed(vm, &b) {
+                Ok(()) => continue,
+                Err(e) => {
+                    refuse(w, &e);
+                    return Err(e);
+                }
+            },
             Err(e) => {
                 // A channel that failed shut this stream down: its reason
                 // is the one to give.
@@ -351,6 +372,13 @@ struct Receiver {
 }
 
 impl Receiver {
+    /// `CheckedPages` received in place (`engine/in_place.rs`).
+    fn placed<V: MigratableVm>(&mut self, vm: &V, b: &PlacedBatch) -> Result<(), MigrationError> {
+        self.check_iteration(b.iteration)?;
+        self.iteration_pages += self.applier.apply_placed(vm.memory(), b)?.0;
+        Ok(())
+    }
+
     fn step<V: MigratableVm>(&mut self, vm: &V, msg: Message) -> Result<Step, MigrationError> {
         let phase = self.phase.name();
         let unexpected = |got: MessageKind| MigrationError::Unexpected {

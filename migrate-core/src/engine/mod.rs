@@ -29,6 +29,7 @@ mod dest;
 mod direct;
 mod epoch;
 mod failover;
+mod in_place;
 #[cfg(feature = "memory-vm")]
 mod memory_vm;
 mod pages;

@@ -53,6 +53,9 @@ pub struct ReceiveOutcome<V> {
     /// sent again later, or the migration would have failed): pages the
     /// guest changed while they were being sent.
     pub torn_pages: u64,
+    /// Pages received straight into guest memory and checked there
+    /// (`engine/in_place.rs`; RAM allocated ahead).
+    pub pages_in_place: u64,
     /// The guest arrived paused (it was paused on the source) and was not
     /// resumed: `resume` on the API starts it.
     pub paused: bool,

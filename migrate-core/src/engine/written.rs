@@ -26,6 +26,8 @@ pub struct WrittenPages {
     torn: Vec<AtomicU64>,
     /// Pages ever marked torn (a page torn twice counts twice).
     torn_total: AtomicU64,
+    /// Pages received straight into guest memory (`engine/in_place.rs`).
+    placed_total: AtomicU64,
     pages: usize,
 }
 
@@ -37,6 +39,7 @@ impl WrittenPages {
             words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             torn: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             torn_total: AtomicU64::new(0),
+            placed_total: AtomicU64::new(0),
             pages,
         }
     }
@@ -62,6 +65,17 @@ impl WrittenPages {
     #[must_use]
     pub fn torn_total(&self) -> u64 {
         self.torn_total.load(Ordering::Relaxed)
+    }
+
+    /// Count `pages` more pages received in place.
+    pub fn note_placed(&self, pages: u64) {
+        self.placed_total.fetch_add(pages, Ordering::Relaxed);
+    }
+
+    /// Pages received in place so far.
+    #[must_use]
+    pub fn placed_total(&self) -> u64 {
+        self.placed_total.load(Ordering::Relaxed)
     }
 
     /// A newer copy of `first..first + count` arrived: none of it is torn.

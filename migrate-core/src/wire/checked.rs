@@ -24,12 +24,12 @@
 //! trailer its own CRC, and each page its CRC in the trailer; a damaged
 //! prefix or trailer fails the frame (`PayloadChecksum`).
 
-use std::io::Read;
+use std::io::{self, Read};
 
 use super::codec::{invalid, len_u32, Decoder, Put};
 use super::frame::PayloadReader;
 use super::pages::validate_gpas_of;
-use super::{MessageKind, WireError, MAX_BATCH_PAGES, PAGE_SIZE};
+use super::{Message, MessageKind, WireError, MAX_BATCH_PAGES, PAGE_SIZE};
 
 /// Bytes of a `CheckedPages` payload before the gpas: iteration, count.
 pub(super) const CHECKED_FIXED_LEN: usize = 8;
@@ -96,6 +96,45 @@ impl CheckedBatch {
     pub fn page_intact(&self, i: usize) -> bool {
         crc32fast::hash(&self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]) == self.crcs[i]
     }
+}
+
+/// Receives the pages of `CheckedPages` frames where they belong (guest
+/// memory) rather than into a buffer: see
+/// [`read_message_placing`](super::read_message_placing). What the pages
+/// are worth is decided afterwards, against their CRCs
+/// ([`PlacedBatch::crcs`]), so a placement may only be used where bytes
+/// that fail their CRC can do no harm until they are replaced: guest
+/// memory of a destination whose guest cannot run yet.
+pub trait PagePlacement<R> {
+    /// Reads exactly `gpas.len()` whole pages from `r` into their places
+    /// and returns `Ok(true)`, or reads nothing and returns `Ok(false)`:
+    /// the pages are then read into a buffer as usual. `gpas` passed the
+    /// frame CRC and nothing else yet. After an error the stream position
+    /// is unspecified.
+    fn receive(&mut self, gpas: &[u64], r: &mut R) -> io::Result<bool>;
+}
+
+/// A `CheckedPages` frame whose pages a [`PagePlacement`] received in
+/// place. Prefix and trailer passed their CRCs; each page is still to be
+/// checked against its own, where it now lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedBatch {
+    /// Pre-copy iteration the pages belong to.
+    pub iteration: u32,
+    /// Page-aligned guest-physical addresses, 1..=[`MAX_BATCH_PAGES`].
+    pub gpas: Vec<u64>,
+    /// CRC-32 of each page as the source read it.
+    pub crcs: Vec<u32>,
+}
+
+/// A frame read by [`read_message_placing`](super::read_message_placing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// Any message, read as [`read_message_into`](super::read_message_into)
+    /// reads it.
+    Message(Message),
+    /// `CheckedPages` whose pages went straight to their places.
+    Placed(PlacedBatch),
 }
 
 /// Appends iteration, count and gpas (what the frame CRC covers).
@@ -167,12 +206,12 @@ fn parse_fixed(d: &mut Decoder<'_>, more: usize) -> Result<(u32, usize), WireErr
     Ok((iteration, count))
 }
 
-fn build(
-    iteration: u32,
-    gpas: &[u8],
-    data: Vec<u8>,
-    trailer: &[u8],
-) -> Result<CheckedBatch, WireError> {
+/// Decodes a `CheckedPages` payload held in memory.
+pub(super) fn decode(d: &mut Decoder<'_>) -> Result<CheckedBatch, WireError> {
+    let (iteration, count) = parse_fixed(d, 0)?;
+    let gpas = d.take(8 * count, "gpas")?;
+    let data = d.take(count * PAGE_SIZE, "data")?.to_vec();
+    let trailer = d.take(d.remaining(), "crcs")?;
     let batch = CheckedBatch {
         iteration,
         gpas: gpas
@@ -186,22 +225,15 @@ fn build(
     Ok(batch)
 }
 
-/// Decodes a `CheckedPages` payload held in memory.
-pub(super) fn decode(d: &mut Decoder<'_>) -> Result<CheckedBatch, WireError> {
-    let (iteration, count) = parse_fixed(d, 0)?;
-    let gpas = d.take(8 * count, "gpas")?;
-    let data = d.take(count * PAGE_SIZE, "data")?.to_vec();
-    let trailer = d.take(d.remaining(), "crcs")?;
-    build(iteration, gpas, data, trailer)
-}
-
 /// Reads a `CheckedPages` payload from the stream: the prefix is checked
-/// against the frame CRC before the pages are read, and the pages land in
-/// `buffer` (reused) unhashed: each has its own CRC.
+/// against the frame CRC before the pages are read, and the pages land
+/// unhashed (each has its own CRC) where `placement` puts them, or else in
+/// `buffer` (reused).
 pub(super) fn read<R: Read>(
     pr: &mut PayloadReader<'_, R>,
     buffer: Vec<u8>,
-) -> Result<CheckedBatch, WireError> {
+    placement: Option<&mut dyn PagePlacement<R>>,
+) -> Result<Received, WireError> {
     let mut fixed = [0u8; CHECKED_FIXED_LEN];
     let fixed_len = CHECKED_FIXED_LEN.min(pr.remaining());
     pr.read_exact(&mut fixed[..fixed_len])?;
@@ -210,14 +242,44 @@ pub(super) fn read<R: Read>(
         Ok(v) => v,
         Err(e) => return Err(pr.abandon(e)),
     };
-    let mut gpas = [0u8; 8 * MAX_BATCH_PAGES];
-    pr.read_exact(&mut gpas[..8 * count])?;
+    let mut gpa_bytes = [0u8; 8 * MAX_BATCH_PAGES];
+    let gpa_bytes = &mut gpa_bytes[..8 * count];
+    pr.read_exact(gpa_bytes)?;
     pr.check_prefix()?;
-    let data = pr.read_into_unhashed(count * PAGE_SIZE, buffer)?;
+    let gpas: Vec<u64> = gpa_bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    let placed = match placement {
+        Some(p) if validate_gpas_of(KIND, &gpas).is_ok() => {
+            pr.place_unhashed(count * PAGE_SIZE, &gpas, p)?
+        }
+        _ => false,
+    };
+    let data = if placed {
+        Vec::new()
+    } else {
+        pr.read_into_unhashed(count * PAGE_SIZE, buffer)?
+    };
     let mut trailer = [0u8; 4 * MAX_BATCH_PAGES + 4];
     let trailer = &mut trailer[..trailer_len(count)];
     pr.read_exact_unhashed(trailer)?;
-    build(iteration, &gpas[..8 * count], data, trailer)
+    let crcs = decode_trailer(trailer)?;
+    if placed {
+        return Ok(Received::Placed(PlacedBatch {
+            iteration,
+            gpas,
+            crcs,
+        }));
+    }
+    let batch = CheckedBatch {
+        iteration,
+        gpas,
+        crcs,
+        data,
+    };
+    batch.validate()?;
+    Ok(Received::Message(Message::CheckedPages(batch)))
 }
 
 #[cfg(test)]

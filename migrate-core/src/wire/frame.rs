@@ -2,7 +2,7 @@
 
 use std::io::{self, IoSlice, Read, Write};
 
-use super::checked;
+use super::checked::{self, PagePlacement, Received};
 use super::codec::invalid;
 use super::message::{decode_payload, encode_payload};
 use super::pages::{self, Compression};
@@ -222,6 +222,27 @@ impl<'r, R: Read> PayloadReader<'r, R> {
         Ok(buffer)
     }
 
+    /// Lets `placement` receive the next `len` bytes (the pages of
+    /// `gpas`) straight from the stream, unhashed (after
+    /// [`PayloadReader::check_prefix`]); false if it read nothing.
+    pub(super) fn place_unhashed(
+        &mut self,
+        len: usize,
+        gpas: &[u64],
+        placement: &mut dyn PagePlacement<R>,
+    ) -> Result<bool, WireError> {
+        debug_assert!(len <= self.remaining);
+        match placement.receive(gpas, self.r) {
+            Ok(true) => {
+                self.remaining -= len;
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(self.truncated()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Checks the payload checksum once everything was read.
     pub(super) fn finish(&mut self) -> Result<(), WireError> {
         debug_assert_eq!(self.remaining, 0);
@@ -287,6 +308,38 @@ pub fn read_message_into<R: Read>(
     limits: &Limits,
     spare: &mut Vec<u8>,
 ) -> Result<Message, WireError> {
+    match read_frame(r, limits, spare, None)? {
+        Received::Message(m) => Ok(m),
+        Received::Placed(_) => unreachable!("no placement given"),
+    }
+}
+
+/// Like [`read_message_into`], but the pages of a `CheckedPages` frame go
+/// where `placement` puts them (a destination's guest memory), read
+/// straight from the stream with no buffer in between, and come back as
+/// [`Received::Placed`]: prefix and trailer checked, each page still to be
+/// checked against its CRC in place. A placement that declines a frame
+/// leaves it to be read as [`read_message_into`] reads it.
+///
+/// # Errors
+///
+/// As [`read_message`]; an error from the placement as
+/// [`WireError::Io`] (or [`WireError::Truncated`] for an early end).
+pub fn read_message_placing<R: Read>(
+    r: &mut R,
+    limits: &Limits,
+    spare: &mut Vec<u8>,
+    placement: &mut dyn PagePlacement<R>,
+) -> Result<Received, WireError> {
+    read_frame(r, limits, spare, Some(placement))
+}
+
+fn read_frame<R: Read>(
+    r: &mut R,
+    limits: &Limits,
+    spare: &mut Vec<u8>,
+    placement: Option<&mut dyn PagePlacement<R>>,
+) -> Result<Received, WireError> {
     let mut bytes = [0u8; HEADER_LEN];
     let n = read_full(r, &mut bytes)?;
     if n == 0 {
@@ -302,14 +355,15 @@ pub fn read_message_into<R: Read>(
     let header = FrameHeader::decode(&bytes, limits)?;
     let mut pr = PayloadReader::new(r, header);
     if header.kind == MessageKind::Pages {
-        return pages::read_batch(&mut pr, std::mem::take(spare)).map(Message::Pages);
+        return pages::read_batch(&mut pr, std::mem::take(spare))
+            .map(|b| Received::Message(Message::Pages(b)));
     }
     if header.kind == MessageKind::CheckedPages {
-        return checked::read(&mut pr, std::mem::take(spare)).map(Message::CheckedPages);
+        return checked::read(&mut pr, std::mem::take(spare), placement);
     }
     let payload = pr.read_vec(pr.remaining())?;
     pr.finish()?;
-    decode_payload(header.kind, &payload)
+    decode_payload(header.kind, &payload).map(Received::Message)
 }
 
 /// Validates `msg` and writes it as one frame; returns the bytes written,

@@ -146,10 +146,10 @@ mod pages;
 #[cfg(test)]
 mod tests;
 
-pub use checked::CheckedBatch;
+pub use checked::{CheckedBatch, PagePlacement, PlacedBatch, Received};
 pub use frame::{
-    read_message, read_message_into, write_checked_pages, write_message, write_raw_pages,
-    FrameHeader,
+    read_message, read_message_into, read_message_placing, write_checked_pages, write_message,
+    write_raw_pages, FrameHeader,
 };
 pub use kind::{ErrorCode, MessageKind};
 pub use message::{

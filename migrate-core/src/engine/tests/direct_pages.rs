@@ -2,12 +2,14 @@
 //! page changed between its copy and its CRC arrives torn and is dropped
 //! alone (made certain by a writer that changes guest memory right after
 //! taking the bytes), and with a real racing writer memory still ends
-//! identical.
+//! identical, on a destination that receives pages in place too.
 
 use super::*;
 
-/// A guest hammering 16 pages during the migration; returns the torn count.
-fn migrate_hammered(compress: CompressMode) -> u64 {
+/// A guest hammering 16 pages during the migration, into a destination
+/// that receives pages in place (`in_place`) or copies them in; returns
+/// the torn count.
+fn migrate_hammered(compress: CompressMode, in_place: bool) -> u64 {
     let src = Arc::new(FakeVm::new(SIZE));
     for page in 0..2048 {
         src.guest_write(page, page as u64 + 1);
@@ -36,7 +38,8 @@ fn migrate_hammered(compress: CompressMode) -> u64 {
     let (a, b) = UnixStream::pair().unwrap();
     let dest = std::thread::spawn(move || {
         receive_migration(Stream::Unix(b), &ReceiveOptions::default(), |_| {
-            Ok(FakeVm::new(SIZE))
+            let vm = FakeVm::new(SIZE);
+            Ok(if in_place { vm.prefaulted() } else { vm })
         })
     });
     let mut opts = options(compress);
@@ -55,6 +58,8 @@ fn migrate_hammered(compress: CompressMode) -> u64 {
     );
     assert_same_memory(&src, &outcome.vm);
     assert!(report.digest.unwrap().equal);
+    let direct = compress == CompressMode::None;
+    assert_eq!(outcome.pages_in_place > 0, in_place && direct);
     outcome.torn_pages
 }
 
@@ -64,12 +69,14 @@ fn migrate_hammered(compress: CompressMode) -> u64 {
 /// `a_page_changed_between_the_copy_and_its_crc_is_dropped_alone`).
 #[test]
 fn a_racing_guest_still_migrates_byte_identical() {
-    let torn: Vec<u64> = (0..5)
-        .map(|_| migrate_hammered(CompressMode::None))
-        .collect();
-    eprintln!("torn pages per migration: {torn:?}");
-    // A compressing sender copies first: nothing can tear.
-    assert_eq!(migrate_hammered(CompressMode::Zstd(1)), 0);
+    for in_place in [false, true] {
+        let torn: Vec<u64> = (0..4)
+            .map(|_| migrate_hammered(CompressMode::None, in_place))
+            .collect();
+        eprintln!("torn pages per migration (in place: {in_place}): {torn:?}");
+        // A compressing sender copies first: nothing can tear.
+        assert_eq!(migrate_hammered(CompressMode::Zstd(1), in_place), 0);
+    }
 }
 
 /// A writer that, right after taking its first frame's bytes, changes one
@@ -154,6 +161,40 @@ fn a_page_changed_between_the_copy_and_its_crc_is_dropped_alone() {
                 .unwrap();
         }
         // The torn page never reached guest memory: still zero there.
+        assert_eq!(got, want, "page {page}");
+    }
+    // Received in place, the torn page lands but is found torn there, and
+    // only it.
+    let dst = FakeVm::new(SIZE);
+    let mut applier =
+        super::super::apply::PageApplier::new(usize::try_from(SIZE / 4096).unwrap()).unwrap();
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let frames = w.out.clone();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut a, &frames).unwrap());
+    let mut r = std::io::BufReader::new(Stream::Unix(b));
+    let mut place = super::super::in_place::InPlace::new(&dst.memory);
+    let mut torn = 0;
+    while let Ok(got) = crate::wire::read_message_placing(
+        &mut r,
+        &crate::wire::Limits::default(),
+        &mut Vec::new(),
+        &mut place,
+    ) {
+        match got {
+            crate::wire::Received::Placed(b) => {
+                torn += applier.apply_placed(&dst.memory, &b).unwrap().1;
+            }
+            other => panic!("not placed: {other:?}"),
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(torn, 1);
+    assert_eq!(applier.written().torn(), (1, Some(3)));
+    for page in (0..pages).filter(|&p| p != 3) {
+        let (mut got, mut want) = ([0u8; 4096], [0u8; 4096]);
+        let at = GuestAddress(page as u64 * 4096);
+        dst.memory.read_slice(&mut got, at).unwrap();
+        src.memory.read_slice(&mut want, at).unwrap();
         assert_eq!(got, want, "page {page}");
     }
 }

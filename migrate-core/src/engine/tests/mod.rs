@@ -28,6 +28,9 @@ struct FakeVm {
     paused_once: AtomicBool,
     /// COM1, for output commit (`tests/failover.rs`).
     ports: crate::vm::ports::PortBus,
+    /// Claims RAM allocated ahead, so a destination receives pages in
+    /// place (`engine/in_place.rs`).
+    prefaulted: bool,
 }
 
 impl FakeVm {
@@ -44,7 +47,14 @@ impl FakeVm {
             gate: Mutex::new(()),
             paused_once: AtomicBool::new(false),
             ports: crate::vm::ports::PortBus::new(Box::new(std::io::sink())),
+            prefaulted: false,
         }
+    }
+
+    /// A VM whose RAM counts as allocated ahead (`--prefault`).
+    fn prefaulted(mut self) -> Self {
+        self.prefaulted = true;
+        self
     }
 
     /// Run one step of the "guest" if it is running; false once paused.
@@ -69,6 +79,9 @@ impl FakeVm {
 impl MigratableVm for FakeVm {
     fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+    fn ram_prefaulted(&self) -> bool {
+        self.prefaulted
     }
     fn vcpu_count(&self) -> u32 {
         2
