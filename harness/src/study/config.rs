@@ -106,6 +106,12 @@ pub struct PolicyConfig {
     /// `--max-bandwidth` (bytes/s, K/M/G suffixes), none by default.
     #[serde(default)]
     pub max_bandwidth: Option<String>,
+    /// Run this policy only on profiles whose `dirty_track` is this one
+    /// (`ring` for `dirty-limit`, which needs per-vCPU counts and refuses
+    /// the bitmap): elsewhere it is not planned, rather than recorded as a
+    /// failure.
+    #[serde(default)]
+    pub only_dirty_track: Option<String>,
 }
 
 fn default_downtime_ms() -> u64 {
@@ -113,6 +119,16 @@ fn default_downtime_ms() -> u64 {
 }
 
 impl PolicyConfig {
+    /// Whether this policy runs on `profile` (see
+    /// [`PolicyConfig::only_dirty_track`]).
+    #[must_use]
+    pub fn applies_to(&self, profile: &Profile) -> bool {
+        match &self.only_dirty_track {
+            Some(t) => profile.dirty_track.as_deref() == Some(t.as_str()),
+            None => true,
+        }
+    }
+
     /// The `--param` arguments, `KEY=VALUE`, in key order.
     #[must_use]
     pub fn param_args(&self) -> Vec<String> {
@@ -497,6 +513,31 @@ mod tests {
         assert_eq!(parse_rate("1g"), None);
         assert_eq!(parse_rate("0gbit"), None);
         assert_eq!(parse_rate("gbit"), None);
+    }
+
+    /// A policy limited to the ring is planned on ring profiles only.
+    #[test]
+    fn a_ring_only_policy_applies_to_ring_profiles() {
+        let dir = std::env::temp_dir().join(format!("study-ring-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let profile = "description = \"d\"\nworkload = \"sweep\"\nmem = \"256M\"\n";
+        std::fs::write(dir.join("b.toml"), format!("name = \"b\"\n{profile}")).unwrap();
+        std::fs::write(
+            dir.join("r.toml"),
+            format!("name = \"r\"\n{profile}dirty_track = \"ring\"\n"),
+        )
+        .unwrap();
+        let (bitmap, ring) = (
+            load_profile(&dir, "b").unwrap(),
+            load_profile(&dir, "r").unwrap(),
+        );
+        let mut policy: PolicyConfig =
+            toml::from_str("label = \"dl\"\npolicy = \"dirty-limit\"\nonly_dirty_track = \"ring\"")
+                .unwrap();
+        assert!(!policy.applies_to(&bitmap) && policy.applies_to(&ring));
+        policy.only_dirty_track = None;
+        assert!(policy.applies_to(&bitmap) && policy.applies_to(&ring));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -208,8 +208,11 @@ pub fn run_study(
         .iter()
         .filter(|p| qemu_runs(&study, &p.name))
         .count();
-    let per_link =
-        (profiles.len() * policies.len() + with_qemu * qpolicies.len()) * rep_count as usize;
+    let vmigrate_runs: usize = profiles
+        .iter()
+        .map(|pr| policies.iter().filter(|p| p.applies_to(pr)).count())
+        .sum();
+    let per_link = (vmigrate_runs + with_qemu * qpolicies.len()) * rep_count as usize;
     let total = per_link * links.len();
     let worst_s: f64 = links
         .iter()
@@ -347,12 +350,16 @@ pub fn run_study(
         };
         for rep in first_rep..=reps {
             for profile in &profiles {
-                let jobs = policies.iter().map(|p| Job::Vmigrate(p)).chain(
-                    qpolicies
-                        .iter()
-                        .map(|p| Job::Qemu(p))
-                        .filter(|_| qemu_runs(&study, &profile.name)),
-                );
+                let jobs = policies
+                    .iter()
+                    .filter(|p| p.applies_to(profile))
+                    .map(|p| Job::Vmigrate(p))
+                    .chain(
+                        qpolicies
+                            .iter()
+                            .map(|p| Job::Qemu(p))
+                            .filter(|_| qemu_runs(&study, &profile.name)),
+                    );
                 for job in jobs {
                     let mut row = RunRow {
                         study: study.name.clone(),

@@ -10,7 +10,7 @@
 //! kernel) and its CRC being taken right after (`wire::write_checked_pages`,
 //! from the cache). Nothing here relies on the bytes staying put: they are
 //! copied, or go into a CRC or a zero test, and the destination
-//! checks every page against its CRC before the page reaches guest memory.
+//! checks every page against its CRC before the guest there can see it.
 //! A page torn that way is dropped there and sent again, because the write
 //! that tore it came after the dirty log was harvested.
 

@@ -11,7 +11,9 @@
 //! the write just copied it, and sends the CRCs after the pages. If the
 //! guest writes a page between that copy and the CRC, the copy no longer
 //! matches its CRC: the destination drops that page alone (it never
-//! reaches guest memory) and waits for it to be sent again. It will be:
+//! reaches guest memory, or, received in place by a [`PagePlacement`], is
+//! marked torn there before the guest can run) and waits for it to be
+//! sent again. It will be:
 //! the write came after the dirty log was harvested, so the page is in the
 //! next iteration's set, and the final pass reads pages with the guest
 //! paused. A page dropped and never sent again fails the migration at
