@@ -17,7 +17,22 @@ pub const FUZZ_MAX_MEM: u64 = 64 << 20;
 /// Whatever the bytes, it must return (no panic, no hang, no huge
 /// allocation: the harness enforces the last two with its time and RSS
 /// limits).
+///
+/// Each input is fed twice: to a destination that copies pages in, and to
+/// one whose RAM counts as allocated ahead, which receives `CheckedPages`
+/// straight into guest memory and checks them there
+/// (`engine/in_place.rs`). Both must come to the same end.
 pub fn feed_receiver(bytes: &[u8]) -> bool {
+    let copied = feed_receiver_once(bytes, false);
+    let in_place = feed_receiver_once(bytes, true);
+    assert_eq!(
+        copied, in_place,
+        "receiving in place must accept exactly what the copy path accepts"
+    );
+    copied
+}
+
+fn feed_receiver_once(bytes: &[u8], prefaulted: bool) -> bool {
     let (mut src, dst) = UnixStream::pair().expect("socket pair");
     let data = bytes.to_vec();
     let writer = std::thread::spawn(move || {
@@ -37,7 +52,7 @@ pub fn feed_receiver(bytes: &[u8]) -> bool {
     let outcome = receive_migration(Stream::Unix(dst), &opts, |hello| {
         let size: u64 = hello.regions.iter().map(|r| r.size).sum();
         let blobs = vec![Vec::new(); usize::try_from(hello.vcpu_count).unwrap_or(0)];
-        Ok(MemoryVm::new(size, blobs, &hello.cpu_model)?)
+        Ok(MemoryVm::new(size, blobs, &hello.cpu_model)?.prefaulted(prefaulted))
     });
     let resumed = match &outcome {
         Ok(o) => {

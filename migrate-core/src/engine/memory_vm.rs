@@ -19,6 +19,7 @@ pub struct MemoryVm {
     vcpus: Mutex<Vec<Vec<u8>>>,
     vcpu_count: u32,
     running: AtomicBool,
+    prefaulted: bool,
 }
 
 impl MemoryVm {
@@ -33,7 +34,16 @@ impl MemoryVm {
             vcpus: Mutex::new(vcpus),
             vcpu_count,
             running: AtomicBool::new(false),
+            prefaulted: false,
         })
+    }
+
+    /// Count the RAM as allocated ahead (`--prefault`), so that a
+    /// destination receives pages straight into it (`engine/in_place.rs`).
+    #[must_use]
+    pub fn prefaulted(mut self, yes: bool) -> Self {
+        self.prefaulted = yes;
+        self
     }
 
     /// Whether `resume` was called last (the destination "runs" the guest).
@@ -53,6 +63,9 @@ impl MigratableVm for MemoryVm {
     }
     fn vcpu_count(&self) -> u32 {
         self.vcpu_count
+    }
+    fn ram_prefaulted(&self) -> bool {
+        self.prefaulted
     }
     fn cpu_model(&self) -> String {
         self.model.clone()
