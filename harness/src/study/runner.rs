@@ -224,7 +224,11 @@ pub fn run_study(
         "study {}: {total} runs ({} workloads × {} policies × {} links × {rep_count} reps); at most ~{:.0} min",
         study.name,
         profiles.len(),
-        policies.len() + qpolicies.len(),
+        policies
+            .iter()
+            .filter(|p| profiles.iter().any(|pr| p.applies_to(pr)))
+            .count()
+            + qpolicies.len(),
         links.len(),
         worst_s / 60.0
     ));
