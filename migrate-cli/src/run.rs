@@ -95,9 +95,10 @@ pub struct RunArgs {
     /// Allocate every page of guest RAM up front (QEMU's -mem-prealloc,
     /// Cloud Hypervisor's prefault=on): before the guest boots, or with
     /// --incoming before listening (then --mem is needed). A migration then
-    /// copies pages into memory that is already there, which is faster and
-    /// steadier on these hosts; the price is all of RAM resident from the
-    /// start.
+    /// receives pages straight from the socket into memory that is already
+    /// there (each checked against its CRC in place before the guest can
+    /// run), which is faster and steadier on these hosts; the price is all
+    /// of RAM resident from the start.
     #[arg(long)]
     prefault: bool,
     /// Dirty ring size per vCPU in bytes (16 per page; a power of two from
