@@ -226,10 +226,12 @@ impl PageApplier {
         batch: &PlacedBatch,
     ) -> Result<(u64, u64), MigrationError> {
         let mut torn = 0u64;
-        for (gpa, crc) in batch.gpas.iter().zip(&batch.crcs) {
+        let pages = super::direct::runs(memory, &batch.gpas)?;
+        let pages = pages.iter().flat_map(|run| run.chunks_exact(PAGE_SIZE));
+        for ((gpa, crc), bytes) in batch.gpas.iter().zip(&batch.crcs).zip(pages) {
             let page = self.page_index(*gpa)?;
             self.written.set(page);
-            if crc32fast::hash(super::direct::guest_page(memory, *gpa)?) == *crc {
+            if crc32fast::hash(bytes) == *crc {
                 self.written.mend(page, 1);
             } else {
                 self.written.mark_torn(page);

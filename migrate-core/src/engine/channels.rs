@@ -37,15 +37,15 @@ use std::time::Duration;
 use vm_memory::GuestMemoryMmap;
 
 use super::apply::PageApplier;
-use super::in_place::InPlace;
+use super::in_place::read_next;
 use super::pages::{PageSender, SentCounts};
 use super::written::WrittenPages;
 use super::MigrationError;
 use crate::dirty::DirtyBitmap;
 use crate::transport::{RateLimited, SharedRate, Stream};
 use crate::wire::{
-    read_message_into, read_message_placing, write_message, ChannelJoin, IterationEnd, Limits,
-    Message, Received, WireError,
+    read_message_into, write_message, ChannelJoin, IterationEnd, Limits, Message, Received,
+    WireError,
 };
 
 /// Pages of one block, which always travels on one channel: 2 MiB.
@@ -401,13 +401,8 @@ fn receive_lane(
                 )))
             }
         };
-        let read = if applier.in_place() {
-            let mut place = InPlace::new(memory);
-            read_message_placing(&mut r, &limits, applier.spare_buffer(), &mut place)
-        } else {
-            read_message_into(&mut r, &limits, applier.spare_buffer()).map(Received::Message)
-        };
-        let msg = match read {
+        let in_place = applier.in_place();
+        let msg = match read_next(&mut r, &limits, &mut applier, memory, in_place) {
             // The source closes its channels after the final pass.
             Err(WireError::ConnectionClosed) if !started => return Ok(()),
             Err(e) => return Err(wire_err(&phase, e)),

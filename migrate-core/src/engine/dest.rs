@@ -18,15 +18,15 @@ use std::sync::Arc;
 use super::apply::PageApplier;
 use super::channels::{ChannelAcceptor, IterationSync, Lanes};
 use super::clone::StandbySession;
-use super::in_place::InPlace;
+use super::in_place::read_next;
 use super::receive_options::{check_hello, ReceiveOptions, ReceiveOutcome};
 use super::source::peer_message;
 use super::{memory_digest, MigratableVm, MigrationError, VmOpError};
 use crate::transport::Stream;
 use crate::wire::{
-    read_message, read_message_into, read_message_placing, write_message, Accepted, ChannelJoin,
-    ErrorCode, ErrorMessage, Hello, HelloAck, Limits, Message, MessageKind, PlacedBatch, Received,
-    FEATURES_KNOWN, FEATURE_CHANNELS, FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST,
+    read_message, write_message, Accepted, ChannelJoin, ErrorCode, ErrorMessage, Hello, HelloAck,
+    Limits, Message, MessageKind, PlacedBatch, Received, FEATURES_KNOWN, FEATURE_CHANNELS,
+    FEATURE_GUEST_PAUSED, FEATURE_MEMORY_DIGEST,
 };
 
 /// The read buffer of each connection of the destination. Small on
@@ -213,13 +213,9 @@ fn receive_loop<V: MigratableVm>(
     };
     loop {
         let phase = rx.phase.name();
-        let read = if rx.applier.in_place() && matches!(rx.phase, Phase::Memory) {
-            let mut place = InPlace::new(vm.memory());
-            read_message_placing(r, &limits, rx.applier.spare_buffer(), &mut place)
-        } else {
-            read_message_into(r, &limits, rx.applier.spare_buffer()).map(Received::Message)
-        };
-        let msg = match read {
+        // Pages go in place only while pages are expected.
+        let in_place = rx.applier.in_place() && matches!(rx.phase, Phase::Memory);
+        let msg = match read_next(r, &limits, &mut rx.applier, vm.memory(), in_place) {
             Ok(Received::Message(m)) => m,
             Ok(Received::Placed(b)) => match rx.placed(vm, &b) {
                 Ok(()) => continue,

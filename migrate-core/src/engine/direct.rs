@@ -21,18 +21,24 @@ use vm_memory::{
 use super::MigrationError;
 use crate::wire::PAGE_SIZE;
 
+/// The host address of `pages` whole pages from `gpa` in `region`, if
+/// all of them lie inside it.
+pub(super) fn host_run(region: &GuestRegionMmap, gpa: u64, pages: usize) -> Option<*mut u8> {
+    let offset = gpa.checked_sub(region.start_addr().raw_value())?;
+    if offset + (pages * PAGE_SIZE) as u64 > region.len() {
+        return None;
+    }
+    region
+        .get_host_address(vm_memory::MemoryRegionAddress(offset))
+        .ok()
+}
+
 /// `pages` whole pages of guest memory from `gpa`, all inside one region.
 fn guest_bytes(memory: &GuestMemoryMmap, gpa: u64, pages: usize) -> Result<&[u8], MigrationError> {
     let len = pages * PAGE_SIZE;
     let bad = || MigrationError::InvalidData(format!("page {gpa:#x} is outside guest memory"));
     let region = memory.find_region(GuestAddress(gpa)).ok_or_else(bad)?;
-    let offset = gpa - region.start_addr().raw_value();
-    if offset + len as u64 > region.len() {
-        return Err(bad());
-    }
-    let host = region
-        .get_host_address(vm_memory::MemoryRegionAddress(offset))
-        .map_err(|_| bad())?;
+    let host = host_run(region, gpa, pages).ok_or_else(bad)?;
     // SAFETY: `host..host + len` lies inside one live mapping of `region`
     // (checked against its length above), and `memory`, which owns the
     // mapping, is borrowed for the slice's lifetime. The guest may write

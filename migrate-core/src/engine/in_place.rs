@@ -25,11 +25,14 @@
 use std::io::{self, BufRead, BufReader};
 use std::os::fd::{AsRawFd, RawFd};
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::direct::region_runs;
+use super::apply::PageApplier;
+use super::direct::{host_run, region_runs};
 use crate::transport::Stream;
-use crate::wire::{PagePlacement, PAGE_SIZE};
+use crate::wire::{
+    read_message_into, read_message_placing, Limits, PagePlacement, Received, WireError, PAGE_SIZE,
+};
 
 /// Puts the pages of `CheckedPages` frames into `memory` (module docs).
 pub(super) struct InPlace<'m> {
@@ -50,19 +53,28 @@ impl<'m> InPlace<'m> {
         if gpas.windows(2).any(|w| w[0] >= w[1]) {
             return None;
         }
-        let mut out = Vec::new();
-        for (i, n, region) in region_runs(self.memory, gpas).ok()? {
-            let offset = gpas[i] - region.start_addr().raw_value();
-            let len = n * PAGE_SIZE;
-            if offset + len as u64 > region.len() {
-                return None;
-            }
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(offset))
-                .ok()?;
-            out.push((gpas[i], host, len));
-        }
-        Some(out)
+        region_runs(self.memory, gpas)
+            .ok()?
+            .into_iter()
+            .map(|(i, n, region)| Some((gpas[i], host_run(region, gpas[i], n)?, n * PAGE_SIZE)))
+            .collect()
+    }
+}
+
+/// Reads the next frame of a destination connection: `CheckedPages`
+/// straight into guest memory when `in_place` (RAM allocated ahead, the
+/// guest not yet running), everything else as usual.
+pub(super) fn read_next(
+    r: &mut BufReader<Stream>,
+    limits: &Limits,
+    applier: &mut PageApplier,
+    memory: &GuestMemoryMmap,
+    in_place: bool,
+) -> Result<Received, WireError> {
+    if in_place {
+        read_message_placing(r, limits, applier.spare_buffer(), &mut InPlace::new(memory))
+    } else {
+        read_message_into(r, limits, applier.spare_buffer()).map(Received::Message)
     }
 }
 
@@ -159,9 +171,8 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use super::*;
-    use crate::engine::apply::PageApplier;
     use crate::vm::memory::{map_memory, slot_layout};
-    use crate::wire::{read_message_placing, write_checked_pages, Limits, Received};
+    use crate::wire::write_checked_pages;
 
     const MEM: u64 = 2 << 20;
 

@@ -150,18 +150,13 @@ fn a_page_changed_between_the_copy_and_its_crc_is_dropped_alone() {
     assert_eq!(torn, 1);
     assert_eq!(applier.written().torn(), (1, Some(3)));
     for page in 0..pages {
-        let mut got = [0u8; 4096];
-        dst.memory
-            .read_slice(&mut got, GuestAddress(page as u64 * 4096))
-            .unwrap();
-        let mut want = [0u8; 4096];
-        if page != 3 {
-            src.memory
-                .read_slice(&mut want, GuestAddress(page as u64 * 4096))
-                .unwrap();
-        }
         // The torn page never reached guest memory: still zero there.
-        assert_eq!(got, want, "page {page}");
+        let want = if page == 3 {
+            [0; 4096]
+        } else {
+            page_bytes(&src, page)
+        };
+        assert_eq!(page_bytes(&dst, page), want, "page {page}");
     }
     // Received in place, the torn page lands but is found torn there, and
     // only it.
@@ -172,14 +167,11 @@ fn a_page_changed_between_the_copy_and_its_crc_is_dropped_alone() {
     let frames = w.out.clone();
     let writer = std::thread::spawn(move || std::io::Write::write_all(&mut a, &frames).unwrap());
     let mut r = std::io::BufReader::new(Stream::Unix(b));
-    let mut place = super::super::in_place::InPlace::new(&dst.memory);
+    let limits = crate::wire::Limits::default();
     let mut torn = 0;
-    while let Ok(got) = crate::wire::read_message_placing(
-        &mut r,
-        &crate::wire::Limits::default(),
-        &mut Vec::new(),
-        &mut place,
-    ) {
+    while let Ok(got) =
+        super::super::in_place::read_next(&mut r, &limits, &mut applier, &dst.memory, true)
+    {
         match got {
             crate::wire::Received::Placed(b) => {
                 torn += applier.apply_placed(&dst.memory, &b).unwrap().1;
@@ -191,10 +183,19 @@ fn a_page_changed_between_the_copy_and_its_crc_is_dropped_alone() {
     assert_eq!(torn, 1);
     assert_eq!(applier.written().torn(), (1, Some(3)));
     for page in (0..pages).filter(|&p| p != 3) {
-        let (mut got, mut want) = ([0u8; 4096], [0u8; 4096]);
-        let at = GuestAddress(page as u64 * 4096);
-        dst.memory.read_slice(&mut got, at).unwrap();
-        src.memory.read_slice(&mut want, at).unwrap();
-        assert_eq!(got, want, "page {page}");
+        assert_eq!(
+            page_bytes(&dst, page),
+            page_bytes(&src, page),
+            "page {page}"
+        );
     }
+}
+
+/// Page `page` of `vm`'s memory.
+fn page_bytes(vm: &FakeVm, page: usize) -> [u8; 4096] {
+    let mut out = [0u8; 4096];
+    vm.memory
+        .read_slice(&mut out, GuestAddress(page as u64 * 4096))
+        .unwrap();
+    out
 }
