@@ -96,6 +96,7 @@ fn record(case: &Case) -> Vec<u8> {
         destination: "record-seeds".into(),
         channels: None,
         copy_pages: case.copy_pages,
+        skip_unchanged: false,
     };
     let report = send_migration(&src, Stream::Unix(src_end), opts);
     assert_eq!(

@@ -61,6 +61,12 @@ pub struct IterationStats {
     /// when all vCPUs shared [`throttle`](Self::throttle).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vcpu_throttles: Vec<f64>,
+    /// Dirty pages not sent because their content was the same as the copy
+    /// the destination already holds (`send --skip-unchanged`): a guest
+    /// that rewrites what a page holds dirties it without changing it.
+    /// Neither in `pages_sent` nor in `zero_pages`; 0 without the option.
+    #[serde(default)]
+    pub unchanged_pages: u64,
 }
 
 /// Length of the windows behind [`IterationStats::window_dirty_min`]: long
@@ -91,11 +97,44 @@ impl IterationStats {
 
     /// Bytes a stop-and-copy would send now: the pages dirtied during this
     /// iteration plus the deferred ones (`(dirtied_during + deferred_pages)
-    /// * page_size`, saturating).
+    /// * page_size`, saturating), of which as large a share as this
+    /// iteration found changed (see [`changed_share`](Self::changed_share)):
+    /// with `unchanged_pages` 0, all of them.
+    ///
+    /// Why scaled: a guest rewriting the values its pages hold dirties every
+    /// page and changes none, so the count alone would never shrink and no
+    /// downtime rule would ever stop; the share of this iteration is the
+    /// best guess at the next one's. Divided by this iteration's
+    /// `bytes_sent ÷ duration`, the result is the time to handle the
+    /// remaining pages at this iteration's pace, hashing included.
     pub fn remaining_bytes(&self) -> u64 {
-        self.dirtied_during
-            .saturating_add(self.deferred_pages)
-            .saturating_mul(self.page_size)
+        let pages = self.dirtied_during.saturating_add(self.deferred_pages);
+        let pages = if self.unchanged_pages == 0 {
+            pages
+        } else {
+            let changed = u128::from(self.pages_sent) + u128::from(self.zero_pages);
+            let handled = changed + u128::from(self.unchanged_pages);
+            // Rounded up; at most `pages`, so it fits.
+            u64::try_from((u128::from(pages) * changed).div_ceil(handled)).unwrap_or(pages)
+        };
+        pages.saturating_mul(self.page_size)
+    }
+
+    /// Pages this iteration dealt with: sent with data, as zero ranges, or
+    /// found unchanged and not sent (saturating).
+    pub fn pages_handled(&self) -> u64 {
+        self.pages_sent
+            .saturating_add(self.zero_pages)
+            .saturating_add(self.unchanged_pages)
+    }
+
+    /// Of the pages this iteration dealt with, the share that had to be
+    /// sent (1.0 when none was found unchanged, or none was dealt with).
+    pub fn changed_share(&self) -> f64 {
+        match self.pages_handled() {
+            0 => 1.0,
+            n => (n - self.unchanged_pages.min(n)) as f64 / n as f64,
+        }
     }
 
     /// Whether this iteration is a usable bandwidth sample: it took a
@@ -297,6 +336,33 @@ mod tests {
     fn remaining_bytes_saturates() {
         assert_eq!(stats(0, 0, 3).remaining_bytes(), 3 * 4096);
         assert_eq!(stats(0, 0, u64::MAX).remaining_bytes(), u64::MAX);
+    }
+
+    #[test]
+    fn remaining_bytes_counts_the_changed_share() {
+        let with = |sent, zero, unchanged, dirtied| IterationStats {
+            pages_sent: sent,
+            zero_pages: zero,
+            unchanged_pages: unchanged,
+            ..stats(0, 0, dirtied)
+        };
+        // (sent, zero, unchanged, dirtied during) -> remaining pages
+        let cases = [
+            ((10, 0, 0, 7), 7),
+            ((0, 0, 100, 50), 0),
+            ((30, 10, 60, 100), 40),
+            // Rounded up: one changed page in three, of 10 dirtied.
+            ((1, 0, 2, 10), 4),
+            ((u64::MAX, 0, u64::MAX, u64::MAX), u64::MAX / 2 + 1),
+        ];
+        for ((sent, zero, unchanged, dirtied), pages) in cases {
+            let s = with(sent, zero, unchanged, dirtied);
+            assert_eq!(s.remaining_bytes(), pages.saturating_mul(4096), "{s:?}");
+        }
+        assert_eq!(with(3, 1, 4, 0).changed_share(), 0.5);
+        assert_eq!(with(0, 0, 0, 9).changed_share(), 1.0);
+        assert_eq!(with(0, 0, 5, 9).changed_share(), 0.0);
+        assert_eq!(with(3, 1, 4, 0).pages_handled(), 8);
     }
 
     #[test]

@@ -15,8 +15,8 @@
 //! Terms, for iteration `i` (0 is the full copy): `remaining(i)` =
 //! [`IterationStats::remaining_bytes`] (what a stop-and-copy after `i` would
 //! send, deferred pages included); `best(i)` = the smallest `remaining` of
-//! iterations `0..i`; `sent(i)` = pages sent in it (`pages_sent +
-//! zero_pages`). After every iteration [`MpPolicy`] applies, in order:
+//! iterations `0..i`; `sent(i)` = pages it dealt with
+//! ([`IterationStats::pages_handled`]: sent, zero, or found unchanged). After every iteration [`MpPolicy`] applies, in order:
 //!
 //! 1. **Downtime rule** (always first): exactly the [`qemu`](crate::qemu)
 //!    rule — when `remaining ≤ bandwidth × downtime_limit` (bandwidth of the
@@ -417,8 +417,7 @@ impl MpPolicy {
 
     /// Rule 2 for iteration `index` of a history.
     fn intensive(&self, index: usize, it: &IterationStats) -> (bool, bool) {
-        let sent = it.pages_sent.saturating_add(it.zero_pages);
-        let rate = it.dirtied_during as f64 >= self.rate_ratio * sent as f64;
+        let rate = it.dirtied_during as f64 >= self.rate_ratio * it.pages_handled() as f64;
         let wws = index >= 2 && it.redirty_ratio() >= self.wws_ratio;
         (rate, wws)
     }

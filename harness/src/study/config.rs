@@ -112,6 +112,10 @@ pub struct PolicyConfig {
     /// failure.
     #[serde(default)]
     pub only_dirty_track: Option<String>,
+    /// `send --skip-unchanged`: leave out dirty pages whose content the
+    /// destination already holds.
+    #[serde(default)]
+    pub skip_unchanged: bool,
 }
 
 fn default_downtime_ms() -> u64 {

@@ -226,6 +226,9 @@ fn migrate(
     if let Some(bw) = &policy.max_bandwidth {
         send_argv.extend([s("--max-bandwidth"), bw.clone()]);
     }
+    if policy.skip_unchanged {
+        send_argv.push(s("--skip-unchanged"));
+    }
     watch.poll();
     let t_send = watch.now();
     let mut send = Guard::spawn(

@@ -278,6 +278,7 @@ impl VmController {
             })),
             destination: uri.to_string(),
             copy_pages: req.copy_pages,
+            skip_unchanged: req.skip_unchanged,
             channels: (req.channels > 1).then(|| {
                 let (uri, security) = (uri.clone(), security.clone());
                 ChannelConnector {

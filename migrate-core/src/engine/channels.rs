@@ -173,12 +173,7 @@ pub(super) fn send_sharded<W: Write>(
     });
     let mut total = SentCounts::default();
     for r in results {
-        let c = r?;
-        total.data_pages += c.data_pages;
-        total.zero_pages += c.zero_pages;
-        total.bytes += c.bytes;
-        total.raw_bytes += c.raw_bytes;
-        total.skipped_pages += c.skipped_pages;
+        total.add(&r?);
     }
     Ok(total)
 }

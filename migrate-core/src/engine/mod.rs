@@ -38,6 +38,7 @@ mod receive_options;
 mod report;
 mod send_options;
 mod source;
+mod unchanged;
 mod windows;
 mod written;
 

@@ -5,9 +5,10 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use super::control::MigrationControl;
+use super::unchanged::SentDigests;
 use super::MigrationError;
 use crate::dirty::DirtyBitmap;
 use crate::wire::{
@@ -44,6 +45,21 @@ pub struct SentCounts {
     /// Of `zero_pages`, those sent without being read: never written since
     /// the VM was created.
     pub skipped_pages: u64,
+    /// Dirty pages not sent: their content was the copy the destination
+    /// holds ([`super::unchanged`]).
+    pub unchanged_pages: u64,
+}
+
+impl SentCounts {
+    /// Add another channel's counts to these.
+    pub fn add(&mut self, other: &SentCounts) {
+        self.data_pages += other.data_pages;
+        self.zero_pages += other.zero_pages;
+        self.bytes += other.bytes;
+        self.raw_bytes += other.raw_bytes;
+        self.skipped_pages += other.skipped_pages;
+        self.unchanged_pages += other.unchanged_pages;
+    }
 }
 
 /// Reads dirty pages and writes them as `Pages`/`ZeroPages` frames.
@@ -61,6 +77,9 @@ pub struct PageSender {
     /// Raw pages go out straight from guest memory as `CheckedPages`
     /// ([`super::direct`]); else they are copied into `data` first.
     direct: bool,
+    /// Skip dirty pages whose copy matches the one last sent (shared with
+    /// the lanes); forces the copy path.
+    unchanged: Option<Arc<SentDigests>>,
 }
 
 fn wire_err(phase: &str) -> impl Fn(WireError) -> MigrationError + '_ {
@@ -87,6 +106,7 @@ impl PageSender {
             cancel: None,
             lanes: Vec::new(),
             direct: false,
+            unchanged: None,
         })
     }
 
@@ -95,10 +115,21 @@ impl PageSender {
     /// compressing sender copies anyway (zstd needs the bytes to hold
     /// still) and ignores this.
     pub fn send_direct(&mut self, yes: bool) {
-        self.direct = yes && self.compressor.is_none();
+        self.direct = yes && self.compressor.is_none() && self.unchanged.is_none();
         for lane in &mut self.lanes {
             lane.sender.send_direct(yes);
         }
+    }
+
+    /// Leave out dirty pages whose content is the copy last sent
+    /// ([`super::unchanged`]), on this sender and its lanes alike. The
+    /// pages then take the copy path: the digest must be of the bytes sent.
+    pub fn skip_unchanged(&mut self, digests: Arc<SentDigests>) {
+        self.direct = false;
+        for lane in &mut self.lanes {
+            lane.sender.skip_unchanged(digests.clone());
+        }
+        self.unchanged = Some(digests);
     }
 
     fn check_cancel(&self) -> Result<(), MigrationError> {
@@ -154,6 +185,9 @@ impl PageSender {
                 });
                 counts.zero_pages += count as u64;
                 counts.skipped_pages += count as u64;
+                if let Some(d) = &self.unchanged {
+                    d.forget(first, count);
+                }
                 if zeros.ranges.len() >= MAX_ZERO_RANGES {
                     counts.bytes += self.flush_zeros(w, &mut zeros, phase)?;
                 }
@@ -179,18 +213,29 @@ impl PageSender {
                 continue;
             }
             let at = self.data.len();
-            self.data.resize(at + PAGE_SIZE, 0);
-            memory
-                .read_slice(&mut self.data[at..], GuestAddress(gpa))
-                .map_err(|e| MigrationError::InvalidData(format!("reading page {gpa:#x}: {e}")))?;
+            // A plain copy (vm-memory's `read_slice` copies in volatile
+            // words, several times slower); the guest may be writing the
+            // page, which `direct::guest_page` allows for.
+            self.data
+                .extend_from_slice(super::direct::guest_page(memory, gpa)?);
             if is_zero(&self.data[at..]) {
                 self.data.truncate(at);
+                if let Some(d) = &self.unchanged {
+                    d.forget(page, 1);
+                }
                 zeros.push_page(gpa);
                 counts.zero_pages += 1;
                 if zeros.ranges.len() >= MAX_ZERO_RANGES {
                     counts.bytes += self.flush_zeros(w, &mut zeros, phase)?;
                 }
                 continue;
+            }
+            if let Some(d) = &self.unchanged {
+                if d.unchanged_or_record(page, &self.data[at..]) {
+                    self.data.truncate(at);
+                    counts.unchanged_pages += 1;
+                    continue;
+                }
             }
             self.gpas.push(gpa);
             counts.data_pages += 1;

@@ -110,6 +110,7 @@ pub(super) fn run<V: MigratableVm, W: Write>(
             dirty_windows: windows,
             vcpu_dirty_pages,
             vcpu_throttles: vcpu_throttles.clone(),
+            unchanged_pages: sent.unchanged_pages,
         };
         report.record_iteration(&stats, false);
         report.ram.dirty_sync_count = syncs;

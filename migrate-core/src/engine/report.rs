@@ -93,6 +93,10 @@ pub struct IterationRecord {
     /// (`dirty-limit`; empty otherwise: see `throttle`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vcpu_throttle: Vec<f64>,
+    /// Dirty pages left out because their content was the copy the
+    /// destination holds (`send --skip-unchanged`).
+    #[serde(default)]
+    pub unchanged_pages: u64,
 }
 
 /// RAM figures, as QEMU's `ram` object.
@@ -114,6 +118,10 @@ pub struct RamReport {
     pub normal: u64,
     /// Bytes of page data sent (before compression).
     pub normal_bytes: u64,
+    /// Dirty pages not sent: their content was the copy the destination
+    /// holds (`send --skip-unchanged`; QEMU's XBZRLE skips such pages too).
+    #[serde(default)]
+    pub unchanged: u64,
     /// Dirty-log syncs.
     pub dirty_sync_count: u64,
     /// Pages per second dirtied in the last iteration.
@@ -297,6 +305,7 @@ impl MigrationReport {
         self.ram.normal += s.pages_sent;
         self.ram.normal_bytes += s.pages_sent * s.page_size;
         self.ram.duplicate += s.zero_pages;
+        self.ram.unchanged += s.unchanged_pages;
         self.ram.remaining = s.remaining_bytes();
         let secs = s.duration.as_secs_f64();
         let dirty_rate = if secs > 0.0 {
@@ -327,6 +336,7 @@ impl MigrationReport {
             window_dirty_max: s.dirty_windows.iter().copied().max().unwrap_or(0),
             vcpu_dirty_pages: s.vcpu_dirty_pages.clone(),
             vcpu_throttle: s.vcpu_throttles.clone(),
+            unchanged_pages: s.unchanged_pages,
         });
     }
 }

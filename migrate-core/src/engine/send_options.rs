@@ -73,4 +73,7 @@ pub struct SendOptions {
     /// takes them straight from guest memory (`CheckedPages`); for
     /// measurement.
     pub copy_pages: bool,
+    /// Leave out dirty pages whose content is the copy last sent
+    /// (`engine/unchanged.rs`); the pages then take the copy path.
+    pub skip_unchanged: bool,
 }

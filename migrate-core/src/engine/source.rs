@@ -9,6 +9,7 @@ use super::channels;
 use super::pages::{PageSender, SentCounts};
 use super::report::{ms, DigestReport, DowntimeBreakdown, MigrationReport, MigrationStatus};
 use super::send_options::{CompressMode, SendOptions};
+use super::unchanged::SentDigests;
 use super::{memory_digest, precopy, MigratableVm, MigrationError};
 use crate::dirty::DirtyBitmap;
 use crate::transport::{RateLimited, Stream};
@@ -322,6 +323,10 @@ fn transfer<V: MigratableVm, W: Write>(
             &opts.control,
         )?;
     }
+    if opts.skip_unchanged {
+        let pages = usize::try_from(ram_pages(memory)).expect("page count fits usize");
+        sender.skip_unchanged(std::sync::Arc::new(SentDigests::new(pages)));
+    }
     sender.send_direct(direct_pages);
     report.page_path = sender.page_path().to_string();
     let end = precopy::run(vm, &mut w, &mut sender, opts, report, start)?;
@@ -394,6 +399,7 @@ fn transfer<V: MigratableVm, W: Write>(
         throttle: vm.throttle(),
         ram_bytes: report.ram.total,
         page_size: PAGE_SIZE_U64,
+        unchanged_pages: sent.unchanged_pages,
         ..Default::default()
     };
     report.record_iteration(&stats, true);

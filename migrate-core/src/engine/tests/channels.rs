@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use super::*;
 use crate::transport::Stream;
 
-struct Socket(PathBuf);
+pub(super) struct Socket(pub(super) PathBuf);
 
 impl Socket {
-    fn new(name: &str) -> (Self, UnixListener) {
+    pub(super) fn new(name: &str) -> (Self, UnixListener) {
         let path = std::env::temp_dir().join(format!(
             "vmigrate-ch-{}-{name}-{:?}",
             std::process::id(),
@@ -29,7 +29,7 @@ impl Drop for Socket {
     }
 }
 
-fn connector(path: PathBuf, count: u16) -> ChannelConnector {
+pub(super) fn connector(path: PathBuf, count: u16) -> ChannelConnector {
     ChannelConnector {
         count,
         connect: Box::new(move || {
@@ -41,7 +41,7 @@ fn connector(path: PathBuf, count: u16) -> ChannelConnector {
 }
 
 /// Runs a destination on `listener` that accepts channels from it.
-fn destination(
+pub(super) fn destination(
     listener: UnixListener,
 ) -> std::thread::JoinHandle<Result<ReceiveOutcome<FakeVm>, MigrationError>> {
     std::thread::spawn(move || {

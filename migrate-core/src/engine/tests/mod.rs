@@ -143,6 +143,7 @@ fn options(compress: CompressMode) -> SendOptions {
         destination: "test".into(),
         channels: None,
         copy_pages: false,
+        skip_unchanged: false,
     }
 }
 
@@ -608,5 +609,6 @@ mod clone;
 mod completion;
 mod direct_pages;
 mod failover;
+mod unchanged;
 mod vcpu_throttle;
 mod windows;
