@@ -213,9 +213,9 @@ impl PageSender {
                 continue;
             }
             let at = self.data.len();
-            // A plain copy (vm-memory's `read_slice` copies in volatile
-            // words, several times slower); the guest may be writing the
-            // page, which `direct::guest_page` allows for.
+            // A plain `memcpy` (vm-memory's `read_slice` copies in
+            // volatile words, into a slot zero-filled first); the guest may
+            // be writing the page, which `direct::guest_page` allows for.
             self.data
                 .extend_from_slice(super::direct::guest_page(memory, gpa)?);
             if is_zero(&self.data[at..]) {
