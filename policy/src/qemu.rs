@@ -264,6 +264,28 @@ mod tests {
         assert!(expected_ms(&d).is_some_and(f64::is_finite), "{d:?}");
     }
 
+    /// A guest rewriting its pages' values: the dirty count never shrinks,
+    /// but what must be sent does, and the rule sees that.
+    #[test]
+    fn unchanged_pages_count_only_by_their_changed_share() {
+        // 1000 B/ms; 60,000 pages dirtied each pass = 245 MB, far above the
+        // 300 ms threshold (300 KB) while every dirty page is sent...
+        let full = it(0, 1000 * 1000, 1000, 60_000);
+        let mut resent = it(1, 1000 * 1000, 1000, 60_000);
+        resent.pages_sent = 60_000;
+        assert_eq!(
+            decide(300, vec![full.clone(), resent.clone()]),
+            Decision::Continue
+        );
+        // ... and within it once they are found unchanged: one changed page
+        // in 1000 leaves 60 pages, 245,760 B at this pass's 1000 B/ms.
+        let mut same = resent;
+        same.pages_sent = 60;
+        same.unchanged_pages = 59_940;
+        let d = decide(300, vec![full, same]);
+        assert_eq!(expected_ms(&d), Some(245.76), "{d:?}");
+    }
+
     #[test]
     fn raising_the_limit_in_flight() {
         let mut p = QemuPolicy::default();
