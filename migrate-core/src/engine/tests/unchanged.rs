@@ -105,18 +105,23 @@ fn check(src: &FakeVm, report: &MigrationReport, dst: &FakeVm) {
     assert_eq!(report.ram.unchanged, 1113);
 }
 
+/// Migrates `src` over a Unix socket pair; the report and the destination.
+fn over_a_socket_pair(src: &FakeVm, opts: SendOptions) -> (MigrationReport, FakeVm) {
+    let (x, y) = UnixStream::pair().unwrap();
+    let dest = std::thread::spawn(move || {
+        receive_migration(Stream::Unix(y), &ReceiveOptions::default(), |_| {
+            Ok(FakeVm::new(SIZE))
+        })
+    });
+    let report = send_migration(src, Stream::Unix(x), opts);
+    (report, dest.join().unwrap().unwrap().vm)
+}
+
 #[test]
 fn unchanged_pages_are_left_out_and_memory_arrives_identical() {
     for compress in [CompressMode::None, CompressMode::Zstd(1)] {
         let src = source();
-        let (x, y) = UnixStream::pair().unwrap();
-        let dest = std::thread::spawn(move || {
-            receive_migration(Stream::Unix(y), &ReceiveOptions::default(), |_| {
-                Ok(FakeVm::new(SIZE))
-            })
-        });
-        let report = send_migration(&*src, Stream::Unix(x), scripted_options(&src, compress));
-        let dst = dest.join().unwrap().unwrap().vm;
+        let (report, dst) = over_a_socket_pair(&src, scripted_options(&src, compress));
         check(&src, &report, &dst);
     }
 }
@@ -139,14 +144,7 @@ fn without_the_option_every_dirty_page_is_sent() {
     let src = source();
     let mut opts = scripted_options(&src, CompressMode::None);
     opts.skip_unchanged = false;
-    let (x, y) = UnixStream::pair().unwrap();
-    let dest = std::thread::spawn(move || {
-        receive_migration(Stream::Unix(y), &ReceiveOptions::default(), |_| {
-            Ok(FakeVm::new(SIZE))
-        })
-    });
-    let report = send_migration(&*src, Stream::Unix(x), opts);
-    let dst = dest.join().unwrap().unwrap().vm;
+    let (report, dst) = over_a_socket_pair(&src, opts);
     assert_eq!(report.status, MigrationStatus::Completed, "{report:?}");
     assert_same_memory(&src, &dst);
     assert_eq!(
