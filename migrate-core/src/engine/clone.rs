@@ -124,16 +124,22 @@ pub fn live_clone<V: MigratableVm>(vm: &V, stream: Stream, mut opts: SendOptions
     let pages = usize::try_from(ram_pages(vm.memory())).expect("page count fits usize");
     let (mut report, channel) = send_outgoing(vm, stream, opts, Outgoing::Clone);
     let session = match channel.map(|channel| (channel, PageSender::new(zstd))) {
-        Some((channel, Ok(sender))) => Some(CloneSession {
-            channel,
-            standby,
-            dirty: DirtyBitmap::new(pages),
-            report: report.clone(),
-            sender,
-            epoch: 0,
-            output: None,
-            staging: Vec::new(),
-        }),
+        Some((channel, Ok(mut sender))) => {
+            // Checkpoints leave out what the standby holds already.
+            if let Some(d) = &channel.digests {
+                sender.skip_unchanged(d.clone());
+            }
+            Some(CloneSession {
+                channel,
+                standby,
+                dirty: DirtyBitmap::new(pages),
+                report: report.clone(),
+                sender,
+                epoch: 0,
+                output: None,
+                staging: Vec::new(),
+            })
+        }
         Some((_, Err(e))) => {
             // The standby holds the clone; only the session cannot go on.
             report.error = Some(format!(

@@ -65,6 +65,10 @@ pub struct EpochRecord {
     pub zero_pages: u64,
     /// Bytes written for the epoch (frames included).
     pub bytes: u64,
+    /// Dirty pages left out: the standby holds their content already
+    /// (`clone --skip-unchanged`).
+    #[serde(default)]
+    pub unchanged_pages: u64,
 }
 
 /// Pause times over the epochs so far, in milliseconds.
@@ -96,6 +100,9 @@ pub struct EpochReport {
     pub pages: u64,
     /// Bytes sent, all epochs.
     pub bytes: u64,
+    /// Dirty pages left out as unchanged, all epochs.
+    #[serde(default)]
+    pub unchanged_pages: u64,
     /// The last epoch.
     pub last: Option<EpochRecord>,
     /// Why the epochs stopped, once they did.
@@ -144,6 +151,7 @@ impl EpochStats {
         rep.epochs += 1;
         rep.pages += r.pages;
         rep.bytes += r.bytes;
+        rep.unchanged_pages += r.unchanged_pages;
         rep.pause = PauseSummary {
             p50: q(0.5),
             p99: q(0.99),
@@ -249,6 +257,7 @@ impl CloneSession {
                 pages: counts.data_pages,
                 zero_pages: counts.zero_pages,
                 bytes: counts.bytes,
+                unchanged_pages: counts.unchanged_pages,
             },
             digest,
             resumed: Instant::now(),

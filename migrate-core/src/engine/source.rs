@@ -1,6 +1,7 @@
 //! The source side: pre-copy iterations, stop-and-copy, completion.
 
 use std::io::{BufWriter, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policy::IterationStats;
@@ -37,6 +38,9 @@ pub(super) struct Channel {
     pub writer: BufWriter<RateLimited<Stream>>,
     /// The receiving half.
     pub reader: Stream,
+    /// The digests of the pages sent (`skip_unchanged`), which the
+    /// checkpoints of a clone go on from.
+    pub digests: Option<Arc<SentDigests>>,
 }
 
 /// Migrate `vm` over `stream`. Returns the report whatever the outcome; the
@@ -229,7 +233,11 @@ fn run<V: MigratableVm>(
         tell_peer(&mut w, e);
     }
     match result {
-        Ok(()) => Ok(Channel { writer: w, reader }),
+        Ok(digests) => Ok(Channel {
+            writer: w,
+            reader,
+            digests,
+        }),
         Err(e) => Err(why_the_peer_left(e, &mut reader)),
     }
 }
@@ -287,7 +295,7 @@ fn transfer<V: MigratableVm, W: Write>(
     start: Instant,
     paused: &mut bool,
     (mode, direct_pages): (Outgoing, bool),
-) -> Result<(), MigrationError> {
+) -> Result<Option<Arc<SentDigests>>, MigrationError> {
     let memory = vm.memory();
     let limits = Limits::default();
     let wire = |phase: &str| {
@@ -323,9 +331,12 @@ fn transfer<V: MigratableVm, W: Write>(
             &opts.control,
         )?;
     }
-    if opts.skip_unchanged {
+    let digests = opts.skip_unchanged.then(|| {
         let pages = usize::try_from(ram_pages(memory)).expect("page count fits usize");
-        sender.skip_unchanged(std::sync::Arc::new(SentDigests::new(pages)));
+        Arc::new(SentDigests::new(pages))
+    });
+    if let Some(d) = &digests {
+        sender.skip_unchanged(d.clone());
     }
     sender.send_direct(direct_pages);
     report.page_path = sender.page_path().to_string();
@@ -456,7 +467,8 @@ fn transfer<V: MigratableVm, W: Write>(
         return Err(MigrationError::Cancelled);
     }
     if mode == Outgoing::Clone {
-        return super::clone::hold_standby(vm, w, reader, opts, report, pause_start, paused);
+        return super::clone::hold_standby(vm, w, reader, opts, report, pause_start, paused)
+            .map(|()| digests);
     }
     // Point of no return: once Commit may have reached the destination, the
     // source must never run the guest again.
@@ -476,7 +488,7 @@ fn transfer<V: MigratableVm, W: Write>(
     // `Error` says it does not (it failed to resume and dropped its copy),
     // so this side may run it again; anything else leaves it unknown.
     match read_message(&mut reader, &limits) {
-        Ok(Message::Resumed) => Ok(()),
+        Ok(Message::Resumed) => Ok(digests),
         Ok(Message::Error(e)) => Err(MigrationError::PeerError {
             phase: "resume on the destination".to_string(),
             code: e.code,

@@ -16,6 +16,18 @@ pub(super) fn clone_running_guest(
     CloneOutcome,
     Result<ReceiveOutcome<FakeVm>, MigrationError>,
 ) {
+    clone_running_guest_with(standby, options(CompressMode::None))
+}
+
+/// [`clone_running_guest`] with these send options.
+fn clone_running_guest_with(
+    standby: bool,
+    mut opts: SendOptions,
+) -> (
+    Arc<FakeVm>,
+    CloneOutcome,
+    Result<ReceiveOutcome<FakeVm>, MigrationError>,
+) {
     let src = Arc::new(FakeVm::new(SIZE));
     for page in (0..2048).step_by(3) {
         src.guest_write(page, page as u64 * 5 + 3);
@@ -43,7 +55,6 @@ pub(super) fn clone_running_guest(
         };
         receive_migration(Stream::Unix(b), &opts, |_| Ok(FakeVm::new(SIZE)))
     });
-    let mut opts = options(CompressMode::None);
     // A clone digests whether asked or not.
     opts.verify_digest = false;
     let outcome = live_clone(&*src, Stream::Unix(a), opts);
@@ -193,4 +204,39 @@ fn epochs_keep_the_standby_in_step_and_a_torn_epoch_is_never_applied() {
     let mut after = vec![0u8; before.len()];
     held.memory.read_slice(&mut after, GuestAddress(0)).unwrap();
     assert!(before == after, "a torn epoch reached the standby's memory");
+}
+
+/// Checkpoints after a clone with `skip_unchanged` leave out the pages the
+/// standby holds already, and the standby still matches the primary.
+#[test]
+fn epochs_leave_out_pages_the_standby_holds() {
+    let mut opts = options(CompressMode::None);
+    opts.skip_unchanged = true;
+    let (src, outcome, standby) = clone_running_guest_with(true, opts);
+    assert_eq!(outcome.report.page_path, "copy");
+    let mut session = outcome.session.unwrap();
+    let standby = standby.unwrap();
+    let held = Arc::new(standby.vm);
+    let follower = {
+        let held = held.clone();
+        let s = standby.standby.unwrap();
+        std::thread::spawn(move || s.follow(&*held))
+    };
+    let value = |page: usize| 0x5150_0000 + page as u64;
+    let mut stats = EpochStats::new(50);
+    // (pages rewritten as they are, pages changed) -> (sent, left out)
+    for (same, changed, want) in [(0..0, 0..64, (64, 0)), (0..64, 100..110, (10, 64))] {
+        same.chain(changed)
+            .for_each(|p| src.guest_write(p, value(p)));
+        let r = session.run_epoch(&*src, true, true).unwrap();
+        assert_eq!((r.pages, r.unchanged_pages), want, "{r:?}");
+        assert_same_memory(&src, &held);
+        stats.record(&r);
+    }
+    assert_eq!(stats.report().unchanged_pages, 64);
+    drop(session);
+    assert!(matches!(
+        follower.join().unwrap(),
+        SessionEnd::Closed | SessionEnd::Failed(_)
+    ));
 }
