@@ -12,7 +12,7 @@ use std::io::Cursor;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use migrate_core::dirty::DirtyBitmap;
-use migrate_core::engine::{is_zero_page, memory_digest};
+use migrate_core::engine::{is_zero_page, memory_digest, SentDigests};
 use migrate_core::wire::{read_message, write_message, Limits, Message, PageBatch};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -129,5 +129,33 @@ fn digest(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, zero_detection, bitmaps, digest);
+/// `send --skip-unchanged`: the check of each copied page against the
+/// digest of the copy last sent (one xxh3-128 of the page in cache).
+fn unchanged_check(c: &mut Criterion) {
+    let mut g = c.benchmark_group("skip-unchanged");
+    let pages = noise(BATCH * PAGE, 5);
+    g.throughput(Throughput::Bytes((BATCH * PAGE) as u64));
+    let table = SentDigests::new(BATCH);
+    let check = |table: &SentDigests| {
+        pages
+            .chunks(PAGE)
+            .enumerate()
+            .filter(|&(i, p)| table.unchanged_or_record(i, p))
+            .count()
+    };
+    check(&table);
+    g.bench_function("256 pages, all unchanged", |b| {
+        b.iter(|| assert_eq!(check(black_box(&table)), BATCH))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    codec,
+    zero_detection,
+    bitmaps,
+    digest,
+    unchanged_check
+);
 criterion_main!(benches);

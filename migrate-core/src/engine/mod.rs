@@ -56,6 +56,7 @@ pub use report::{
 };
 pub use send_options::{CompressMode, ProgressFn, SendOptions, TimeoutAction};
 pub use source::{error_chain, send_migration};
+pub use unchanged::SentDigests;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
