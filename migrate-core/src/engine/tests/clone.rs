@@ -156,17 +156,19 @@ fn a_standby_refuses_a_migration() {
     assert!(matches!(e, MigrationError::WrongMode(_)), "{e}");
 }
 
+/// The standby's VM and a thread applying the epochs it receives.
+fn follow(standby: ReceiveOutcome<FakeVm>) -> (Arc<FakeVm>, std::thread::JoinHandle<SessionEnd>) {
+    let held = Arc::new(standby.vm);
+    let vm = held.clone();
+    let session = standby.standby.unwrap();
+    (held, std::thread::spawn(move || session.follow(&*vm)))
+}
+
 #[test]
 fn epochs_keep_the_standby_in_step_and_a_torn_epoch_is_never_applied() {
     let (src, outcome, standby) = clone_running_guest(true);
     let mut session = outcome.session.unwrap();
-    let standby = standby.unwrap();
-    let held = Arc::new(standby.vm);
-    let follower = {
-        let held = held.clone();
-        let s = standby.standby.unwrap();
-        std::thread::spawn(move || s.follow(&*held))
-    };
+    let (held, follower) = follow(standby.unwrap());
     let mut stats = EpochStats::new(50);
     for round in 1..=3u64 {
         for page in (usize::try_from(round).unwrap()..2048).step_by(7) {
@@ -215,13 +217,7 @@ fn epochs_leave_out_pages_the_standby_holds() {
     let (src, outcome, standby) = clone_running_guest_with(true, opts);
     assert_eq!(outcome.report.page_path, "copy");
     let mut session = outcome.session.unwrap();
-    let standby = standby.unwrap();
-    let held = Arc::new(standby.vm);
-    let follower = {
-        let held = held.clone();
-        let s = standby.standby.unwrap();
-        std::thread::spawn(move || s.follow(&*held))
-    };
+    let (held, follower) = follow(standby.unwrap());
     let value = |page: usize| 0x5150_0000 + page as u64;
     let mut stats = EpochStats::new(50);
     // (pages rewritten as they are, pages changed) -> (sent, left out)
