@@ -98,8 +98,9 @@ impl IterationStats {
     /// Bytes a stop-and-copy would send now: the pages dirtied during this
     /// iteration plus the deferred ones (`(dirtied_during + deferred_pages)
     /// * page_size`, saturating), of which as large a share as this
-    /// iteration found changed (see [`changed_share`](Self::changed_share)):
-    /// with `unchanged_pages` 0, all of them.
+    /// iteration had to send of the pages it dealt with
+    /// ([`pages_handled`](Self::pages_handled)), rounded up: with
+    /// `unchanged_pages` 0, all of them.
     ///
     /// Why scaled: a guest rewriting the values its pages hold dirties every
     /// page and changes none, so the count alone would never shrink and no
@@ -126,15 +127,6 @@ impl IterationStats {
         self.pages_sent
             .saturating_add(self.zero_pages)
             .saturating_add(self.unchanged_pages)
-    }
-
-    /// Of the pages this iteration dealt with, the share that had to be
-    /// sent (1.0 when none was found unchanged, or none was dealt with).
-    pub fn changed_share(&self) -> f64 {
-        match self.pages_handled() {
-            0 => 1.0,
-            n => (n - self.unchanged_pages.min(n)) as f64 / n as f64,
-        }
     }
 
     /// Whether this iteration is a usable bandwidth sample: it took a
@@ -359,9 +351,6 @@ mod tests {
             let s = with(sent, zero, unchanged, dirtied);
             assert_eq!(s.remaining_bytes(), pages.saturating_mul(4096), "{s:?}");
         }
-        assert_eq!(with(3, 1, 4, 0).changed_share(), 0.5);
-        assert_eq!(with(0, 0, 0, 9).changed_share(), 1.0);
-        assert_eq!(with(0, 0, 5, 9).changed_share(), 0.0);
         assert_eq!(with(3, 1, 4, 0).pages_handled(), 8);
     }
 
